@@ -1,0 +1,1 @@
+"""Hansa federation: what the alliance shares (roster, combining, evidence)."""
