@@ -2,7 +2,20 @@
 
 ``encode`` produces the canonical body bytes of a message; ``decode`` parses
 body bytes into the struct type a payload type names, translating every
-msgspec failure into a :class:`~hansa.protocol.errors.ProtocolError`.
+failure into a :class:`~hansa.protocol.errors.ProtocolError`:
+
+- ``MALFORMED``: not exactly one MessagePack value (truncated, trailing
+  bytes, invalid UTF-8), or not the expected shape: a map where an array is
+  expected (so a duplicate-key map is rejected wherever it appears), a wrong
+  type, a wrong tag, a missing or an unknown extra element, an ext value;
+- ``TOO_LARGE`` (:class:`~hansa.protocol.errors.TooLargeError`): the body,
+  or a string, byte string or sequence in it, exceeds its declared maximum;
+- ``INVALID_FIELD``: a well-typed value that breaks a declared constraint
+  (pattern, range, enum) or a cross-field rule of the message;
+- ``UNKNOWN_PAYLOAD_TYPE``: a payload type this codec does not know.
+
+Non-minimal integer widths are accepted in bodies: bodies are signed as
+exact bytes and never re-encoded (spec §4.2), so they cannot be malleated.
 """
 
 from __future__ import annotations
@@ -11,7 +24,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from hansa.protocol.envelope import MAX_PAYLOAD_SIZE, PayloadType
+from hansa.protocol.envelope import MAX_PAYLOAD_SIZE, PayloadType, _as_protocol_error
 from hansa.protocol.errors import ErrorCode, ProtocolError, TooLargeError
 from hansa.protocol.messages import (
     Capabilities,
@@ -21,12 +34,21 @@ from hansa.protocol.messages import (
     QueryRequest,
 )
 
-__all__ = ["MESSAGE_TYPES", "Message", "decode", "decode_as", "encode", "payload_type_of"]
+__all__ = [
+    "MESSAGE_TYPES",
+    "Message",
+    "SignedMessage",
+    "decode",
+    "decode_as",
+    "encode",
+    "payload_type_of",
+]
 
 Message = QueryRequest | QueryAnswer | QueryRefusal | Capabilities | ErrorMessage
 """Every top-level message body."""
 
 SignedMessage = QueryRequest | QueryAnswer | QueryRefusal | Capabilities
+"""Every body that travels inside a signed envelope."""
 
 M = TypeVar("M", bound=msgspec.Struct)
 
@@ -44,15 +66,46 @@ _decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {}
 
 
 def encode(message: msgspec.Struct) -> bytes:
-    """Encode a message body to MessagePack bytes."""
-    return _encoder.encode(message)
+    """Encode a message body to MessagePack bytes.
+
+    The encoding is deterministic: bodies hold no maps, integers take their
+    shortest form and floats are always float64.
+
+    NOTE: msgspec checks the schema's ``Meta`` constraints only when
+    decoding; ``__post_init__`` rules run on construction too. A message
+    built in Python with, say, a malformed identifier encodes fine and is
+    then refused by its receiver.
+
+    Args:
+        message: any wire struct (top-level or nested).
+
+    Returns:
+        The body bytes.
+
+    Raises:
+        ProtocolError: (``INVALID_FIELD``) a value MessagePack cannot carry,
+            such as an integer outside ``[-2**63, 2**64 - 1]``.
+    """
+    try:
+        return _encoder.encode(message)
+    except (msgspec.EncodeError, OverflowError, TypeError, ValueError) as exc:
+        raise ProtocolError(
+            f"cannot encode {type(message).__name__}: {exc}", ErrorCode.INVALID_FIELD
+        ) from exc
 
 
 def payload_type_of(message: msgspec.Struct) -> PayloadType:
     """Return the envelope payload type for a signed message.
 
+    Args:
+        message: a top-level signed body.
+
+    Returns:
+        The payload type it travels under.
+
     Raises:
-        ProtocolError: the message kind is never carried in an envelope.
+        ProtocolError: (``UNKNOWN_PAYLOAD_TYPE``) the message kind is never
+            carried in an envelope.
     """
     try:
         return _PAYLOAD_TYPES[type(message)]
@@ -67,16 +120,18 @@ def decode_as(data: bytes, cls: type[M], *, max_size: int = MAX_PAYLOAD_SIZE) ->
 
     Args:
         data: body bytes.
-        cls: the expected struct type.
+        cls: the expected struct type (any wire struct, nested ones included).
         max_size: a size limit in bytes.
 
     Returns:
         The decoded, validated message.
 
     Raises:
-        TooLargeError: ``data`` exceeds ``max_size``.
-        ProtocolError: malformed bytes, trailing bytes, wrong tag or type, an
-            unknown field, a limit declared in the schema or a cross-field rule.
+        TooLargeError: ``data`` exceeds ``max_size``, or a field exceeds its
+            declared maximum (``TOO_LARGE``).
+        ProtocolError: ``MALFORMED`` for bytes that are not exactly one
+            ``cls`` value; ``INVALID_FIELD`` for a broken constraint or
+            cross-field rule (see the module docstring).
     """
     if len(data) > max_size:
         raise TooLargeError(f"body of {len(data)} bytes exceeds the limit of {max_size}")
@@ -85,21 +140,26 @@ def decode_as(data: bytes, cls: type[M], *, max_size: int = MAX_PAYLOAD_SIZE) ->
         decoder = _decoders[cls] = msgspec.msgpack.Decoder(cls)
     try:
         result: M = decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed {cls.__name__}: {exc}") from exc
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        if "at most length" in text or "length <=" in text:
-            raise TooLargeError(f"invalid {cls.__name__}: {text}") from exc
-        raise ProtocolError(f"invalid {cls.__name__}: {text}") from exc
+    except (msgspec.MsgspecError, ValueError) as exc:
+        # ValueError: msgspec lets UnicodeDecodeError through for invalid UTF-8.
+        raise _as_protocol_error(exc, cls.__name__) from exc
     return result
 
 
-def decode(payload_type: str, data: bytes) -> SignedMessage:
+def decode(payload_type: str, data: bytes, *, max_size: int = MAX_PAYLOAD_SIZE) -> SignedMessage:
     """Decode a signed body according to its envelope payload type.
 
+    Args:
+        payload_type: the envelope's payload type.
+        data: the body bytes (already verified by the caller).
+        max_size: a size limit in bytes.
+
+    Returns:
+        The decoded message of the type ``payload_type`` names.
+
     Raises:
-        ProtocolError: unknown payload type, or any failure of :func:`decode_as`.
+        ProtocolError: ``UNKNOWN_PAYLOAD_TYPE`` for a payload type not in
+            :data:`MESSAGE_TYPES`, or any failure of :func:`decode_as`.
     """
     try:
         cls = MESSAGE_TYPES[PayloadType(payload_type)]
@@ -107,4 +167,4 @@ def decode(payload_type: str, data: bytes) -> SignedMessage:
         raise ProtocolError(
             f"unknown payload type {payload_type[:64]!r}", ErrorCode.UNKNOWN_PAYLOAD_TYPE
         ) from None
-    return decode_as(data, cls)
+    return decode_as(data, cls, max_size=max_size)

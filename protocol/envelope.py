@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from typing import Annotated, Final
 
 import msgspec
@@ -86,13 +87,76 @@ _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(Envelope)
 
 
+class _VersionProbe(msgspec.Struct, array_like=True):
+    """The first element of any envelope, whatever its version's layout."""
+
+    version: int
+
+
+_probe: Final = msgspec.msgpack.Decoder(_VersionProbe)
+
+# msgspec reports every failure as text; these patterns sort its messages
+# into the wire codes of spec §9. Tests pin each pattern to a crafted input,
+# so a msgspec upgrade that rewords a message fails loudly.
+_TOO_LONG: Final = re.compile(r"Expected `[^`]+` of length <= \d+")
+_BAD_SHAPE: Final = re.compile(
+    r"Expected `[^`]+`, got `"  # wrong MessagePack type (map for array, bin for str, ...)
+    r"|Expected `array` of at (?:most|least) length"  # unknown extra or missing element
+    r"|Invalid value "  # a tag that names another message kind
+)
+_MAX_DETAIL: Final = 200
+"""Longest msgspec detail quoted in an error (it may echo attacker-chosen text)."""
+
+
+def _as_protocol_error(exc: Exception, what: str) -> ProtocolError:
+    """Translate a decoding failure into the typed error with its wire code.
+
+    NOTE: package-private; :mod:`hansa.protocol.codec` uses it for bodies.
+
+    Args:
+        exc: the failure raised while decoding (msgspec or UTF-8).
+        what: what was being decoded, for the message.
+
+    Returns:
+        ``TooLargeError`` (``TOO_LARGE``) for a string, byte string or
+        sequence over its declared maximum; ``ProtocolError`` with
+        ``INVALID_FIELD`` for a well-typed value that breaks a constraint or
+        a cross-field rule; ``ProtocolError`` with ``MALFORMED`` otherwise.
+    """
+    text = str(exc)
+    detail = text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL] + "…"
+    if isinstance(exc, msgspec.ValidationError):
+        if isinstance(exc.__cause__, ValueError | TypeError):
+            # Raised by a __post_init__ cross-field rule.
+            return ProtocolError(f"invalid {what}: {detail}", ErrorCode.INVALID_FIELD)
+        if _TOO_LONG.match(text):
+            return TooLargeError(f"{what} too large: {detail}")
+        if _BAD_SHAPE.match(text):
+            return ProtocolError(f"malformed {what}: {detail}", ErrorCode.MALFORMED)
+        return ProtocolError(f"invalid {what}: {detail}", ErrorCode.INVALID_FIELD)
+    return ProtocolError(f"malformed {what}: {detail}", ErrorCode.MALFORMED)
+
+
 def encode_envelope(envelope: Envelope) -> bytes:
-    """Serialize an envelope to its wire bytes."""
+    """Serialize an envelope to its canonical wire bytes.
+
+    Args:
+        envelope: the envelope to serialize.
+
+    Returns:
+        The MessagePack array with shortest-form headers.
+    """
     return _encoder.encode(envelope)
 
 
 def decode_envelope(data: bytes, *, max_size: int = MAX_ENVELOPE_SIZE) -> Envelope:
     """Parse envelope bytes strictly; the signature is *not* checked here.
+
+    Only the canonical encoding is accepted (shortest-form integers and
+    headers, as :func:`encode_envelope` writes them). The envelope fields
+    other than the payload are not signed, so without this rule anyone could
+    re-encode a signed envelope into different bytes, and so a different
+    :func:`message_id`, that still verifies.
 
     Args:
         data: the received bytes.
@@ -102,24 +166,51 @@ def decode_envelope(data: bytes, *, max_size: int = MAX_ENVELOPE_SIZE) -> Envelo
         The parsed envelope.
 
     Raises:
-        TooLargeError: ``data`` is longer than ``max_size``.
-        ProtocolError: malformed bytes, trailing bytes, or an unsupported version.
+        TooLargeError: ``data`` is longer than ``max_size``, or a field is
+            longer than its declared maximum.
+        ProtocolError: ``UNSUPPORTED_VERSION`` when the first element is a
+            version other than 1; ``MALFORMED`` for bytes that are not exactly
+            one canonical envelope (truncated, trailing bytes, a map, a wrong
+            type, a missing or extra element); ``INVALID_FIELD`` for a
+            well-typed field that breaks a constraint.
     """
     if len(data) > max_size:
         raise TooLargeError(f"envelope of {len(data)} bytes exceeds the limit of {max_size}")
     try:
         env = _decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed envelope: {exc}") from exc
-    except msgspec.ValidationError as exc:
-        raise ProtocolError(f"invalid envelope: {exc}") from exc
+    except (msgspec.MsgspecError, ValueError) as exc:
+        _check_version(data)
+        raise _as_protocol_error(exc, "envelope") from exc
     if env.version != ENVELOPE_VERSION:
-        raise ProtocolError(
-            f"envelope version {env.version} is not supported", ErrorCode.UNSUPPORTED_VERSION
-        )
+        raise _unsupported(env.version)
+    if _encoder.encode(env) != data:
+        raise ProtocolError("envelope is not canonically encoded", ErrorCode.MALFORMED)
     return env
 
 
+def _unsupported(version: int) -> ProtocolError:
+    return ProtocolError(
+        f"envelope version {version} is not supported", ErrorCode.UNSUPPORTED_VERSION
+    )
+
+
+def _check_version(data: bytes) -> None:
+    """Report a readable version other than ours ahead of any layout error."""
+    try:
+        version = _probe.decode(data).version
+    except (msgspec.MsgspecError, ValueError):
+        return
+    if version != ENVELOPE_VERSION:
+        raise _unsupported(version)
+
+
 def message_id(envelope_bytes: bytes) -> bytes:
-    """Return the message id: SHA-256 of the exact envelope bytes."""
+    """Return the message id: SHA-256 of the exact envelope bytes.
+
+    Args:
+        envelope_bytes: the envelope as received or sent.
+
+    Returns:
+        The 32-byte digest.
+    """
     return hashlib.sha256(envelope_bytes).digest()

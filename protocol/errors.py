@@ -22,6 +22,7 @@ The tree is shallow and split by concern::
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 __all__ = [
     "ConfigError",
@@ -100,6 +101,14 @@ class ErrorCode(enum.IntEnum):
     def meaning(self) -> str:
         """One-line meaning of the code, as written in the spec."""
         return _MEANINGS[self]
+
+    @property
+    def on_wire(self) -> bool:
+        """Whether the code may be sent to a peer (every code below 600)."""
+        return self.value < _LOCAL_ONLY
+
+
+_LOCAL_ONLY: Final = 600
 
 
 _MEANINGS: dict[ErrorCode, str] = {

@@ -19,6 +19,7 @@ never in control fields.
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from typing import Annotated, Final
 
@@ -28,11 +29,24 @@ from msgspec import Meta
 from hansa.protocol.errors import ErrorCode
 
 __all__ = [
+    "INT_MAX",
+    "INT_MIN",
     "MAX_AGGREGATES",
+    "MAX_AGGREGATE_KINDS",
+    "MAX_BIN_EDGES",
+    "MAX_COLUMNS",
+    "MAX_DATASETS",
     "MAX_FILTERS",
     "MAX_GROUPS",
     "MAX_GROUP_BY",
+    "MAX_IN_VALUES",
+    "MAX_LEGAL_BASIS",
+    "MAX_PURPOSES",
+    "MAX_QUANTILES",
+    "MAX_SKETCH_BUCKETS",
     "MAX_TARGETS",
+    "MAX_TEXT",
+    "MAX_VERSION_TEXT",
     "Aggregate",
     "AggregateState",
     "Capabilities",
@@ -89,19 +103,34 @@ MAX_SKETCH_BUCKETS: Final = 4096
 MAX_DATASETS: Final = 256
 MAX_COLUMNS: Final = 512
 MAX_TEXT: Final = 1024
+MAX_AGGREGATE_KINDS: Final = 16
+MAX_PURPOSES: Final = 256
+MAX_VERSION_TEXT: Final = 128
+MAX_LEGAL_BASIS: Final = 256
+INT_MIN: Final = -(2**63)
+"""Smallest integer MessagePack (and so the wire) can carry."""
+INT_MAX: Final = 2**64 - 1
+"""Largest integer MessagePack (and so the wire) can carry."""
 
 # --- constrained scalar types ---------------------------------------------------
 
-Identifier = Annotated[str, Meta(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,62}$")]
+# NOTE: patterns end in ``\Z``, not ``$``: msgspec matches with Python's
+# ``re.search``, where ``$`` also matches before a trailing newline, so
+# ``"melbourne\n"`` would pass as a city id. The max_length duplicates the
+# bound the pattern implies so that an over-long value is reported as
+# TOO_LARGE (length is checked first) and the limit is visible in the schema.
+Identifier = Annotated[str, Meta(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,62}\Z", max_length=63)]
 """Dataset and column names: ASCII letter, then letters, digits, underscore; ≤ 63."""
 
-CityId = Annotated[str, Meta(pattern=r"^[a-z0-9](?:[a-z0-9.-]{0,62}[a-z0-9])?$")]
+CityId = Annotated[str, Meta(pattern=r"^[a-z0-9](?:[a-z0-9.-]{0,62}[a-z0-9])?\Z", max_length=64)]
 """City ids: lower-case DNS-label-like tokens (``melbourne``, ``cape-town``); ≤ 64."""
 
-PrincipalId = Annotated[str, Meta(pattern=r"^[a-z0-9](?:[a-z0-9._@-]{0,126}[a-z0-9])?$")]
+PrincipalId = Annotated[
+    str, Meta(pattern=r"^[a-z0-9](?:[a-z0-9._@-]{0,126}[a-z0-9])?\Z", max_length=128)
+]
 """Analyst or node principal ids, e.g. ``ana@melbourne``; ≤ 128."""
 
-Token = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+Token = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}\Z", max_length=32)]
 """Vocabulary tokens such as purposes: lower-case, ≤ 32."""
 
 Millis = Annotated[int, Meta(ge=0, le=2**53)]
@@ -110,10 +139,34 @@ Digest = Annotated[bytes, Meta(min_length=32, max_length=32)]
 PublicKeyBytes = Annotated[bytes, Meta(min_length=32, max_length=32)]
 Text = Annotated[str, Meta(max_length=MAX_TEXT)]
 Count_ = Annotated[int, Meta(ge=0, le=2**63 - 1)]
-Scalar = bool | int | float | str
-"""A query literal. Strings are bounded by :data:`MAX_TEXT` in :class:`Filter`."""
-CellValue = bool | int | float | str | None
-"""A group-key value in an answer (``None`` is the SQL NULL group)."""
+VersionText = Annotated[str, Meta(min_length=1, max_length=MAX_VERSION_TEXT)]
+BoundedText = Annotated[str, Meta(max_length=MAX_TEXT)]
+Scalar = bool | int | float | BoundedText
+"""A query literal: finite floats only, strings of at most :data:`MAX_TEXT` characters."""
+CellValue = bool | int | float | BoundedText | None
+"""A group-key value in an answer (``None`` is the SQL NULL group); floats are finite."""
+
+
+def _check_finite(values: tuple[object, ...], what: str) -> None:
+    """Reject NaN and infinities, which break equality, merging and ordering."""
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{what} must be finite")
+
+
+def _check_scalars(values: tuple[object, ...], what: str) -> None:
+    """Apply the wire bounds to scalars built in Python (decoding checks them already)."""
+    _check_finite(values, what)
+    for v in values:
+        if isinstance(v, str) and len(v) > MAX_TEXT:
+            raise ValueError(f"{what}: string longer than {MAX_TEXT} characters")
+        if isinstance(v, int) and not isinstance(v, bool) and not INT_MIN <= v <= INT_MAX:
+            raise ValueError(f"{what}: integer outside the MessagePack range")
+
+
+def _check_unique(values: tuple[object, ...], what: str) -> None:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} must be unique")
 
 
 class _Wire(
@@ -269,7 +322,7 @@ class Histogram(_Wire, frozen=True, tag="histogram"):
     def __post_init__(self) -> None:
         if not all(math.isfinite(e) for e in self.edges):
             raise ValueError("histogram edges must be finite")
-        if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(self.edges)):
             raise ValueError("histogram edges must be strictly increasing")
 
 
@@ -298,11 +351,7 @@ class Filter(_Wire, frozen=True, tag="filter"):
         low, high = _FILTER_ARITY[self.op]
         if not low <= len(self.values) <= high:
             raise ValueError(f"filter {self.op.value!r} takes {low}..{high} values")
-        for v in self.values:
-            if isinstance(v, str) and len(v) > MAX_TEXT:
-                raise ValueError("filter string literal too long")
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError("filter literals must be finite")
+        _check_scalars(self.values, "filter literals")
 
 
 class Dimension(_Wire, frozen=True, tag="dimension"):
@@ -330,12 +379,16 @@ class Query(_Wire, frozen=True, tag="query"):
     group_by: Annotated[tuple[GroupKey, ...], Meta(max_length=MAX_GROUP_BY)] = ()
     max_groups: Annotated[int, Meta(ge=1, le=MAX_GROUPS)] = 1000
 
+    def __post_init__(self) -> None:
+        # A repeated grouping key adds nothing but a duplicate key column.
+        _check_unique(self.group_by, "group_by keys")
+
 
 class PolicyTags(_Wire, frozen=True, tag="policy"):
     """Why and for whom a query is asked; signed inside the request body."""
 
     purpose: Token
-    legal_basis: Annotated[str, Meta(min_length=1, max_length=256)]
+    legal_basis: Annotated[str, Meta(min_length=1, max_length=MAX_LEGAL_BASIS)]
     scope: ResultScope
     analyst: PrincipalId
 
@@ -375,33 +428,47 @@ class CountState(_Wire, frozen=True, tag="count"):
 
 
 class SumState(_Wire, frozen=True, tag="sum"):
-    """Mergeable state of :class:`Sum`: non-null count and total."""
+    """Mergeable state of :class:`Sum`: non-null count and total (finite)."""
 
     n: Count_
     total: int | float
 
+    def __post_init__(self) -> None:
+        _check_scalars((self.total,), "sum total")
+
 
 class MinMaxState(_Wire, frozen=True, tag="minmax"):
-    """Mergeable state of :class:`Min` / :class:`Max` (``None`` when n == 0)."""
+    """Mergeable state of :class:`Min` / :class:`Max` (``None`` exactly when n == 0)."""
 
     n: Count_
     value: int | float | None
 
+    def __post_init__(self) -> None:
+        if (self.value is None) != (self.n == 0):
+            raise ValueError("min/max value must be null exactly when n == 0")
+        _check_scalars((self.value,), "min/max value")
+
 
 class MomentsState(_Wire, frozen=True, tag="moments"):
-    """Mergeable state of mean/variance/stddev: n, mean and M2 (Chan et al.)."""
+    """Mergeable state of mean/variance/stddev: n, mean and M2 (Chan et al.), finite."""
 
     n: Count_
     mean: float
     m2: float
 
+    def __post_init__(self) -> None:
+        _check_finite((self.mean, self.m2), "moments")
+
 
 class HistogramState(_Wire, frozen=True, tag="histogram"):
     """Mergeable state of :class:`Histogram`: bin counts plus out-of-range counts."""
 
-    counts: Annotated[tuple[Count_, ...], Meta(max_length=MAX_BIN_EDGES - 1)]
+    counts: Annotated[tuple[Count_, ...], Meta(min_length=1, max_length=MAX_BIN_EDGES - 1)]
     below: Count_ = 0
     above: Count_ = 0
+
+
+SketchBuckets = Annotated[tuple[tuple[int, Count_], ...], Meta(max_length=MAX_SKETCH_BUCKETS)]
 
 
 class SketchState(_Wire, frozen=True, tag="ddsketch"):
@@ -409,50 +476,89 @@ class SketchState(_Wire, frozen=True, tag="ddsketch"):
 
     Bucket ``i`` covers ``(gamma**(i-1), gamma**i]`` with
     ``gamma = (1 + alpha) / (1 - alpha)``; ``positive`` and ``negative`` hold
-    ``(index, count)`` pairs sorted by index for values above zero and for
-    the magnitudes of values below zero.
+    ``(index, count)`` pairs sorted by strictly increasing index for values
+    above zero and for the magnitudes of values below zero.
     """
 
     alpha: Annotated[float, Meta(gt=0.0, lt=1.0)]
     zero_count: Count_
-    positive: Annotated[tuple[tuple[int, Count_], ...], Meta(max_length=MAX_SKETCH_BUCKETS)]
-    negative: Annotated[tuple[tuple[int, Count_], ...], Meta(max_length=MAX_SKETCH_BUCKETS)]
+    positive: SketchBuckets
+    negative: SketchBuckets
+
+    def __post_init__(self) -> None:
+        # Sorted, unique indices make merging a linear walk and the encoding canonical.
+        for buckets in (self.positive, self.negative):
+            if any(b[0] <= a[0] for a, b in itertools.pairwise(buckets)):
+                raise ValueError("sketch bucket indices must be strictly increasing")
 
 
 AggregateState = CountState | SumState | MinMaxState | MomentsState | HistogramState | SketchState
+
+CellKey = Annotated[tuple[CellValue, ...], Meta(max_length=MAX_GROUP_BY)]
 
 
 class Group(_Wire, frozen=True, tag="group"):
     """One released cell: its key values and one state per requested aggregate."""
 
-    key: Annotated[tuple[CellValue, ...], Meta(max_length=MAX_GROUP_BY)]
+    key: CellKey
     states: Annotated[tuple[AggregateState, ...], Meta(max_length=MAX_AGGREGATES)]
+
+    def __post_init__(self) -> None:
+        _check_scalars(self.key, "group key values")
 
 
 class SuppressedCell(_Wire, frozen=True, tag="suppressed"):
     """A withheld cell: its key and why (never its values)."""
 
-    key: Annotated[tuple[CellValue, ...], Meta(max_length=MAX_GROUP_BY)]
+    key: CellKey
     reason: SuppressionReason
+
+    def __post_init__(self) -> None:
+        _check_scalars(self.key, "suppressed key values")
 
 
 class QueryAnswer(_Wire, frozen=True, tag="query-answer"):
-    """A city's signed answer: released cells, suppressed cells, and citations."""
+    """A city's signed answer: released cells, suppressed cells, and citations.
+
+    Every cell key has the same length (one value per ``group_by`` entry),
+    every released cell has the same number of states (one per aggregate),
+    no key appears twice, and ``decision`` agrees with ``suppressed``:
+    ``answered`` has none, ``answered_suppressed`` has at least one.
+    """
 
     request_id: Digest
     responder: CityId
     requester: PrincipalId
     issued_at: Millis
     dataset: Identifier
-    dataset_version: Annotated[str, Meta(min_length=1, max_length=128)]
+    dataset_version: VersionText
     disclosure_version: Annotated[int, Meta(ge=0)]
     decision: Decision
     groups: Annotated[tuple[Group, ...], Meta(max_length=MAX_GROUPS)]
     suppressed: Annotated[tuple[SuppressedCell, ...], Meta(max_length=MAX_GROUPS)] = ()
 
+    def __post_init__(self) -> None:
+        key_lengths = {len(g.key) for g in self.groups} | {len(c.key) for c in self.suppressed}
+        if len(key_lengths) > 1:
+            raise ValueError("all cell keys must have the same length")
+        if len({len(g.states) for g in self.groups}) > 1:
+            raise ValueError("all groups must carry the same number of states")
+        keys = [g.key for g in self.groups] + [c.key for c in self.suppressed]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a cell key appears more than once")
+        if self.decision is Decision.ANSWERED and self.suppressed:
+            raise ValueError("decision 'answered' cannot list suppressed cells")
+        if self.decision is Decision.SUPPRESSED and not self.suppressed:
+            raise ValueError("decision 'answered_suppressed' needs a suppressed cell")
+
+
+def _check_wire_code(code: ErrorCode) -> None:
+    if not code.on_wire:
+        raise ValueError(f"error code {code.value} is local-only and never sent")
+
 
 class QueryRefusal(_Wire, frozen=True, tag="query-refusal"):
-    """A city's signed refusal, with the reason code."""
+    """A city's signed refusal, with the reason code (never a local-only 6xx code)."""
 
     request_id: Digest
     responder: CityId
@@ -460,6 +566,9 @@ class QueryRefusal(_Wire, frozen=True, tag="query-refusal"):
     issued_at: Millis
     code: ErrorCode
     reason: Text
+
+    def __post_init__(self) -> None:
+        _check_wire_code(self.code)
 
 
 class ColumnInfo(_Wire, frozen=True, tag="column"):
@@ -471,25 +580,40 @@ class ColumnInfo(_Wire, frozen=True, tag="column"):
 
 
 class DisclosureProfile(_Wire, frozen=True, tag="disclosure"):
-    """A dataset's published disclosure settings (spec §8)."""
+    """A dataset's published disclosure settings (spec §8).
+
+    ``aggregates`` maps a column name (each at most once) to the aggregate
+    kinds offered on it.
+    """
 
     version: Annotated[int, Meta(ge=0)]
     min_group_size: Annotated[int, Meta(ge=1, le=1_000_000)]
     dominance_p: Annotated[float, Meta(gt=0.0, le=100.0)]
     max_groups: Annotated[int, Meta(ge=1, le=MAX_GROUPS)]
-    purposes: Annotated[tuple[Token, ...], Meta(max_length=256)]
+    purposes: Annotated[tuple[Token, ...], Meta(max_length=MAX_PURPOSES)]
     aggregates: Annotated[
-        tuple[tuple[Identifier, tuple[Token, ...]], ...], Meta(max_length=MAX_COLUMNS)
+        tuple[
+            tuple[Identifier, Annotated[tuple[Token, ...], Meta(max_length=MAX_AGGREGATE_KINDS)]],
+            ...,
+        ],
+        Meta(max_length=MAX_COLUMNS),
     ]
+
+    def __post_init__(self) -> None:
+        _check_unique(self.purposes, "purposes")
+        _check_unique(tuple(column for column, _ in self.aggregates), "aggregate columns")
 
 
 class DatasetInfo(_Wire, frozen=True, tag="dataset"):
     """A published dataset: schema, version and disclosure profile."""
 
     name: Identifier
-    version: Annotated[str, Meta(min_length=1, max_length=128)]
+    version: VersionText
     columns: Annotated[tuple[ColumnInfo, ...], Meta(min_length=1, max_length=MAX_COLUMNS)]
     disclosure: DisclosureProfile
+
+    def __post_init__(self) -> None:
+        _check_unique(tuple(c.name for c in self.columns), "column names")
 
 
 class Capabilities(_Wire, frozen=True, tag="capabilities"):
@@ -500,9 +624,18 @@ class Capabilities(_Wire, frozen=True, tag="capabilities"):
     issued_at: Millis
     datasets: Annotated[tuple[DatasetInfo, ...], Meta(max_length=MAX_DATASETS)]
 
+    def __post_init__(self) -> None:
+        _check_unique(tuple(d.name for d in self.datasets), "dataset names")
+
 
 class ErrorMessage(_Wire, frozen=True, tag="error"):
-    """An unsigned error, used only when the requester cannot be identified."""
+    """An unsigned error, used only when the requester cannot be identified.
+
+    ``code`` is a wire code (never a local-only 6xx code).
+    """
 
     code: ErrorCode
     message: Text
+
+    def __post_init__(self) -> None:
+        _check_wire_code(self.code)
