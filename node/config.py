@@ -1,0 +1,558 @@
+"""Node configuration: ``<data_dir>/node.toml`` as frozen dataclasses.
+
+Theory of operation
+-------------------
+``hansa node init`` writes a commented ``node.toml`` (see
+:func:`render_config`) in which every field is present with its unit and
+default, so an operator never has to guess what a knob does. The node reads
+it once at start-up with :func:`load_config`: the file is parsed with
+:mod:`tomllib`, every table and key is checked (unknown keys are refused, so
+a typo never silently falls back to a default), and the result is a
+:class:`NodeConfig` that cannot be changed afterwards. Anything wrong raises
+:class:`~hansa.protocol.errors.ConfigError` with a one-line message naming
+the file, the field and what was expected.
+
+Every resource limit is an explicit field of :class:`NodeLimits`
+(aesthetics anchors §9.12). Until the alliance roster exists, the
+``[[trusted]]`` tables are the authority on who may query this node: each
+binds one Ed25519 public key to one requester principal, and a request
+signed by that key must name that principal (``spec/protocol.md`` §8).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from hansa.crypto.keys import PublicKey
+from hansa.protocol.errors import ConfigError, HansaError
+from hansa.protocol.freshness import FreshnessLimits
+from hansa.protocol.messages import MAX_TEXT
+
+__all__ = [
+    "CONFIG_FILE",
+    "DEFAULT_PORT",
+    "KEY_FILE",
+    "NodeConfig",
+    "NodeLimits",
+    "TrustedKey",
+    "add_trusted_key",
+    "config_path",
+    "load_config",
+    "parse_config",
+    "render_config",
+]
+
+CONFIG_FILE: Final = "node.toml"
+"""Name of the configuration file inside the data directory."""
+KEY_FILE: Final = "node.key"
+"""Default name of the node's signing key file inside the data directory."""
+DEFAULT_PORT: Final = 8470
+"""Default TCP port of a node (unassigned by IANA)."""
+
+_T = TypeVar("_T")
+
+KIB: Final = 1024
+MIB: Final = 1024 * KIB
+
+# The same shapes as the wire types (hansa.protocol.messages CityId / PrincipalId),
+# so a configured id is always one the protocol can carry.
+_CITY_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,62}[a-z0-9])?$")
+_PRINCIPAL_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9._@-]{0,126}[a-z0-9])?$")
+# DuckDB's memory_limit syntax: a number and a unit.
+_MEMORY_RE: Final = re.compile(r"^[0-9]+(?:\.[0-9]+)?\s*(?:B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+_ENV_VAR_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_HOST_RE: Final = re.compile(r"^[A-Za-z0-9.:\-\[\]]{1,253}$")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLimits:
+    """Every resource limit of a node, with its unit.
+
+    Attributes:
+        max_request_bytes: largest accepted ``POST /v1/query`` body, in bytes
+            (also aiohttp's ``client_max_size``). Default 256 KiB.
+        query_timeout_s: wall-clock limit for one query in the engine, in seconds.
+        memory_limit: DuckDB memory limit, a number and a unit (``"1GB"``).
+        engine_threads: DuckDB worker threads per query.
+        max_concurrent_queries: queries executed at the same time (thread pool size).
+        max_queued_queries: queries allowed to wait for a free slot; beyond
+            this the node refuses with ``UNAVAILABLE`` instead of queueing.
+        shutdown_timeout_s: on SIGTERM/SIGINT, how long in-flight requests may
+            take to finish before they are cancelled, in seconds.
+        max_skew_ms: tolerated clock skew for a future-dated ``issued_at``, in ms.
+        max_validity_ms: largest accepted ``expires_at - issued_at``, in ms.
+        replay_capacity: most unexpired requests remembered by the replay cache.
+    """
+
+    max_request_bytes: int = 256 * KIB
+    query_timeout_s: float = 10.0
+    memory_limit: str = "1GB"
+    engine_threads: int = 2
+    max_concurrent_queries: int = 2
+    max_queued_queries: int = 256
+    shutdown_timeout_s: float = 30.0
+    max_skew_ms: int = 30_000
+    max_validity_ms: int = 300_000
+    replay_capacity: int = 100_000
+
+    def __post_init__(self) -> None:
+        _check_int("limits", "max_request_bytes", self.max_request_bytes, KIB, 4 * MIB)
+        _check_float("limits", "query_timeout_s", self.query_timeout_s, 0.01, 3600.0)
+        if not _MEMORY_RE.match(self.memory_limit):
+            raise ConfigError(
+                f"[limits] memory_limit must be a size such as '512MB' or '2GB', "
+                f"got {self.memory_limit!r}"
+            )
+        _check_int("limits", "engine_threads", self.engine_threads, 1, 256)
+        _check_int("limits", "max_concurrent_queries", self.max_concurrent_queries, 1, 1024)
+        _check_int("limits", "max_queued_queries", self.max_queued_queries, 0, 1_000_000)
+        _check_float("limits", "shutdown_timeout_s", self.shutdown_timeout_s, 0.0, 3600.0)
+        _check_int("limits", "max_skew_ms", self.max_skew_ms, 0, 3_600_000)
+        _check_int("limits", "max_validity_ms", self.max_validity_ms, 1, 86_400_000)
+        _check_int("limits", "replay_capacity", self.replay_capacity, 1, 100_000_000)
+
+    def freshness(self) -> FreshnessLimits:
+        """Return the freshness parameters for :class:`~hansa.protocol.ReplayGuard`."""
+        return FreshnessLimits(
+            max_skew_ms=self.max_skew_ms,
+            max_validity_ms=self.max_validity_ms,
+            capacity=self.replay_capacity,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedKey:
+    """A requester key this node accepts, bound to one principal.
+
+    Attributes:
+        principal: the requester principal id (``ana@melbourne``) the key speaks for.
+        public_key: the validated Ed25519 public key.
+    """
+
+    principal: str
+    public_key: PublicKey
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """A node's whole configuration.
+
+    Attributes:
+        data_dir: the node's data directory (absolute).
+        city: this node's city id (the audience requests must name).
+        host: address to listen on.
+        port: TCP port to listen on (0 = any free port, printed at start-up).
+        key_file: path of the node's signing key file (absolute).
+        key_passphrase_env: name of the environment variable holding the key
+            file's passphrase, or ``None`` for an unencrypted key file.
+        access_log: whether to write one log line per HTTP request.
+        limits: resource limits.
+        trusted: requester keys allowed to query this node.
+    """
+
+    data_dir: Path
+    city: str
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    key_file: Path = Path(KEY_FILE)
+    key_passphrase_env: str | None = None
+    access_log: bool = False
+    limits: NodeLimits = field(default_factory=NodeLimits)
+    trusted: tuple[TrustedKey, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _CITY_RE.match(self.city):
+            raise ConfigError(
+                f"[node] city must be a lower-case id like 'melbourne' or 'cape-town', "
+                f"got {self.city!r}"
+            )
+        if not _HOST_RE.match(self.host):
+            raise ConfigError(f"[node] host must be a host name or IP address, got {self.host!r}")
+        _check_int("node", "port", self.port, 0, 65535)
+        if self.key_passphrase_env is not None and not _ENV_VAR_RE.match(self.key_passphrase_env):
+            raise ConfigError(
+                f"[node] key_passphrase_env must be an environment variable name, "
+                f"got {self.key_passphrase_env!r}"
+            )
+        seen: dict[bytes, str] = {}
+        for t in self.trusted:
+            other = seen.get(t.public_key.raw)
+            if other is not None:
+                raise ConfigError(
+                    f"[[trusted]] key {t.public_key.raw.hex()} is listed for both "
+                    f"{other!r} and {t.principal!r}; a key speaks for one principal"
+                )
+            seen[t.public_key.raw] = t.principal
+
+    def key_lookup(self) -> dict[bytes, PublicKey]:
+        """Return the trusted requester keys by key id (for ``open_envelope``)."""
+        return {t.public_key.key_id: t.public_key for t in self.trusted}
+
+    def principals(self) -> dict[bytes, str]:
+        """Return the principal each trusted key id speaks for."""
+        return {t.public_key.key_id: t.principal for t in self.trusted}
+
+    def passphrase(self) -> bytes | None:
+        """Return the key file passphrase from the environment, if one is configured.
+
+        Raises:
+            ConfigError: the configured environment variable is not set.
+        """
+        if self.key_passphrase_env is None:
+            return None
+        value = os.environ.get(self.key_passphrase_env)
+        if value is None:
+            raise ConfigError(
+                f"the key file passphrase variable {self.key_passphrase_env} is not set"
+            )
+        return value.encode()
+
+
+# --- loading -----------------------------------------------------------------------
+
+
+def config_path(data_dir: Path) -> Path:
+    """Return the path of ``node.toml`` inside ``data_dir``."""
+    return data_dir / CONFIG_FILE
+
+
+def load_config(data_dir: Path) -> NodeConfig:
+    """Read and validate ``<data_dir>/node.toml``.
+
+    Args:
+        data_dir: the node's data directory.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: the file is missing, not valid TOML, or any field is invalid;
+            the message is one line and names the file.
+    """
+    path = config_path(data_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found (run 'hansa node init' first)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    return parse_config(text, data_dir, source=str(path))
+
+
+def parse_config(text: str, data_dir: Path, *, source: str = CONFIG_FILE) -> NodeConfig:
+    """Parse and validate the text of a ``node.toml``.
+
+    Args:
+        text: the TOML document.
+        data_dir: the data directory relative paths are resolved against.
+        source: a name for error messages.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: invalid TOML, an unknown or mistyped key, or a value out of range.
+    """
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {_one_line(str(exc))}") from exc
+    try:
+        return _from_document(doc, data_dir.resolve())
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc.message}") from exc
+    except HansaError as exc:  # e.g. an invalid public key in [[trusted]]
+        raise ConfigError(f"{source}: {exc.message}") from exc
+
+
+_TOP_KEYS: Final = frozenset({"node", "limits", "trusted"})
+_NODE_KEYS: Final = frozenset(
+    {"city", "host", "port", "key_file", "key_passphrase_env", "access_log"}
+)
+_LIMIT_FIELDS: Final[Mapping[str, type]] = {
+    "max_request_bytes": int,
+    "query_timeout_s": float,
+    "memory_limit": str,
+    "engine_threads": int,
+    "max_concurrent_queries": int,
+    "max_queued_queries": int,
+    "shutdown_timeout_s": float,
+    "max_skew_ms": int,
+    "max_validity_ms": int,
+    "replay_capacity": int,
+}
+
+
+def _from_document(doc: dict[str, Any], data_dir: Path) -> NodeConfig:
+    _no_unknown("top level", doc, _TOP_KEYS)
+    node = _table(doc, "node")
+    _no_unknown("[node]", node, _NODE_KEYS)
+    if "city" not in node:
+        raise ConfigError("[node] city is required")
+    city = _typed("node", "city", node["city"], str)
+    host = _typed("node", "host", node.get("host", "127.0.0.1"), str)
+    port = _typed("node", "port", node.get("port", DEFAULT_PORT), int)
+    key_file_text = _typed("node", "key_file", node.get("key_file", KEY_FILE), str)
+    if not key_file_text:
+        raise ConfigError("[node] key_file must not be empty")
+    passphrase_env = _typed("node", "key_passphrase_env", node.get("key_passphrase_env", ""), str)
+    access_log = _typed("node", "access_log", node.get("access_log", False), bool)
+
+    limits_table = _table(doc, "limits")
+    _no_unknown("[limits]", limits_table, frozenset(_LIMIT_FIELDS))
+    limit_values: dict[str, Any] = {}
+    for name, kind in _LIMIT_FIELDS.items():
+        if name in limits_table:
+            limit_values[name] = _typed("limits", name, limits_table[name], kind)
+    limits = NodeLimits(**limit_values)
+
+    raw_trusted = doc.get("trusted", [])
+    if not isinstance(raw_trusted, list):
+        raise ConfigError("[[trusted]] must be an array of tables")
+    trusted = tuple(_trusted_key(i, entry) for i, entry in enumerate(raw_trusted))
+
+    key_file = Path(key_file_text)
+    return NodeConfig(
+        data_dir=data_dir,
+        city=city,
+        host=host,
+        port=port,
+        key_file=key_file if key_file.is_absolute() else data_dir / key_file,
+        key_passphrase_env=passphrase_env or None,
+        access_log=access_log,
+        limits=limits,
+        trusted=trusted,
+    )
+
+
+def _trusted_key(index: int, entry: object) -> TrustedKey:
+    where = f"[[trusted]] entry {index + 1}"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} must be a table")
+    _no_unknown(where, entry, frozenset({"principal", "key"}))
+    if "principal" not in entry or "key" not in entry:
+        raise ConfigError(f"{where} needs both 'principal' and 'key'")
+    principal = _typed("trusted", "principal", entry["principal"], str)
+    if not _PRINCIPAL_RE.match(principal):
+        raise ConfigError(
+            f"{where}: principal must look like 'ana@melbourne' (lower-case), got {principal!r}"
+        )
+    return TrustedKey(principal=principal, public_key=parse_public_key_hex(entry["key"], where))
+
+
+def parse_public_key_hex(value: object, where: str = "key") -> PublicKey:
+    """Parse a 64-hex-digit Ed25519 public key.
+
+    Args:
+        value: the configured value.
+        where: a name for the error message.
+
+    Returns:
+        The validated key.
+
+    Raises:
+        ConfigError: not 64 hex digits, or not a valid Ed25519 public key.
+    """
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ConfigError(f"{where}: key must be 64 hex digits (an Ed25519 public key)")
+    try:
+        return PublicKey(bytes.fromhex(value))
+    except HansaError as exc:
+        raise ConfigError(f"{where}: {exc.message}") from exc
+
+
+def _table(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return value
+
+
+def _no_unknown(where: str, table: Mapping[str, object], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+def _typed(section: str, name: str, value: object, kind: type[_T]) -> _T:
+    # TOML integers are acceptable where a float is expected; booleans are
+    # never numbers (bool is a subclass of int in Python).
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"[{section}] {name} must be a {kind.__name__}, got a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(
+            f"[{section}] {name} must be a {kind.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _check_int(section: str, name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"[{section}] {name} must be an integer in {low}..{high}, got {value!r}")
+
+
+def _check_float(section: str, name: str, value: object, low: float, high: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not low <= float(value) <= high
+    ):
+        raise ConfigError(f"[{section}] {name} must be a number in {low}..{high}, got {value!r}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:MAX_TEXT]
+
+
+# --- writing -----------------------------------------------------------------------
+
+
+def render_config(
+    *,
+    city: str,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    key_file: str = KEY_FILE,
+    key_passphrase_env: str | None = None,
+    limits: NodeLimits | None = None,
+) -> str:
+    """Return a complete, commented ``node.toml``.
+
+    Every field is written with its value, unit and meaning, so the file is
+    its own documentation. The values are validated first.
+
+    Args:
+        city: the city id.
+        host: listen address.
+        port: listen port.
+        key_file: key file path, relative to the data directory.
+        key_passphrase_env: environment variable with the key passphrase, if any.
+        limits: resource limits (defaults when ``None``).
+
+    Returns:
+        The TOML text.
+
+    Raises:
+        ConfigError: a value is invalid.
+    """
+    lim = limits or NodeLimits()
+    # Validate through the dataclass so init can never write a file load rejects.
+    NodeConfig(
+        data_dir=Path("."),
+        city=city,
+        host=host,
+        port=port,
+        key_passphrase_env=key_passphrase_env,
+        limits=lim,
+    )
+    q = _toml_str
+    return f"""\
+# Hansa node configuration (node.toml), read once when `hansa node serve` starts.
+# Every limit is explicit; units are in the comments. Unknown keys are an error.
+
+[node]
+# This node's city id: lower-case letters, digits, '.' and '-'. Requests must be
+# addressed to it (their `audience`), and it names the node in every signed answer.
+city = {q(city)}
+# Address to listen on. Keep 127.0.0.1 unless a reverse proxy or firewall
+# fronts the node.
+host = {q(host)}
+# TCP port to listen on; 0 picks a free port and prints it at start-up.
+port = {port}
+# The node's Ed25519 signing key, relative to this directory (written 0600).
+key_file = {q(key_file)}
+# Name of an environment variable holding the key file's passphrase; "" means the
+# key file is not encrypted (the default for unattended servers: protect it with
+# file permissions instead).
+key_passphrase_env = {q(key_passphrase_env or "")}
+# Log one line per HTTP request (off by default: it costs throughput).
+access_log = false
+
+[limits]
+# Largest POST /v1/query body accepted, in bytes (1 KiB .. 4 MiB). Larger bodies
+# get HTTP 413 TOO_LARGE before any parsing.
+max_request_bytes = {lim.max_request_bytes}
+# Wall-clock limit for one query in the engine, in seconds. Exceeding it gives a
+# signed QUERY_TIMEOUT refusal.
+query_timeout_s = {lim.query_timeout_s!r}
+# DuckDB memory limit for query execution: a number and a unit (MB, GB, ...).
+memory_limit = {q(lim.memory_limit)}
+# DuckDB worker threads per query.
+engine_threads = {lim.engine_threads}
+# Queries executed at the same time (size of the query thread pool).
+max_concurrent_queries = {lim.max_concurrent_queries}
+# Queries allowed to wait for a free slot; beyond this the node answers with a
+# signed UNAVAILABLE refusal instead of queueing more work.
+max_queued_queries = {lim.max_queued_queries}
+# On SIGTERM/SIGINT: seconds in-flight requests may take to finish before cancelling.
+shutdown_timeout_s = {lim.shutdown_timeout_s!r}
+# Freshness (spec §8): tolerated clock skew for a future-dated issued_at, in ms.
+max_skew_ms = {lim.max_skew_ms}
+# Largest accepted expires_at - issued_at of a request, in ms.
+max_validity_ms = {lim.max_validity_ms}
+# Most unexpired requests the replay cache remembers (entries). When it is full
+# of unexpired entries the node refuses with REPLAY_CACHE_FULL rather than forget.
+replay_capacity = {lim.replay_capacity}
+
+# Requester keys allowed to query this node, one [[trusted]] table each. Until the
+# alliance roster exists this list is the authority. `principal` is the requester id
+# the key speaks for (a request signed by the key must name it); `key` is the
+# Ed25519 public key as 64 hex digits. Add entries with `hansa node trust`.
+#
+# [[trusted]]
+# principal = "ana@melbourne"
+# key = "<64 hex digits>"
+"""
+
+
+def add_trusted_key(data_dir: Path, principal: str, public_key_hex: str) -> NodeConfig:
+    """Append a ``[[trusted]]`` entry to ``node.toml``, keeping the rest of the file.
+
+    The new file is validated before it replaces the old one (atomically), so a
+    bad entry never leaves a broken configuration behind.
+
+    Args:
+        data_dir: the node's data directory.
+        principal: the requester principal id the key speaks for.
+        public_key_hex: the requester's Ed25519 public key, 64 hex digits.
+
+    Returns:
+        The configuration after the change.
+
+    Raises:
+        ConfigError: the file is invalid, the entry is invalid, or the key is
+            already trusted (for this or another principal).
+    """
+    current = load_config(data_dir)
+    key = parse_public_key_hex(public_key_hex, "--key")
+    for t in current.trusted:
+        if t.public_key == key:
+            raise ConfigError(f"key {key.raw.hex()} is already trusted for {t.principal!r}")
+    path = config_path(data_dir)
+    text = path.read_text(encoding="utf-8")
+    if not text.endswith("\n"):
+        text += "\n"
+    text += f"\n[[trusted]]\nprincipal = {_toml_str(principal)}\nkey = {_toml_str(key.raw.hex())}\n"
+    updated = parse_config(text, data_dir, source=str(path))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return updated
+
+
+def _toml_str(value: str) -> str:
+    # A TOML basic string; the values written here are validated ids, paths and
+    # sizes, but escape anyway so the file always parses.
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in escaped)
+    return f'"{escaped}"'
