@@ -16,9 +16,7 @@ asking for its passphrase.
 from __future__ import annotations
 
 import argparse
-import base64
 import getpass
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -26,13 +24,13 @@ from typing import Final
 
 from hansa.crypto.keyfile import inspect_key_file, write_key_file
 from hansa.crypto.keys import PublicKey, SigningKey
-from hansa.protocol.errors import ConfigError, KeyFileError, NoteError
+from hansa.crypto.note import NoteVerifier, validate_key_name
+from hansa.protocol.errors import ConfigError, KeyFileError
 
 __all__ = ["register"]
 
 DEFAULT_KEY_PATH: Final = "hansa.key"
 _MAX_PASSPHRASE_FILE: Final = 4096
-_ED25519_SIGTYPE: Final = b"\x01"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -89,7 +87,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _keygen(args: argparse.Namespace) -> int:
     out = Path(args.out)
     name = args.name if args.name is not None else out.stem
-    _check_note_name(name)
+    validate_key_name(name)
     if out.exists() and not args.force:
         # Before asking for a passphrase that would only be thrown away.
         raise KeyFileError(f"key file {out} already exists; use --force to replace it")
@@ -103,7 +101,7 @@ def _keygen(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     path = Path(args.path)
     name = args.name if args.name is not None else path.stem
-    _check_note_name(name)
+    validate_key_name(name)
     info = inspect_key_file(path)
     _print_summary(path, info.public_key, encrypted=info.encrypted, name=name)
     return 0
@@ -114,7 +112,8 @@ def _print_summary(path: Path, public_key: PublicKey, *, encrypted: bool, name: 
     print(f"encrypted: {'yes' if encrypted else 'no'}")
     print(f"public-key: {public_key.raw.hex()}")
     print(f"key-id: {public_key.key_id.hex()}")
-    print(f"vkey: {_vkey(name, public_key.raw)}")
+    # c2sp.org/signed-note verifier key, as hansa.crypto.note formats it.
+    print(f"vkey: {NoteVerifier(name, public_key).vkey}")
 
 
 def _passphrase(args: argparse.Namespace) -> bytes | None:
@@ -159,24 +158,3 @@ def _passphrase_from_file(path: Path) -> bytes:
     if not data:
         raise ConfigError(f"passphrase file {path} is empty")
     return data
-
-
-# C2SP signed-note vkeys. TODO(lead): dedupe with hansa.crypto.note once it
-# offers a vkey formatter; this is the same rule, kept private here.
-
-
-def _check_note_name(name: str) -> None:
-    # c2sp.org/signed-note: a key name is non-empty, has no Unicode spaces and
-    # no "+"; control characters are excluded from notes altogether.
-    if not name or "+" in name or any(ch.isspace() or not ch.isprintable() for ch in name):
-        raise NoteError(
-            f"invalid signed-note key name {name[:64]!r}: it must be non-empty, "
-            "without spaces, control characters or '+'"
-        )
-
-
-def _vkey(name: str, public_key: bytes) -> str:
-    """Return ``<name>+<hex8 keyid>+<base64(0x01 || pk)>`` (c2sp.org/signed-note)."""
-    key = _ED25519_SIGTYPE + public_key
-    note_key_id = hashlib.sha256(name.encode("utf-8") + b"\n" + key).digest()[:4]
-    return f"{name}+{note_key_id.hex()}+{base64.b64encode(key).decode('ascii')}"
