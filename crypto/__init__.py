@@ -1,9 +1,12 @@
-"""Hansa cryptography: Ed25519 keys, envelopes, Merkle trees, signed notes.
+"""Hansa cryptography: Ed25519 keys, key files, envelopes, Merkle trees, signed notes.
 
-No network I/O and no asyncio.
+No network I/O and no asyncio. Submodules: :mod:`hansa.crypto.keys`,
+:mod:`hansa.crypto.keyfile`, :mod:`hansa.crypto.envelope`,
+:mod:`hansa.crypto.merkle`, :mod:`hansa.crypto.note`.
 """
 
 from hansa.crypto.envelope import Opened, open_envelope, seal, seal_bytes
+from hansa.crypto.keyfile import read_key_file, read_public_key, write_key_file
 from hansa.crypto.keys import PublicKey, SigningKey, key_id, verify_strict
 
 __all__ = [
@@ -12,7 +15,10 @@ __all__ = [
     "SigningKey",
     "key_id",
     "open_envelope",
+    "read_key_file",
+    "read_public_key",
     "seal",
     "seal_bytes",
     "verify_strict",
+    "write_key_file",
 ]

@@ -9,8 +9,7 @@ the exact received payload bytes, and only then decode the body.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 import msgspec
 
@@ -20,7 +19,6 @@ from hansa.protocol.envelope import (
     ENVELOPE_VERSION,
     MAX_ENVELOPE_SIZE,
     Envelope,
-    PayloadType,
     decode_envelope,
     encode_envelope,
     message_id,
@@ -36,9 +34,8 @@ KeyLookup = Mapping[bytes, PublicKey] | Callable[[bytes], PublicKey | None]
 """Where the receiver finds trusted keys: a mapping or a function of the key id."""
 
 
-@dataclass(frozen=True, slots=True)
-class Opened(Generic[M]):
-    """A verified envelope and its decoded body.
+class Opened(msgspec.Struct, Generic[M], frozen=True):
+    """A verified envelope and its decoded body (a msgspec Struct: cheap to build).
 
     Attributes:
         message: the decoded body.
@@ -76,6 +73,11 @@ def seal(message: msgspec.Struct, key: SigningKey) -> bytes:
     return seal_bytes(payload_type_of(message), encode(message), key)
 
 
+_TYPES_BY_NAME: Final[dict[str, type[msgspec.Struct]]] = {
+    pt.value: cls for pt, cls in MESSAGE_TYPES.items()
+}
+
+
 def _lookup(keys: KeyLookup, kid: bytes) -> PublicKey | None:
     if callable(keys):
         return keys(kid)
@@ -108,12 +110,11 @@ def open_envelope(
             does not verify (``BAD_SIGNATURE``).
     """
     env = decode_envelope(data, max_size=max_size)
-    try:
-        cls = MESSAGE_TYPES[PayloadType(env.payload_type)]
-    except ValueError:
+    cls = _TYPES_BY_NAME.get(env.payload_type)
+    if cls is None:
         raise ProtocolError(
             f"unknown payload type {env.payload_type[:64]!r}", ErrorCode.UNKNOWN_PAYLOAD_TYPE
-        ) from None
+        )
     if cls is not expected:
         raise ProtocolError(
             f"expected a {expected.__name__}, got {env.payload_type!r}",
