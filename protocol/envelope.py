@@ -102,6 +102,7 @@ _TOO_LONG: Final = re.compile(r"Expected `[^`]+` of length <= \d+")
 _BAD_SHAPE: Final = re.compile(
     r"Expected `[^`]+`, got `"  # wrong MessagePack type (map for array, bin for str, ...)
     r"|Expected `array` of at (?:most|least) length"  # unknown extra or missing element
+    r"|Expected `array` of length \d+, got"  # a fixed-size tuple with the wrong arity
     r"|Invalid value "  # a tag that names another message kind
 )
 _MAX_DETAIL: Final = 200

@@ -25,6 +25,12 @@ from hansa.protocol import messages as m
 from hansa.protocol.errors import ErrorCode
 
 __all__ = [
+    "ANSWER",
+    "CAPABILITIES",
+    "ERROR",
+    "QUERY",
+    "REFUSAL",
+    "REQUEST",
     "STRUCT_STRATEGIES",
     "aggregate_states",
     "aggregates",
@@ -384,3 +390,91 @@ STRUCT_STRATEGIES: Final[dict[type[msgspec.Struct], st.SearchStrategy[Any]]] = {
     m.ErrorMessage: error_messages,
 }
 """One strategy of valid values per wire struct type (every struct in ``messages``)."""
+
+# --- fixed examples ----------------------------------------------------------------------------
+# One hand-written valid message of each top-level kind, touching every aggregate and
+# state kind; tests edit their generic MessagePack trees to craft invalid inputs.
+
+
+def _example_policy() -> m.PolicyTags:
+    return m.PolicyTags(
+        purpose="audit", legal_basis="art. 6", scope=m.ResultScope.PUBLIC, analyst="ana"
+    )
+
+
+QUERY = m.Query(
+    dataset="trips",
+    aggregates=(
+        m.Count(),
+        m.Histogram(column="fare", edges=(0.0, 10.0)),
+        m.Quantiles("fare", (0.5,)),
+    ),
+    filters=(m.Filter(column="zone", op=m.FilterOp.IN, values=("a", "b")),),
+    group_by=(m.Dimension("zone"),),
+)
+REQUEST = m.QueryRequest(
+    requester="ana@melbourne",
+    audience="oslo",
+    issued_at=1_000,
+    expires_at=61_000,
+    nonce=bytes(range(16)),
+    roster_version=7,
+    policy=_example_policy(),
+    query=QUERY,
+    targets=("oslo", "lyon", "porto"),
+    quorum=2,
+)
+ANSWER = m.QueryAnswer(
+    request_id=bytes(32),
+    responder="oslo",
+    requester="ana@melbourne",
+    issued_at=2_000,
+    dataset="trips",
+    dataset_version="2024-06",
+    disclosure_version=1,
+    decision=m.Decision.SUPPRESSED,
+    groups=(
+        m.Group(
+            key=("a",),
+            states=(
+                m.CountState(n=12),
+                m.SumState(n=12, total=3.5),
+                m.MinMaxState(n=12, value=-1),
+                m.MomentsState(n=12, mean=0.5, m2=1.0),
+                m.HistogramState(counts=(3, 4), below=1),
+                m.SketchState(alpha=0.01, zero_count=1, positive=((1, 2),), negative=()),
+            ),
+        ),
+    ),
+    suppressed=(m.SuppressedCell(key=("b",), reason=m.SuppressionReason.MIN_GROUP_SIZE),),
+)
+_PROFILE = m.DisclosureProfile(
+    version=1,
+    min_group_size=10,
+    dominance_p=85.0,
+    max_groups=100,
+    purposes=("audit",),
+    aggregates=(("fare", ("sum", "mean")),),
+)
+CAPABILITIES = m.Capabilities(
+    city="oslo",
+    node_key=bytes(32),
+    issued_at=0,
+    datasets=(
+        m.DatasetInfo(
+            name="trips",
+            version="1",
+            columns=(m.ColumnInfo("fare", m.ColumnType.FLOAT, m.ColumnRole.MEASURE),),
+            disclosure=_PROFILE,
+        ),
+    ),
+)
+REFUSAL = m.QueryRefusal(
+    request_id=bytes(32),
+    responder="oslo",
+    requester="ana@melbourne",
+    issued_at=3,
+    code=ErrorCode.PURPOSE_NOT_ALLOWED,
+    reason="purpose not allowed",
+)
+ERROR = m.ErrorMessage(code=ErrorCode.MALFORMED, message="bad bytes")

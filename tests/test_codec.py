@@ -16,7 +16,17 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import STRUCT_STRATEGIES, signed_messages, top_level_messages
+from strategies import (
+    ANSWER,
+    CAPABILITIES,
+    ERROR,
+    QUERY,
+    REFUSAL,
+    REQUEST,
+    STRUCT_STRATEGIES,
+    signed_messages,
+    top_level_messages,
+)
 
 from hansa.protocol import messages as m
 from hansa.protocol.codec import MESSAGE_TYPES, decode, decode_as, encode, payload_type_of
@@ -84,88 +94,6 @@ def _reject(data: bytes, cls: type[msgspec.Struct], code: ErrorCode) -> Protocol
     return info.value
 
 
-def _policy() -> m.PolicyTags:
-    return m.PolicyTags(
-        purpose="audit", legal_basis="art. 6", scope=m.ResultScope.PUBLIC, analyst="ana"
-    )
-
-
-QUERY = m.Query(
-    dataset="trips",
-    aggregates=(
-        m.Count(),
-        m.Histogram(column="fare", edges=(0.0, 10.0)),
-        m.Quantiles("fare", (0.5,)),
-    ),
-    filters=(m.Filter(column="zone", op=m.FilterOp.IN, values=("a", "b")),),
-    group_by=(m.Dimension("zone"),),
-)
-REQUEST = m.QueryRequest(
-    requester="ana@melbourne",
-    audience="oslo",
-    issued_at=1_000,
-    expires_at=61_000,
-    nonce=bytes(range(16)),
-    roster_version=7,
-    policy=_policy(),
-    query=QUERY,
-    targets=("oslo", "lyon", "porto"),
-    quorum=2,
-)
-ANSWER = m.QueryAnswer(
-    request_id=bytes(32),
-    responder="oslo",
-    requester="ana@melbourne",
-    issued_at=2_000,
-    dataset="trips",
-    dataset_version="2024-06",
-    disclosure_version=1,
-    decision=m.Decision.SUPPRESSED,
-    groups=(
-        m.Group(
-            key=("a",),
-            states=(
-                m.CountState(n=12),
-                m.SumState(n=12, total=3.5),
-                m.MinMaxState(n=12, value=-1),
-                m.MomentsState(n=12, mean=0.5, m2=1.0),
-                m.HistogramState(counts=(3, 4), below=1),
-                m.SketchState(alpha=0.01, zero_count=1, positive=((1, 2),), negative=()),
-            ),
-        ),
-    ),
-    suppressed=(m.SuppressedCell(key=("b",), reason=m.SuppressionReason.MIN_GROUP_SIZE),),
-)
-_PROFILE = m.DisclosureProfile(
-    version=1,
-    min_group_size=10,
-    dominance_p=85.0,
-    max_groups=100,
-    purposes=("audit",),
-    aggregates=(("fare", ("sum", "mean")),),
-)
-CAPABILITIES = m.Capabilities(
-    city="oslo",
-    node_key=bytes(32),
-    issued_at=0,
-    datasets=(
-        m.DatasetInfo(
-            name="trips",
-            version="1",
-            columns=(m.ColumnInfo("fare", m.ColumnType.FLOAT, m.ColumnRole.MEASURE),),
-            disclosure=_PROFILE,
-        ),
-    ),
-)
-REFUSAL = m.QueryRefusal(
-    request_id=bytes(32),
-    responder="oslo",
-    requester="ana@melbourne",
-    issued_at=3,
-    code=ErrorCode.PURPOSE_NOT_ALLOWED,
-    reason="purpose not allowed",
-)
-ERROR = m.ErrorMessage(code=ErrorCode.MALFORMED, message="bad bytes")
 EXAMPLES: list[msgspec.Struct] = [REQUEST, ANSWER, CAPABILITIES, REFUSAL, ERROR]
 
 
@@ -366,6 +294,9 @@ _WRONG_TYPES: list[tuple[str, msgspec.Struct, Path, Any]] = [
     ("float for count", ANSWER, (9, 0, 2, 0, 1), 12.0),
     ("ext timestamp for int", REQUEST, (3,), msgpack.Timestamp(1, 0)),
     ("ext for bin", REQUEST, (5,), msgpack.ExtType(1, bytes(16))),
+    ("sketch bucket triple", ANSWER, (9, 0, 2, 5, 3, 0), [1, 2, 3]),
+    ("sketch bucket single", ANSWER, (9, 0, 2, 5, 3, 0), [1]),
+    ("disclosure pair triple", CAPABILITIES, (4, 0, 4, 6, 0), ["fare", ["sum"], 1]),
 ]
 
 
