@@ -28,6 +28,7 @@ import base64
 import difflib
 import hashlib
 import json
+import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -259,7 +260,7 @@ def query() -> W:
         ],
         filters=[
             flt("user_type", "in", "Subscriber", "Customer"),
-            flt("start_time", "between", 1_483_228_800_000, 1_498_867_200_000),
+            flt("start_time", "between", "2017-01-01T00:00:00", "2017-06-30T23:59:59"),
         ],
         group_by=[dimension("user_type"), time_bucket("start_time", "month")],
         max_groups=500,
@@ -318,7 +319,7 @@ def query_answer(request_id: bytes) -> W:
         decision="answered_suppressed",
         groups=[
             group(
-                ["Subscriber", 1_483_228_800_000],
+                ["Subscriber", "2017-01-01"],
                 40,
                 24_000,
                 3_000,
@@ -330,7 +331,7 @@ def query_answer(request_id: bytes) -> W:
             w(
                 "SuppressedCell",
                 "suppressed",
-                key=["Customer", 1_483_228_800_000],
+                key=["Customer", "2017-01-01"],
                 reason="min_group_size",
             )
         ],
@@ -829,7 +830,7 @@ def messages_vectors() -> Json:
                 w(
                     "SuppressedCell",
                     "suppressed",
-                    key=["Subscriber", 1_483_228_800_000],
+                    key=["Subscriber", "2017-01-01"],
                     reason="dominance",
                 )
             ],
@@ -866,15 +867,59 @@ def messages_vectors() -> Json:
         f,
         "column names are unique (§7.6)",
     )
+    moments = b"\x94\xa7moments\x03\xca" + struct.pack(">f", 2.0) + b"\x02"
+    lenient: list[tuple[str, bytes, W]] = [
+        ("count-column-omitted", raw("count"), count()),
+        (
+            "histogram-state-defaults-omitted",
+            raw("histogram", [1, 2]),
+            w("HistogramState", "histogram", counts=[1, 2], below=0, above=0),
+        ),
+        (
+            "query-defaults-omitted",
+            raw("query", "nyc_311", [["count", None]]),
+            w(
+                "Query",
+                "query",
+                dataset="nyc_311",
+                aggregates=[count()],
+                filters=[],
+                group_by=[],
+                max_groups=1000,
+            ),
+        ),
+        ("filter-values-omitted", raw("filter", "gender", "is_null"), flt("gender", "is_null")),
+        (
+            "float32-and-int-in-float-fields",
+            moments,
+            w("MomentsState", "moments", n=3, mean=2.0, m2=2.0),
+        ),
+        (
+            "uint64-width-count",
+            b"\x92\xa5count\xcf" + (5).to_bytes(8, "big"),
+            w("CountState", "count", n=5),
+        ),
+    ]
     return {
         "description": (
             "Message bodies (spec §5–§7). 'wire' is the msgpack value as JSON with byte "
             "strings as {\"bin\": hex}; 'value' names the fields (bytes as hex). Decoding "
-            "body_hex as 'type' must give 'value', and re-encoding it must give body_hex. "
+            "body_hex as 'type' must give 'value', and re-encoding it must give body_hex "
+            "(canonical_hex for 'valid_non_canonical', which decoders must accept). "
             "Every 'invalid' body must be rejected with 'error'."
         ),
         "spec_version": SPEC_VERSION,
         "valid": valid,
+        "valid_non_canonical": [
+            {
+                "name": n,
+                "type": v.type_name,
+                "body_hex": b.hex(),
+                "value": to_value(v),
+                "canonical_hex": pack(v).hex(),
+            }
+            for n, b, v in lenient
+        ],
         "invalid": [
             {"name": n, "type": t, "body_hex": b.hex(), "error": e, "why": why}
             for n, t, b, e, why in invalid
@@ -1061,14 +1106,14 @@ def envelope_bytes(version: Any, payload_type: Any, payload: Any, kid: Any, sig:
 
 
 def seal_raw(payload_type: str, payload: bytes, key: Key) -> bytes:
-    """Sign and wrap a payload: ``[1, type, payload, key_id, Ed25519(PAE)]`` (spec §4.4)."""
+    """Sign and wrap a payload: ``[1, type, payload, key_id, Ed25519(PAE)]`` (spec §4.2)."""
     return envelope_bytes(
         ENVELOPE_VERSION, payload_type, payload, key.key_id, key.sign(pae(payload_type, payload))
     )
 
 
 def _non_minimal_envelope(payload_type: str, payload: bytes, key: Key) -> bytes:
-    """The same signed content with a uint8 version and bin32 payload length (spec §4.6)."""
+    """The same signed content with a uint8 version and bin32 payload length (spec §4.4)."""
     sig = key.sign(pae(payload_type, payload))
     t = payload_type.encode()
     return (
@@ -1150,7 +1195,7 @@ def envelopes_vectors() -> Json:
     m, f, big = ErrorCode.MALFORMED, ErrorCode.INVALID_FIELD, ErrorCode.TOO_LARGE
     sig_err, ver = ErrorCode.BAD_SIGNATURE, ErrorCode.UNSUPPORTED_VERSION
     pt_err = ErrorCode.UNKNOWN_PAYLOAD_TYPE
-    # Layout (§4.1, §4.5 step 1).
+    # Layout (§4.1, §4.2 step 1).
     bad("truncated", good[:-1], m, "last byte missing")
     bad("trailing-byte", good + b"\x00", m, "one byte after the envelope array")
     bad("empty", b"", m, "no bytes at all")
@@ -1195,7 +1240,7 @@ def envelopes_vectors() -> Json:
         _non_minimal_envelope(PayloadType.QUERY_REQUEST.value, pack(query_request()), ANALYST),
         m,
         "the valid query-request re-wrapped with non-minimal widths (uint8 version, str8 "
-        "type, bin32 payload): it would verify under another message id (§4.6)",
+        "type, bin32 payload): it would verify under another message id (§4.4)",
         expected="QueryRequest",
     )
     bad(
@@ -1244,7 +1289,7 @@ def envelopes_vectors() -> Json:
         ver,
         "a readable version other than 1 is reported before any layout error",
     )
-    # Payload type (§4.3, §4.5 step 2).
+    # Payload type (§4.3, §4.2 step 2).
     bad(
         "unknown-payload-type",
         seal_raw("application/vnd.hansa.query-answer.v2+msgpack", answer, NODE),
@@ -1257,7 +1302,7 @@ def envelopes_vectors() -> Json:
         pt_err,
         "a refusal's payload type where the endpoint expects an answer",
     )
-    # Key and signature (§3, §4.5 steps 3-4).
+    # Key and signature (§3, §4.2 steps 3-4).
     bad(
         "unknown-key",
         seal_raw(ans_pt, answer, KEYS["untrusted"]),
@@ -1290,7 +1335,7 @@ def envelopes_vectors() -> Json:
         sig_err,
         "key_id names a trusted key that did not sign",
     )
-    # Body, decoded only after the signature verified (§4.5 step 5).
+    # Body, decoded only after the signature verified (§4.2 step 5).
     bad(
         "signed-invalid-body",
         seal_raw(ans_pt, pack(w("CountState", "count", n=5)), NODE),
