@@ -28,6 +28,7 @@ import base64
 import difflib
 import hashlib
 import json
+import math
 import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -1973,6 +1974,275 @@ def notes_vectors() -> Json:
 
 
 # ---------------------------------------------------------------------------
+# Key files (spec §3.5)
+# ---------------------------------------------------------------------------
+
+KEYFILE_PASSPHRASE: Final = "correct horse battery staple"
+KEYFILE_OPSLIMIT: Final = 1
+KEYFILE_MEMLIMIT: Final = 8192
+
+
+def _keyfile_plain(key: Key) -> str:
+    lines = [
+        "hansa-key v1",
+        "kind: ed25519",
+        f"public-key: {key.public_key.hex()}",
+        "protection: none",
+        f"seed: {key.seed.hex()}",
+    ]
+    return "".join(line + "\n" for line in lines)
+
+
+def _keyfile_sealed(key: Key, passphrase: bytes, salt: bytes, nonce: bytes) -> str:
+    box_key = sodium.crypto_pwhash_alg(
+        32,
+        passphrase,
+        salt,
+        KEYFILE_OPSLIMIT,
+        KEYFILE_MEMLIMIT,
+        sodium.crypto_pwhash_ALG_ARGON2ID13,
+    )
+    sealed = bytes(sodium.crypto_secretbox_easy(key.seed, nonce, box_key))
+    lines = [
+        "hansa-key v1",
+        "kind: ed25519",
+        f"public-key: {key.public_key.hex()}",
+        "protection: argon2id-secretbox",
+        f"argon2id-opslimit: {KEYFILE_OPSLIMIT}",
+        f"argon2id-memlimit: {KEYFILE_MEMLIMIT}",
+        f"salt: {salt.hex()}",
+        f"nonce: {nonce.hex()}",
+        f"sealed-seed: {sealed.hex()}",
+    ]
+    return "".join(line + "\n" for line in lines)
+
+
+def keyfile_vectors() -> Json:
+    """Key files, unencrypted and sealed (minimum Argon2id limits, so tests stay fast)."""
+    key = NODE
+    plain = _keyfile_plain(key)
+    salt, nonce = derive("keyfile/salt", 16), derive("keyfile/nonce", 24)
+    sealed = _keyfile_sealed(key, KEYFILE_PASSPHRASE.encode(), salt, nonce)
+    other = KEYS["node:melbourne"]
+    small_order = _small_order_points()[0][1]
+    invalid: list[tuple[str, str, str | None, str]] = [
+        ("wrong-passphrase", sealed, "Tr0ub4dor&3", "the seed does not decrypt"),
+        ("passphrase-missing", sealed, None, "a sealed file needs the passphrase"),
+        (
+            "public-key-swapped",
+            plain.replace(key.public_key.hex(), other.public_key.hex()),
+            None,
+            "the seed does not derive the stored public key",
+        ),
+        (
+            "sealed-public-key-swapped",
+            sealed.replace(key.public_key.hex(), other.public_key.hex()),
+            KEYFILE_PASSPHRASE,
+            "the decrypted seed does not derive the stored public key",
+        ),
+        (
+            "sealed-seed-bit-flip",
+            sealed.replace(
+                "sealed-seed: " + sealed.split("sealed-seed: ")[1][:2],
+                "sealed-seed: " + format(int(sealed.split("sealed-seed: ")[1][:2], 16) ^ 1, "02x"),
+            ),
+            KEYFILE_PASSPHRASE,
+            "the Poly1305 tag fails",
+        ),
+        (
+            "small-order-public-key",
+            plain.replace(key.public_key.hex(), small_order.hex()),
+            None,
+            "the public key is not a valid Ed25519 key (§3.2)",
+        ),
+        ("crlf", plain.replace("\n", "\r\n"), None, "lines end in LF only"),
+        ("no-final-newline", plain[:-1], None, "every line ends in LF"),
+        ("trailing-line", plain + "comment: hello\n", None, "nothing after the last field"),
+        ("version-2", plain.replace("hansa-key v1", "hansa-key v2"), None, "only format v1 exists"),
+        ("not-a-key-file", "-----BEGIN PRIVATE KEY-----\n", None, "wrong first line"),
+        (
+            "upper-case-hex",
+            plain.replace(key.seed.hex(), key.seed.hex().upper()),
+            None,
+            "hex is lower case",
+        ),
+        (
+            "fields-reordered",
+            "".join(plain.splitlines(keepends=True)[i] for i in (0, 2, 1, 3, 4)),
+            None,
+            "fields in the fixed order",
+        ),
+        (
+            "unknown-protection",
+            plain.replace("protection: none", "protection: rot13"),
+            None,
+            "protection is none or argon2id-secretbox",
+        ),
+        (
+            "opslimit-leading-zero",
+            sealed.replace("argon2id-opslimit: 1\n", "argon2id-opslimit: 01\n"),
+            KEYFILE_PASSPHRASE,
+            "decimals have no leading zero",
+        ),
+        (
+            "opslimit-too-high",
+            sealed.replace("argon2id-opslimit: 1\n", "argon2id-opslimit: 17\n"),
+            KEYFILE_PASSPHRASE,
+            "opslimit is 1..16",
+        ),
+        (
+            "memlimit-not-kib-multiple",
+            sealed.replace("argon2id-memlimit: 8192\n", "argon2id-memlimit: 8193\n"),
+            KEYFILE_PASSPHRASE,
+            "memlimit is a multiple of 1024",
+        ),
+        (
+            "seed-too-short",
+            plain.replace(key.seed.hex(), key.seed.hex()[:62]),
+            None,
+            "the seed is 64 hex digits",
+        ),
+    ]
+    return {
+        "description": (
+            "Key files (spec §3.5). Each valid file, written with mode 0600, reads back as "
+            "the signing key with 'seed' (using 'passphrase' when sealed). Each invalid file "
+            "is refused with KEY_FILE (local only)."
+        ),
+        "spec_version": SPEC_VERSION,
+        "valid": [
+            {
+                "name": "unencrypted",
+                "text": plain,
+                "passphrase": None,
+                "seed": key.seed.hex(),
+                "public_key": key.public_key.hex(),
+            },
+            {
+                "name": "argon2id-secretbox",
+                "text": sealed,
+                "passphrase": KEYFILE_PASSPHRASE,
+                "seed": key.seed.hex(),
+                "public_key": key.public_key.hex(),
+                "salt": salt.hex(),
+                "nonce": nonce.hex(),
+            },
+        ],
+        "invalid": [
+            {"name": n, "text": t, "passphrase": p, "error": "KEY_FILE", "why": why}
+            for n, t, p, why in invalid
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------
+# DDSketch (spec §7.3.6)
+# ---------------------------------------------------------------------------
+
+SKETCH_ALPHA: Final = 0.01
+SKETCH_ZERO: Final = 1e-9
+SKETCH_VALUES: Final = [
+    0.0,
+    5e-10,
+    -5e-10,
+    1.0,
+    1.5,
+    2.5,
+    60.0,
+    61.0,
+    300.0,
+    300.0,
+    1234.5,
+    86400.0,
+    -3.0,
+    -3.01,
+    -250.0,
+    1e-6,
+    1e6,
+]
+
+
+def _sketch(values: Sequence[float], alpha: float) -> W:
+    lg = math.log((1.0 + alpha) / (1.0 - alpha))
+    zero = 0
+    stores: dict[int, dict[int, int]] = {1: {}, -1: {}}
+    for x in values:
+        if abs(x) < SKETCH_ZERO:
+            zero += 1
+            continue
+        store = stores[1 if x > 0 else -1]
+        i = math.ceil(math.log(abs(x)) / lg)
+        store[i] = store.get(i, 0) + 1
+    return sketch_state(
+        alpha,
+        zero,
+        [[i, c] for i, c in sorted(stores[1].items())],
+        [[i, c] for i, c in sorted(stores[-1].items())],
+    )
+
+
+def _quantiles(values: Sequence[float], alpha: float, ranks: Sequence[float]) -> list[Json]:
+    g = (1.0 + alpha) / (1.0 - alpha)
+    lg = math.log(g)
+    state = dict(_sketch(values, alpha).fields)
+    ordered: list[tuple[int, float]] = [
+        (c, -math.exp(i * lg) * (2.0 / (g + 1.0))) for i, c in reversed(state["negative"])
+    ]
+    if state["zero_count"]:
+        ordered.append((state["zero_count"], 0.0))
+    ordered += [(c, math.exp(i * lg) * (2.0 / (g + 1.0))) for i, c in state["positive"]]
+    n = sum(c for c, _ in ordered)
+    out: list[Json] = []
+    for q in ranks:
+        rank = math.floor(q * (n - 1))
+        seen = 0
+        for count_, value in ordered:
+            seen += count_
+            if seen > rank:
+                out.append(float(f"{value:.12g}"))
+                break
+    return out
+
+
+def sketch_vectors() -> Json:
+    alpha = SKETCH_ALPHA
+    lg = math.log((1.0 + alpha) / (1.0 - alpha))
+    ranks = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
+    values = SKETCH_VALUES
+    half = len(values) // 2
+    return {
+        "description": (
+            "DDSketch states (spec §7.3.6). index = ceil(ln|x| / ln(gamma)) in doubles, "
+            "gamma = (1 + alpha) / (1 - alpha); |x| < 1e-9 counts as zero. 'state' is the "
+            "sketch of 'values'; it equals the merge of the sketches of 'parts'. 'estimates' "
+            "are the quantile estimates for 'ranks' (rounded to 12 significant digits; compare "
+            "with a relative tolerance of 1e-9)."
+        ),
+        "spec_version": SPEC_VERSION,
+        "alpha": alpha,
+        "zero_threshold": SKETCH_ZERO,
+        "gamma": (1.0 + alpha) / (1.0 - alpha),
+        "indices": [
+            {
+                "value": x,
+                "index": None if abs(x) < SKETCH_ZERO else math.ceil(math.log(abs(x)) / lg),
+            }
+            for x in values
+        ],
+        "values": values,
+        "state": to_value(_sketch(values, alpha)),
+        "state_body_hex": pack(_sketch(values, alpha)).hex(),
+        "parts": [
+            {"values": part, "state": to_value(_sketch(part, alpha))}
+            for part in (values[:half], values[half:])
+        ],
+        "ranks": ranks,
+        "estimates": _quantiles(values, alpha, ranks),
+        "empty_estimates": [None for _ in ranks],
+    }
+
+
+# ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
 
@@ -1985,6 +2255,8 @@ BUILDERS: Final[dict[str, Callable[[], Json]]] = {
     "error_codes.json": error_code_vectors,
     "merkle.json": merkle_vectors,
     "notes.json": notes_vectors,
+    "keyfiles.json": keyfile_vectors,
+    "sketch.json": sketch_vectors,
 }
 
 

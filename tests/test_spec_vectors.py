@@ -33,6 +33,7 @@ import pytest
 
 from hansa.crypto import merkle
 from hansa.crypto.envelope import open_envelope, seal
+from hansa.crypto.keyfile import read_key_file
 from hansa.crypto.keys import PublicKey, SigningKey, key_id, verify_strict
 from hansa.crypto.note import (
     Checkpoint,
@@ -43,11 +44,23 @@ from hansa.crypto.note import (
     open_checkpoint,
     sign_checkpoint,
 )
+from hansa.federation.sketch import (
+    bucket_index,
+    merge_sketches,
+    sketch_from_values,
+    sketch_quantiles,
+)
 from hansa.protocol import envelope as envelope_module
 from hansa.protocol import messages
 from hansa.protocol.codec import decode_as, encode
 from hansa.protocol.envelope import pae
-from hansa.protocol.errors import ErrorCode, HansaError, NoteError, SignatureError
+from hansa.protocol.errors import (
+    ErrorCode,
+    HansaError,
+    KeyFileError,
+    NoteError,
+    SignatureError,
+)
 from hansa.protocol.freshness import FreshnessLimits, ReplayGuard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -419,6 +432,53 @@ def test_checkpoint_signs_verifies_and_cosigns_byte_exactly(case: dict[str, Any]
 def test_invalid_checkpoint_note_is_rejected(case: dict[str, Any]) -> None:
     with pytest.raises(NoteError):
         open_checkpoint(case["note"].encode(), log_verifier())
+
+
+# --- 2g. key files (§3.5) and DDSketch (§7.3.6) -----------------------------------------------
+
+
+def _key_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "vector.key"
+    path.write_bytes(text.encode("utf-8"))
+    path.chmod(0o600)
+    return path
+
+
+def _passphrase(case: dict[str, Any]) -> bytes | None:
+    value = case["passphrase"]
+    return None if value is None else str(value).encode()
+
+
+@pytest.mark.parametrize("case", cases("keyfiles.json", "valid"))
+def test_key_file_reads_back(case: dict[str, Any], tmp_path: Path) -> None:
+    key = read_key_file(_key_file(tmp_path, case["text"]), passphrase=_passphrase(case))
+    assert key.seed.hex() == case["seed"]
+    assert key.public_key.raw.hex() == case["public_key"]
+
+
+@pytest.mark.parametrize("case", cases("keyfiles.json", "invalid"))
+def test_invalid_key_file_is_refused(case: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError) as info:
+        read_key_file(_key_file(tmp_path, case["text"]), passphrase=_passphrase(case))
+    assert info.value.code.name == case["error"]
+
+
+def test_sketch_indices_state_merge_and_estimates() -> None:
+    data = vectors("sketch.json")
+    alpha = data["alpha"]
+    for item in data["indices"]:
+        if item["index"] is not None:
+            assert bucket_index(item["value"], alpha) == item["index"], item
+    state = sketch_from_values(data["values"], alpha)
+    assert named(state) == data["state"]
+    assert encode(state).hex() == data["state_body_hex"]
+    parts = [sketch_from_values(p["values"], alpha) for p in data["parts"]]
+    assert [named(p) for p in parts] == [p["state"] for p in data["parts"]]
+    assert merge_sketches(*parts) == state
+    estimates = sketch_quantiles(state, data["ranks"])
+    assert estimates == pytest.approx(data["estimates"], rel=1e-9, abs=1e-12)
+    empty = sketch_from_values([], alpha)
+    assert list(sketch_quantiles(empty, data["ranks"])) == data["empty_estimates"]
 
 
 # --- 3. protocol.md agrees with the code ---------------------------------------------------------
