@@ -1,0 +1,877 @@
+"""Query compilation and execution: a validated :class:`Query` in, mergeable states out.
+
+Theory of operation
+-------------------
+A query is data, never SQL text (spec §6). :func:`compile_query` checks
+every part of it against the dataset's schema and roles — unknown columns,
+roles that forbid a use, literal types, bucket units — and only then builds
+SQL in which every identifier comes from the validated schema (quoted) and
+every literal is a bound parameter (``$1``, ``$2``, …). Nothing a requester
+sends is ever spliced into SQL text.
+
+One answer takes at most two statements, run in one read transaction:
+
+1. the *cell statement* — ``GROUP BY`` the group keys (dimension columns
+   and time buckets) with, per cell, ``COUNT(*)`` (the cell size the
+   disclosure rules judge), the states of every requested aggregate except
+   quantiles (histograms as ``COUNT(*) FILTER (WHERE …)`` per bin), and for
+   the dominance rule ``MAX(|x|)`` and ``SUM(|x|)`` per guarded column;
+   ordered by key and limited to ``cap + 1`` rows so that exceeding the cap
+   on groups is detected without materialising the rest (``TOO_MANY_GROUPS``);
+2. the *sketch statement*, only for ``Quantiles`` — ``GROUP BY`` the group
+   keys plus the DDSketch bucket (sign, index) of each value, pushed down
+   with the expressions of :mod:`hansa.federation.sketch` so a node's
+   buckets match the federation's bit for bit.
+
+The first row of the transaction reads the dataset's data version from the
+catalog's meta table; an answer therefore always cites the version of the
+rows it was computed from.
+
+Disclosure control (:mod:`hansa.node.disclosure`) runs before (purpose,
+offered aggregates) and after (k, dominance) the cell statement. Suppressed
+cells are listed with their reason and never carry states.
+
+State conventions (node contract): Count → ``CountState(n)``; Sum →
+``SumState(COUNT(col), SUM(col))`` with an int total for integer columns and
+0 when empty; Min/Max → ``MinMaxState(COUNT(col), value)``; Mean, Variance,
+Stddev → ``MomentsState(n, AVG, VAR_POP * n)``; Histogram → bin counts, the
+last bin closed; Quantiles → ``SketchState`` with ``alpha = DEFAULT_ALPHA``.
+
+Group key values are wire values: text, integers, floats, booleans and
+None as they are; dates as ``YYYY-MM-DD``; timestamps as
+``YYYY-MM-DDTHH:MM:SS``; ``hour`` buckets as timestamps, ``day``/``week``
+(ISO, Monday)/``month``/``year`` buckets as dates — decided by the unit, not
+the column type, so cities storing DATE and TIMESTAMP still merge —
+``day_of_week`` as 1 (Monday) … 7 and ``hour_of_day`` as 0 … 23.
+
+Execution is blocking and thread-safe: each answer gets its own DuckDB
+cursor. A watchdog thread interrupts the cursor at the deadline
+(``QUERY_TIMEOUT``); DuckDB's ``memory_limit`` bounds memory
+(``RESOURCE_LIMIT``). No ``duckdb.Error`` escapes :meth:`QueryEngine.answer`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import duckdb
+
+from hansa.federation.sketch import (
+    DEFAULT_ALPHA,
+    empty_sketch,
+    sketch_from_buckets,
+    sketch_sql_index,
+    sketch_sql_sign,
+)
+from hansa.node.catalog import (
+    META_TABLE,
+    ROLE_AGGREGATES,
+    Catalog,
+    DatasetSpec,
+    quote_identifier,
+)
+from hansa.node.disclosure import (
+    CellStats,
+    DisclosurePolicy,
+    aggregate_kind,
+    dominance_columns,
+)
+from hansa.protocol.errors import ConfigError, ErrorCode, HansaError, ProtocolError, QueryError
+from hansa.protocol.messages import (
+    MAX_SKETCH_BUCKETS,
+    MAX_TEXT,
+    Aggregate,
+    AggregateState,
+    CellValue,
+    ColumnInfo,
+    ColumnRole,
+    ColumnType,
+    Count,
+    CountState,
+    DatasetInfo,
+    Decision,
+    Dimension,
+    Filter,
+    FilterOp,
+    Group,
+    Histogram,
+    HistogramState,
+    Max,
+    Mean,
+    Min,
+    MinMaxState,
+    MomentsState,
+    Quantiles,
+    Query,
+    QueryRequest,
+    Scalar,
+    SketchState,
+    Stddev,
+    Sum,
+    SumState,
+    SuppressedCell,
+    TimeBucket,
+    TimeUnit,
+    Variance,
+)
+
+__all__ = [
+    "CompiledQuery",
+    "EngineResult",
+    "QueryEngine",
+    "compile_query",
+]
+
+_log = logging.getLogger(__name__)
+
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+_WIRE_INT_MAX: Final = 2**64 - 1
+_MEMORY_RE: Final = re.compile(r"^\d+(?:\.\d+)?\s*(?:[KMGT]i?B|B)\Z", re.IGNORECASE)
+_NUMERIC: Final = frozenset({ColumnType.INTEGER, ColumnType.FLOAT})
+_FILTER_ROLES: Final = frozenset({ColumnRole.DIMENSION, ColumnRole.MEASURE, ColumnRole.TIME})
+_WATCHDOG_REPEAT_S: Final = 0.02
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """What the engine decided and released for one request (node contract).
+
+    Attributes:
+        dataset_version: the data version the answer was computed from.
+        disclosure_version: the disclosure settings version applied.
+        decision: ``answered`` or ``answered_suppressed``.
+        groups: released cells, ordered by key.
+        suppressed: withheld cells with their reasons.
+    """
+
+    dataset_version: str
+    disclosure_version: int
+    decision: Decision
+    groups: tuple[Group, ...]
+    suppressed: tuple[SuppressedCell, ...]
+
+
+# --- compilation ---------------------------------------------------------------------------
+
+
+class _Params:
+    """Numbered bound parameters: values never enter the SQL text."""
+
+    def __init__(self) -> None:
+        self.values: list[object] = []
+
+    def bind(self, value: object) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+
+class _Select:
+    """The cell statement's select list, each distinct expression once."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def add(self, expr: str) -> int:
+        if expr not in self._index:
+            self._index[expr] = len(self.items)
+            self.items.append(expr)
+        return self._index[expr]
+
+
+StateBuilder = Callable[[Row, Mapping[str, SketchState]], AggregateState]
+
+
+@dataclass(frozen=True)
+class CompiledQuery:
+    """A validated query as parameterised SQL plus the code that reads its rows.
+
+    Attributes:
+        sql: the cell statement (group keys first, then the select items).
+        params: its bound parameters.
+        sketch_sql: the sketch statement, or None without quantiles.
+        sketch_params: its bound parameters (the filter parameters).
+        key_count: number of group keys.
+        cap: the cap on cells; the statement returns at most ``cap + 1`` rows.
+        size_index: column of ``COUNT(*)`` in a cell row.
+        dominance_index: per guarded column, the ``(max |x|, sum |x|)`` columns.
+        sketch_columns: the quantile columns, in sketch-branch order.
+    """
+
+    sql: str
+    params: tuple[object, ...]
+    sketch_sql: str | None
+    sketch_params: tuple[object, ...]
+    key_count: int
+    cap: int
+    size_index: int
+    dominance_index: tuple[tuple[int, int], ...]
+    sketch_columns: tuple[str, ...]
+    _renderers: tuple[Callable[[Any], CellValue], ...] = field(repr=False)
+    _builders: tuple[StateBuilder, ...] = field(repr=False)
+
+    def render_key(self, row: Row) -> tuple[CellValue, ...]:
+        """Turn the key part of a row into wire values (module docstring).
+
+        Args:
+            row: a cell or sketch row (keys first).
+
+        Returns:
+            The wire key.
+
+        Raises:
+            HansaError: ``RESOURCE_LIMIT`` when a text key exceeds the wire limit.
+        """
+        return tuple(r(v) for r, v in zip(self._renderers, row, strict=False))
+
+    def states(self, row: Row, sketches: Mapping[str, SketchState]) -> tuple[AggregateState, ...]:
+        """Build one state per aggregate from a cell row and its sketches.
+
+        Args:
+            row: the cell row, keys first.
+            sketches: per quantile column, the cell's SketchState.
+
+        Returns:
+            The states, in aggregate order.
+        """
+        values = row[self.key_count :]
+        return tuple(build(values, sketches) for build in self._builders)
+
+
+def _refuse(code: ErrorCode, message: str) -> QueryError:
+    return QueryError(message, code)
+
+
+def _column(spec: DatasetSpec, name: str, use: str) -> ColumnInfo:
+    info = spec.column(name)
+    if info is None:
+        raise _refuse(ErrorCode.UNKNOWN_COLUMN, f"no column {name!r} in dataset {spec.name!r}")
+    if info.role is ColumnRole.HIDDEN:
+        raise _refuse(ErrorCode.COLUMN_ROLE_FORBIDDEN, f"column {name!r} may not be used")
+    return info
+
+
+def _literal(info: ColumnInfo, value: Scalar) -> object:
+    """Check a literal against its column's type; return the value to bind."""
+
+    def mismatch(expected: str) -> QueryError:
+        return _refuse(
+            ErrorCode.TYPE_MISMATCH,
+            f"column {info.name!r} is {info.type.value}; {value!r} is not {expected}",
+        )
+
+    t = info.type
+    if t in _NUMERIC:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise mismatch("a number")
+        if isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
+            raise mismatch("a 64-bit integer")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise mismatch("a finite number")
+        return value
+    if t is ColumnType.TEXT:
+        if not isinstance(value, str):
+            raise mismatch("a string")
+        return value
+    if t is ColumnType.BOOLEAN:
+        if not isinstance(value, bool):
+            raise mismatch("a boolean")
+        return value
+    if not isinstance(value, str):
+        raise mismatch("an ISO-8601 string")
+    try:
+        if t is ColumnType.DATE:
+            if len(value) != 10:
+                raise ValueError(value)
+            return dt.date.fromisoformat(value)
+        stamp = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise mismatch("an ISO-8601 " + t.value) from None
+    if stamp.tzinfo is not None:
+        # Timestamps are stored as naive UTC (catalog): compare in UTC.
+        stamp = stamp.astimezone(dt.UTC).replace(tzinfo=None)
+    return stamp
+
+
+_OPS: Final[Mapping[FilterOp, str]] = {
+    FilterOp.EQ: "=",
+    FilterOp.NE: "<>",
+    FilterOp.LT: "<",
+    FilterOp.LE: "<=",
+    FilterOp.GT: ">",
+    FilterOp.GE: ">=",
+}
+
+
+def _filter_sql(spec: DatasetSpec, flt: Filter, params: _Params) -> str:
+    info = _column(spec, flt.column, "filter")
+    if info.role not in _FILTER_ROLES:
+        raise _refuse(
+            ErrorCode.COLUMN_ROLE_FORBIDDEN,
+            f"{info.role.value} column {info.name!r} may not be filtered on",
+        )
+    col = quote_identifier(info.name)
+    op = flt.op
+    if op is FilterOp.IS_NULL:
+        return f"{col} IS NULL"
+    if op is FilterOp.NOT_NULL:
+        return f"{col} IS NOT NULL"
+    bound = [params.bind(_literal(info, v)) for v in flt.values]
+    if op in _OPS:
+        return f"{col} {_OPS[op]} {bound[0]}"
+    if op is FilterOp.BETWEEN:
+        return f"{col} BETWEEN {bound[0]} AND {bound[1]}"
+    listed = ", ".join(bound)
+    if op is FilterOp.IN:
+        return f"{col} IN ({listed})"
+    if op is FilterOp.NOT_IN:
+        return f"{col} NOT IN ({listed})"
+    raise _refuse(ErrorCode.INVALID_QUERY, f"unsupported filter operator {op!r}")
+
+
+def _text_key(value: Any) -> CellValue:
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise HansaError(
+            f"a group key value is longer than {MAX_TEXT} characters and cannot be sent",
+            ErrorCode.RESOURCE_LIMIT,
+        )
+    return value  # type: ignore[no-any-return]  # str | None from DuckDB VARCHAR
+
+
+def _iso_key(value: Any) -> CellValue:
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    raise HansaError(f"unexpected time value {value!r}", ErrorCode.INTERNAL)
+
+
+def _plain_key(value: Any) -> CellValue:
+    return value  # type: ignore[no-any-return]  # int | float | bool | None from DuckDB
+
+
+def _group_key(
+    spec: DatasetSpec, key: Dimension | TimeBucket
+) -> tuple[str, Callable[[Any], CellValue]]:
+    if isinstance(key, Dimension):
+        info = _column(spec, key.column, "group by")
+        if info.role is not ColumnRole.DIMENSION:
+            raise _refuse(
+                ErrorCode.COLUMN_ROLE_FORBIDDEN,
+                f"{info.role.value} column {info.name!r} may not be grouped by"
+                + (" (use a time bucket)" if info.role is ColumnRole.TIME else ""),
+            )
+        col = quote_identifier(info.name)
+        if info.type is ColumnType.TEXT:
+            return col, _text_key
+        if info.type in (ColumnType.DATE, ColumnType.TIMESTAMP):
+            return col, _iso_key
+        return col, _plain_key
+    info = _column(spec, key.column, "time bucket")
+    if info.role is not ColumnRole.TIME:
+        raise _refuse(
+            ErrorCode.COLUMN_ROLE_FORBIDDEN,
+            f"{info.role.value} column {info.name!r} may not be bucketed by time",
+        )
+    col = quote_identifier(info.name)
+    unit = key.unit
+    if unit in (TimeUnit.HOUR, TimeUnit.HOUR_OF_DAY) and info.type is ColumnType.DATE:
+        raise _refuse(
+            ErrorCode.INVALID_QUERY, f"date column {info.name!r} has no time of day ({unit.value})"
+        )
+    if unit is TimeUnit.HOUR:
+        return f"date_trunc('hour', {col})", _iso_key
+    if unit in (TimeUnit.DAY, TimeUnit.WEEK, TimeUnit.MONTH, TimeUnit.YEAR):
+        # The unit is an enum value, never requester text.
+        return f"CAST(date_trunc('{unit.value}', {col}) AS DATE)", _iso_key
+    if unit is TimeUnit.DAY_OF_WEEK:
+        return f"isodow({col})", _plain_key
+    if unit is TimeUnit.HOUR_OF_DAY:
+        return f"hour({col})", _plain_key
+    raise _refuse(ErrorCode.INVALID_QUERY, f"unsupported time unit {unit!r}")
+
+
+def _int_total(value: Any) -> int:
+    total = int(value) if value is not None else 0
+    if not _INT64_MIN <= total <= _WIRE_INT_MAX:
+        raise HansaError("a sum exceeds the 64-bit wire range", ErrorCode.RESOURCE_LIMIT)
+    return total
+
+
+def _float_value(value: Any) -> float:
+    out = float(value) if value is not None else 0.0
+    if not math.isfinite(out):
+        raise HansaError("an aggregate overflowed to infinity", ErrorCode.RESOURCE_LIMIT)
+    return out
+
+
+def _aggregate(spec: DatasetSpec, agg: Aggregate, select: _Select, params: _Params) -> StateBuilder:
+    """Validate one aggregate, add its SQL to ``select``, return its state builder."""
+    if isinstance(agg, Count) and agg.column is None:
+        i = select.add("COUNT(*)")
+        return lambda r, _s: CountState(n=int(r[i]))
+    column = agg.column
+    assert column is not None  # only Count has an optional column
+    info = _column(spec, column, "aggregate")
+    kind = aggregate_kind(agg)
+    if kind not in ROLE_AGGREGATES[info.role]:
+        raise _refuse(
+            ErrorCode.COLUMN_ROLE_FORBIDDEN,
+            f"{kind.value} is not possible on {info.role.value} column {column!r}",
+        )
+    col = quote_identifier(column)
+    n = select.add(f"COUNT({col})")
+    if isinstance(agg, Count):
+        return lambda r, _s: CountState(n=int(r[n]))
+    if info.type not in _NUMERIC:  # roles guarantee this; checked again to fail closed
+        raise _refuse(ErrorCode.TYPE_MISMATCH, f"column {column!r} is not numeric")
+    integer = info.type is ColumnType.INTEGER
+    if isinstance(agg, Sum):
+        s = select.add(f"SUM({col})")
+        if integer:
+            return lambda r, _s: SumState(n=int(r[n]), total=_int_total(r[s]))
+        return lambda r, _s: SumState(n=int(r[n]), total=_float_value(r[s]))
+    if isinstance(agg, Min | Max):
+        m = select.add(f"{'MIN' if isinstance(agg, Min) else 'MAX'}({col})")
+
+        def minmax(r: Row, _s: Mapping[str, SketchState]) -> AggregateState:
+            value = r[m]
+            if value is None:
+                return MinMaxState(n=0, value=None)
+            return MinMaxState(n=int(r[n]), value=int(value) if integer else float(value))
+
+        return minmax
+    if isinstance(agg, Mean | Variance | Stddev):
+        a = select.add(f"AVG({col})")
+        v = select.add(f"VAR_POP({col})")
+
+        def moments(r: Row, _s: Mapping[str, SketchState]) -> AggregateState:
+            count = int(r[n])
+            if count == 0:
+                return MomentsState(n=0, mean=0.0, m2=0.0)
+            return MomentsState(
+                n=count, mean=_float_value(r[a]), m2=max(0.0, _float_value(r[v]) * count)
+            )
+
+        return moments
+    if isinstance(agg, Histogram):
+        edges = [params.bind(float(e)) for e in agg.edges]
+        bins: list[int] = []
+        last = len(edges) - 1
+        for i in range(last):
+            upper = "<=" if i == last - 1 else "<"
+            bins.append(
+                select.add(
+                    f"COUNT(*) FILTER (WHERE {col} >= {edges[i]} AND {col} {upper} {edges[i + 1]})"
+                )
+            )
+        below = select.add(f"COUNT(*) FILTER (WHERE {col} < {edges[0]})")
+        above = select.add(f"COUNT(*) FILTER (WHERE {col} > {edges[last]})")
+        return lambda r, _s: HistogramState(
+            counts=tuple(int(r[b]) for b in bins), below=int(r[below]), above=int(r[above])
+        )
+    if isinstance(agg, Quantiles):
+        return lambda _r, s: s.get(column) or empty_sketch(DEFAULT_ALPHA)
+    raise _refuse(ErrorCode.INVALID_QUERY, f"unsupported aggregate {type(agg).__name__}")
+
+
+def compile_query(
+    query: Query, spec: DatasetSpec, *, max_groups: int | None = None
+) -> CompiledQuery:
+    """Validate ``query`` against ``spec`` and compile it to parameterised SQL.
+
+    Args:
+        query: the query (already a valid wire object).
+        spec: the dataset it names.
+        max_groups: the cap on cells; defaults to the smaller of the query's
+            and the dataset's caps.
+
+    Returns:
+        The compiled query.
+
+    Raises:
+        QueryError: ``UNKNOWN_DATASET`` (name differs from ``spec``),
+            ``UNKNOWN_COLUMN``, ``TYPE_MISMATCH``, ``COLUMN_ROLE_FORBIDDEN``
+            or ``INVALID_QUERY``.
+    """
+    if query.dataset != spec.name:
+        raise _refuse(ErrorCode.UNKNOWN_DATASET, f"no dataset named {query.dataset!r}")
+    cap = (
+        max_groups if max_groups is not None else min(query.max_groups, spec.disclosure.max_groups)
+    )
+    params = _Params()
+    # Filters first, so the filter parameters are $1..$f in both statements.
+    where = [_filter_sql(spec, f, params) for f in query.filters]
+    filter_params = tuple(params.values)
+    where_sql = " AND ".join(f"({w})" for w in where) if where else "TRUE"
+
+    if len(set(query.group_by)) != len(query.group_by):
+        raise _refuse(ErrorCode.INVALID_QUERY, "a group key appears twice in group_by")
+    keys = [_group_key(spec, k) for k in query.group_by]
+    key_sql = [k for k, _ in keys]
+
+    select = _Select()
+    size_index = select.add("COUNT(*)")
+    builders = tuple(_aggregate(spec, agg, select, params) for agg in query.aggregates)
+    dominance: list[tuple[int, int]] = []
+    for column in dominance_columns(query):
+        info = spec.column(column)
+        col = quote_identifier(column)
+        # HUGEINT keeps integer sums exact and ABS(BIGINT minimum) from overflowing.
+        magnitude = (
+            f"ABS(CAST({col} AS HUGEINT))"
+            if info is not None and info.type is ColumnType.INTEGER
+            else f"ABS(CAST({col} AS DOUBLE))"
+        )
+        dominance.append((select.add(f"MAX({magnitude})"), select.add(f"SUM({magnitude})")))
+
+    table = quote_identifier(spec.name)
+    nkeys = len(key_sql)
+    columns = [f"{k} AS _k{i}" for i, k in enumerate(key_sql)] + [
+        f"{item} AS _a{i}" for i, item in enumerate(select.items)
+    ]
+    sql = f"SELECT {', '.join(columns)} FROM {table} WHERE {where_sql}"  # noqa: S608
+    if nkeys:
+        positions = ", ".join(str(i + 1) for i in range(nkeys))
+        order = ", ".join(f"{i + 1} NULLS LAST" for i in range(nkeys))
+        sql += f" GROUP BY {positions} ORDER BY {order} LIMIT {params.bind(cap + 1)}"
+
+    sketch_columns = tuple(
+        dict.fromkeys(a.column for a in query.aggregates if isinstance(a, Quantiles))
+    )
+    sketch_sql: str | None = None
+    if sketch_columns:
+        branches = []
+        group = ", ".join(str(i + 1) for i in range(nkeys + 3))
+        for j, column in enumerate(sketch_columns):
+            col = quote_identifier(column)
+            sign = sketch_sql_sign(col)
+            index = (
+                f"CASE WHEN {sign} = 0 THEN NULL ELSE {sketch_sql_index(col, DEFAULT_ALPHA)} END"
+            )
+            items = [f"{j} AS _j"] + [f"{k} AS _k{i}" for i, k in enumerate(key_sql)]
+            items += [f"{sign} AS _s", f"{index} AS _i", "COUNT(*) AS _c"]
+            branches.append(
+                f"SELECT {', '.join(items)} FROM {table}"  # noqa: S608
+                f" WHERE ({where_sql}) AND {col} IS NOT NULL GROUP BY {group}"
+            )
+        sketch_sql = " UNION ALL ".join(branches)
+
+    return CompiledQuery(
+        sql=sql,
+        params=tuple(params.values),
+        sketch_sql=sketch_sql,
+        sketch_params=filter_params,
+        key_count=nkeys,
+        cap=cap,
+        size_index=nkeys + size_index,
+        dominance_index=tuple((nkeys + a, nkeys + b) for a, b in dominance),
+        sketch_columns=sketch_columns,
+        _renderers=tuple(r for _, r in keys),
+        _builders=builders,
+    )
+
+
+# --- execution ---------------------------------------------------------------------------------
+
+
+class _Watchdog:
+    """Interrupts a DuckDB cursor once a deadline passes, until stopped.
+
+    DuckDB drops an interrupt that arrives before a statement starts, so the
+    watchdog keeps interrupting every few milliseconds after the deadline and
+    the engine also checks :attr:`fired` after each statement.
+    """
+
+    def __init__(self, cursor: duckdb.DuckDBPyConnection, timeout_s: float) -> None:
+        self._cursor = cursor
+        self._timeout_s = timeout_s
+        self._done = threading.Event()
+        self.fired = False
+        self._thread = threading.Thread(target=self._run, name="hansa-query-watchdog", daemon=True)
+
+    def _run(self) -> None:
+        if self._done.wait(self._timeout_s):
+            return
+        self.fired = True
+        while not self._done.is_set():
+            try:
+                self._cursor.interrupt()
+            except duckdb.Error:  # the cursor finished meanwhile; nothing to stop
+                return
+            self._done.wait(_WATCHDOG_REPEAT_S)
+
+    def __enter__(self) -> _Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+class QueryEngine:
+    """Answers aggregate queries over a node's catalog (node contract).
+
+    Args:
+        data_dir: the node's data directory.
+        timeout_s: wall-clock limit per answer (``QUERY_TIMEOUT``).
+        memory_limit: DuckDB memory limit, e.g. ``"1GB"`` (``RESOURCE_LIMIT``).
+        threads: DuckDB worker threads.
+        catalog: an open catalog to use instead of opening ``data_dir``
+            read-only (its DuckDB settings are then changed to the limits above).
+
+    Raises:
+        ConfigError: the catalog cannot be opened or is invalid, or a limit is malformed.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        timeout_s: float = 10.0,
+        memory_limit: str = "1GB",
+        threads: int = 2,
+        catalog: Catalog | None = None,
+    ) -> None:
+        if not 0 < timeout_s <= 3600:
+            raise ConfigError(f"query timeout {timeout_s!r} s is not in (0, 3600]")
+        if not _MEMORY_RE.match(memory_limit):
+            raise ConfigError(f"memory limit {memory_limit!r} is not like '512MB' or '2GB'")
+        if not 1 <= threads <= 256:
+            raise ConfigError(f"threads {threads!r} is not in [1, 256]")
+        self.timeout_s = float(timeout_s)
+        self._cursor_lock = threading.Lock()
+        if catalog is None:
+            self._owns_catalog = True
+            self._catalog = Catalog(
+                data_dir,
+                read_only=True,
+                # The query path only reads tables: no file access from SQL at all.
+                duckdb_config={
+                    "memory_limit": memory_limit,
+                    "threads": threads,
+                    "enable_external_access": False,
+                },
+            )
+        else:
+            self._owns_catalog = False
+            self._catalog = catalog
+            try:
+                cur = catalog.cursor()
+            except HansaError:
+                cur = None
+            if cur is not None:
+                try:
+                    cur.execute(f"SET memory_limit = '{memory_limit}'")
+                    cur.execute(f"SET threads = {threads}")
+                finally:
+                    cur.close()
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog the engine answers from."""
+        return self._catalog
+
+    def datasets(self) -> tuple[DatasetInfo, ...]:
+        """Return the published datasets, for the capability document.
+
+        Returns:
+            One DatasetInfo per dataset, sorted by name.
+        """
+        return tuple(spec.info() for spec in self._catalog.list())
+
+    def reload(self) -> None:
+        """Re-read the catalog (roles, disclosure settings, versions).
+
+        Raises:
+            ConfigError: the new configuration is invalid; the old one stays in effect.
+        """
+        self._catalog.reload()
+
+    def close(self) -> None:
+        """Release the database (only when the engine opened it)."""
+        if self._owns_catalog:
+            self._catalog.close()
+
+    def answer(self, request: QueryRequest) -> EngineResult:
+        """Validate, run and disclosure-check one request (blocking, thread-safe).
+
+        Args:
+            request: a verified request addressed to this node.
+
+        Returns:
+            The released and suppressed cells with the versions applied.
+
+        Raises:
+            QueryError: ``UNKNOWN_DATASET``, ``UNKNOWN_COLUMN``, ``TYPE_MISMATCH``,
+                ``COLUMN_ROLE_FORBIDDEN``, ``AGGREGATE_NOT_ALLOWED``,
+                ``TOO_MANY_GROUPS`` or ``INVALID_QUERY``.
+            PolicyDenied: ``PURPOSE_NOT_ALLOWED``.
+            HansaError: ``QUERY_TIMEOUT``, ``RESOURCE_LIMIT``, ``UNAVAILABLE``
+                (the data changed mid-query or nothing is stored) or ``INTERNAL``.
+        """
+        try:
+            return self._answer(request)
+        except HansaError:
+            raise
+        except Exception as exc:  # fail closed: no stray exception reaches the server
+            _log.exception("query engine failure")
+            raise HansaError(
+                f"internal error while answering ({type(exc).__name__})", ErrorCode.INTERNAL
+            ) from exc
+
+    def _answer(self, request: QueryRequest) -> EngineResult:
+        query = request.query
+        spec = self._catalog.get(query.dataset)
+        policy = DisclosurePolicy.for_dataset(spec)
+        policy.enforce_request(request, spec)
+        compiled = compile_query(query, spec)
+        with self._cursor_lock:
+            cursor = self._catalog.cursor()
+        try:
+            with _Watchdog(cursor, self.timeout_s) as watchdog:
+                try:
+                    rows, sketch_rows = self._execute(cursor, spec, compiled, watchdog)
+                except duckdb.InterruptException as exc:
+                    raise self._timeout() from exc
+                except duckdb.OutOfMemoryException as exc:
+                    raise HansaError(
+                        "the query exceeded the node's memory limit", ErrorCode.RESOURCE_LIMIT
+                    ) from exc
+                except duckdb.Error as exc:
+                    if watchdog.fired:
+                        raise self._timeout() from exc
+                    _log.error("query execution failed: %s", exc)
+                    raise HansaError(
+                        f"query execution failed ({type(exc).__name__})", ErrorCode.INTERNAL
+                    ) from exc
+        finally:
+            cursor.close()
+        return self._decide(spec, policy, compiled, rows, sketch_rows)
+
+    def _timeout(self) -> HansaError:
+        return HansaError(
+            f"the query exceeded the node's time limit of {self.timeout_s:g} s",
+            ErrorCode.QUERY_TIMEOUT,
+        )
+
+    def _execute(
+        self,
+        cursor: duckdb.DuckDBPyConnection,
+        spec: DatasetSpec,
+        compiled: CompiledQuery,
+        watchdog: _Watchdog,
+    ) -> tuple[list[Row], list[Row]]:
+        cursor.execute("BEGIN TRANSACTION")
+        try:
+            meta = cursor.execute(
+                f"SELECT counter, chain FROM {META_TABLE} WHERE dataset = $1",  # noqa: S608
+                [spec.name],
+            ).fetchone()
+            if meta is None or f"v{meta[0]}-{str(meta[1])[:12]}" != spec.version:
+                raise HansaError(
+                    f"dataset {spec.name!r} changed while answering; retry", ErrorCode.UNAVAILABLE
+                )
+            rows: list[Row] = cursor.execute(compiled.sql, list(compiled.params)).fetchall()
+            if watchdog.fired:
+                raise self._timeout()
+            if len(rows) > compiled.cap:
+                raise _refuse(
+                    ErrorCode.TOO_MANY_GROUPS,
+                    f"the answer would have more than {compiled.cap} groups",
+                )
+            sketch_rows: list[Row] = []
+            if compiled.sketch_sql is not None and rows:
+                sketch_rows = cursor.execute(
+                    compiled.sketch_sql, list(compiled.sketch_params)
+                ).fetchall()
+                if watchdog.fired:
+                    raise self._timeout()
+        finally:
+            try:
+                cursor.execute("ROLLBACK")  # read-only work: nothing to commit
+            except duckdb.Error:
+                _log.debug("rollback after a failed statement", exc_info=True)
+        return rows, sketch_rows
+
+    @staticmethod
+    def _sketches(
+        compiled: CompiledQuery, sketch_rows: Sequence[Row]
+    ) -> dict[tuple[CellValue, ...], dict[str, SketchState]]:
+        nkeys = compiled.key_count
+        buckets: dict[tuple[CellValue, ...], dict[str, list[tuple[int, int | None, int]]]] = {}
+        for row in sketch_rows:
+            column = compiled.sketch_columns[int(row[0])]
+            key = compiled.render_key(row[1 : 1 + nkeys])
+            sign, index, count = row[1 + nkeys], row[2 + nkeys], row[3 + nkeys]
+            cell = buckets.setdefault(key, {})
+            cell.setdefault(column, []).append(
+                (int(sign), None if index is None else int(index), int(count))
+            )
+        out: dict[tuple[CellValue, ...], dict[str, SketchState]] = {}
+        for key, per_column in buckets.items():
+            try:
+                out[key] = {
+                    column: sketch_from_buckets(rows, DEFAULT_ALPHA)
+                    for column, rows in per_column.items()
+                }
+            except ProtocolError as exc:
+                raise HansaError(
+                    f"a quantile sketch would exceed {MAX_SKETCH_BUCKETS} buckets ({exc})",
+                    ErrorCode.RESOURCE_LIMIT,
+                ) from exc
+        return out
+
+    def _decide(
+        self,
+        spec: DatasetSpec,
+        policy: DisclosurePolicy,
+        compiled: CompiledQuery,
+        rows: Sequence[Row],
+        sketch_rows: Sequence[Row],
+    ) -> EngineResult:
+        keys = [compiled.render_key(row) for row in rows]
+        cells = [
+            CellStats(
+                key=key,
+                rows=int(row[compiled.size_index]),
+                dominance=tuple(
+                    (row[mx] or 0, row[sm] or 0) for mx, sm in compiled.dominance_index
+                ),
+            )
+            for key, row in zip(keys, rows, strict=True)
+        ]
+        decision = policy.decide(cells)
+        sketches = self._sketches(compiled, sketch_rows) if compiled.sketch_sql else {}
+        groups: list[Group] = []
+        for index in decision.released:
+            key = keys[index]
+            try:
+                states = compiled.states(rows[index], sketches.get(key, {}))
+                groups.append(Group(key=key, states=states))
+            except ValueError as exc:  # a wire invariant (finite, in range) failed
+                raise HansaError(
+                    f"an aggregate cannot be represented on the wire ({exc})",
+                    ErrorCode.RESOURCE_LIMIT,
+                ) from exc
+        return EngineResult(
+            dataset_version=spec.version,
+            disclosure_version=spec.disclosure.version,
+            decision=decision.decision,
+            groups=tuple(groups),
+            suppressed=decision.suppressed,
+        )
