@@ -1266,13 +1266,13 @@ def envelopes_vectors() -> Json:
         "empty-payload-type",
         mk(1, "", answer, NODE.key_id, ans_sig),
         f,
-        "payload_type has 1..128 bytes",
+        "payload_type has 1..128 characters",
     )
     bad(
         "payload-type-129-bytes",
         mk(1, "x" * 129, answer, NODE.key_id, ans_sig),
         big,
-        "payload_type has 1..128 bytes",
+        "payload_type has 1..128 characters",
     )
     bad(
         "over-size-limit",
