@@ -87,6 +87,7 @@ __all__ = [
     "TimeBucket",
     "TimeUnit",
     "Variance",
+    "typed_key",
 ]
 
 # --- limits (spec §5.1); every size and count on the wire is bounded --------
@@ -428,7 +429,11 @@ class CountState(_Wire, frozen=True, tag="count"):
 
 
 class SumState(_Wire, frozen=True, tag="sum"):
-    """Mergeable state of :class:`Sum`: non-null count and total (finite)."""
+    """Mergeable state of :class:`Sum`: non-null count and total (finite).
+
+    NOTE: spec §7.3.2 also asks for ``total == 0`` when n == 0; that rule is
+    checked by ``hansa.federation.combine`` when it validates an answer, not here.
+    """
 
     n: Count_
     total: int | float
@@ -450,7 +455,13 @@ class MinMaxState(_Wire, frozen=True, tag="minmax"):
 
 
 class MomentsState(_Wire, frozen=True, tag="moments"):
-    """Mergeable state of mean/variance/stddev: n, mean and M2 (Chan et al.), finite."""
+    """Mergeable state of mean/variance/stddev: n, mean and M2 (Chan et al.).
+
+    Both are finite, and ``mean`` is 0 when n == 0.
+
+    NOTE: spec §7.3.4 also asks for ``m2 >= 0``; that rule is checked by
+    ``hansa.federation.combine`` when it validates an answer, not here.
+    """
 
     n: Count_
     mean: float
@@ -458,6 +469,8 @@ class MomentsState(_Wire, frozen=True, tag="moments"):
 
     def __post_init__(self) -> None:
         _check_finite((self.mean, self.m2), "moments")
+        if self.n == 0 and self.mean != 0:
+            raise ValueError("moments mean must be 0 when n == 0")
 
 
 class HistogramState(_Wire, frozen=True, tag="histogram"):
@@ -478,6 +491,9 @@ class SketchState(_Wire, frozen=True, tag="ddsketch"):
     ``gamma = (1 + alpha) / (1 - alpha)``; ``positive`` and ``negative`` hold
     ``(index, count)`` pairs sorted by strictly increasing index for values
     above zero and for the magnitudes of values below zero.
+
+    NOTE: spec §7.3.6 also asks for counts > 0; that rule is checked by
+    ``hansa.federation.sketch.validate_sketch`` before merging, not here.
     """
 
     alpha: Annotated[float, Meta(gt=0.0, lt=1.0)]
@@ -543,13 +559,42 @@ class QueryAnswer(_Wire, frozen=True, tag="query-answer"):
             raise ValueError("all cell keys must have the same length")
         if len({len(g.states) for g in self.groups}) > 1:
             raise ValueError("all groups must carry the same number of states")
-        keys = [g.key for g in self.groups] + [c.key for c in self.suppressed]
+        keys = [typed_key(g.key) for g in self.groups]
+        keys += [typed_key(c.key) for c in self.suppressed]
         if len(set(keys)) != len(keys):
             raise ValueError("a cell key appears more than once")
         if self.decision is Decision.ANSWERED and self.suppressed:
             raise ValueError("decision 'answered' cannot list suppressed cells")
         if self.decision is Decision.SUPPRESSED and not self.suppressed:
             raise ValueError("decision 'answered_suppressed' needs a suppressed cell")
+
+
+def typed_key(key: tuple[CellValue, ...]) -> tuple[tuple[str, CellValue], ...]:
+    """Return a hashable form of a cell key that compares values as typed (spec §7.2).
+
+    Python equates ``1``, ``1.0`` and ``True``; on the wire they are different
+    keys, so each value is paired with its kind. ``-0.0`` and ``0.0`` stay one key.
+
+    Args:
+        key: a cell key.
+
+    Returns:
+        A tuple of ``(kind, value)`` pairs, equal exactly when the keys are.
+    """
+    return tuple((_kind(v), v) for v in key)
+
+
+def _kind(value: CellValue) -> str:
+    # isinstance, not type(): a str or int subclass (an enum) is sent as its base kind.
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    return "str"
 
 
 def _check_wire_code(code: ErrorCode) -> None:

@@ -78,6 +78,7 @@ principal_ids: Final = _from_pattern(m.PrincipalId)
 tokens: Final = _from_pattern(m.Token)
 millis: Final = st.integers(min_value=0, max_value=2**53)
 counts: Final = st.integers(min_value=0, max_value=2**63 - 1)
+positive_counts: Final = st.integers(min_value=1, max_value=2**63 - 1)
 nonces: Final = st.binary(min_size=16, max_size=16)
 digests: Final = st.binary(min_size=32, max_size=32)
 finite_floats: Final = st.floats(allow_nan=False, allow_infinity=False)
@@ -207,6 +208,23 @@ def query_requests(draw: st.DrawFn) -> m.QueryRequest:
 
 
 @st.composite
+def sum_states(draw: st.DrawFn) -> m.SumState:
+    """A sum state whose total is 0 when it counts nothing."""
+    n = draw(counts)
+    total = draw(st.sampled_from([0, 0.0])) if n == 0 else draw(wire_ints | finite_floats)
+    return m.SumState(n=n, total=total)
+
+
+@st.composite
+def moments_states(draw: st.DrawFn) -> m.MomentsState:
+    """A moments state with m2 >= 0 and mean 0 when it counts nothing."""
+    n = draw(counts)
+    mean = 0.0 if n == 0 else draw(finite_floats)
+    m2 = draw(st.floats(min_value=0.0, allow_infinity=False))
+    return m.MomentsState(n=n, mean=mean, m2=m2)
+
+
+@st.composite
 def min_max_states(draw: st.DrawFn) -> m.MinMaxState:
     """A min/max state whose value is null exactly when it counts nothing."""
     n = draw(counts)
@@ -215,7 +233,7 @@ def min_max_states(draw: st.DrawFn) -> m.MinMaxState:
 
 
 _sketch_buckets = st.lists(
-    st.tuples(st.integers(min_value=-(2**31), max_value=2**31), counts),
+    st.tuples(st.integers(min_value=-(2**31), max_value=2**31), positive_counts),
     max_size=6,
     unique_by=lambda b: b[0],
 ).map(lambda bs: tuple(sorted(bs)))
@@ -237,9 +255,9 @@ sketch_states: Final = st.builds(
 
 aggregate_states: Final[st.SearchStrategy[m.AggregateState]] = st.one_of(
     st.builds(m.CountState, n=counts),
-    st.builds(m.SumState, n=counts, total=st.one_of(wire_ints, finite_floats)),
+    sum_states(),
     min_max_states(),
-    st.builds(m.MomentsState, n=counts, mean=finite_floats, m2=finite_floats),
+    moments_states(),
     histogram_states,
     sketch_states,
 )
@@ -247,12 +265,16 @@ aggregate_states: Final[st.SearchStrategy[m.AggregateState]] = st.one_of(
 
 @st.composite
 def query_answers(draw: st.DrawFn) -> m.QueryAnswer:
-    """An answer with uniform, unique keys and a decision that fits its cells."""
+    """An answer with uniform, unique keys and a decision that fits its cells.
+
+    Keys are unique as typed values (spec §7.2), so ``(1,)``, ``(1.0,)`` and
+    ``(True,)`` may all appear in one answer.
+    """
     key_length = draw(st.integers(min_value=0, max_value=m.MAX_GROUP_BY))
     n_states = draw(st.integers(min_value=0, max_value=3))
     decision = draw(st.sampled_from(m.Decision))
     cell_keys = st.tuples(*[cell_values] * key_length)
-    keys = draw(st.lists(cell_keys, max_size=6, unique=True))
+    keys = draw(st.lists(cell_keys, max_size=6, unique_by=m.typed_key))
     if decision is m.Decision.ANSWERED:
         split = len(keys)
     elif decision is m.Decision.SUPPRESSED:
@@ -366,9 +388,9 @@ STRUCT_STRATEGIES: Final[dict[type[msgspec.Struct], st.SearchStrategy[Any]]] = {
     m.PolicyTags: policy_tags,
     m.QueryRequest: query_requests(),
     m.CountState: st.builds(m.CountState, n=counts),
-    m.SumState: st.builds(m.SumState, n=counts, total=st.one_of(wire_ints, finite_floats)),
+    m.SumState: sum_states(),
     m.MinMaxState: min_max_states(),
-    m.MomentsState: st.builds(m.MomentsState, n=counts, mean=finite_floats, m2=finite_floats),
+    m.MomentsState: moments_states(),
     m.HistogramState: histogram_states,
     m.SketchState: sketch_states,
     m.Group: st.builds(

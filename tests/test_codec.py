@@ -474,6 +474,7 @@ _INVALID: list[tuple[str, msgspec.Struct, Path, Any]] = [
     ("sketch alpha 1", ANSWER, (9, 0, 2, 5, 1), 1.0),
     ("sketch alpha nan", ANSWER, (9, 0, 2, 5, 1), math.nan),
     ("sketch unsorted", ANSWER, (9, 0, 2, 5, 3), [[2, 1], [1, 1]]),
+    ("moments mean with no rows", ANSWER, (9, 0, 2, 3), ["moments", 0, 0.5, 0.0]),
     ("local-only code", REFUSAL, (5,), 600),
     ("unknown code", ERROR, (1,), 999),
     ("dominance nan", CAPABILITIES, (4, 0, 4, 3), math.nan),

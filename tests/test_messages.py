@@ -219,6 +219,30 @@ def test_sketch_indices_must_strictly_increase() -> None:
         m.SketchState(alpha=0.01, zero_count=0, positive=(), negative=((1, 1), (1, 1)))
 
 
+def test_moments_of_no_rows_have_mean_zero() -> None:
+    m.SumState(n=0, total=0)
+    m.SumState(n=0, total=-0.0)
+    m.MomentsState(n=0, mean=0.0, m2=0.0)
+    with pytest.raises(ValueError, match="0 when n == 0"):
+        m.MomentsState(n=0, mean=2.0, m2=0.0)
+
+
+def test_cell_keys_compare_as_typed_values() -> None:
+    # 1, 1.0 and true are three keys on the wire (spec §7.2) ...
+    groups = tuple(m.Group(key=(v,), states=()) for v in (1, 1.0, True, "1", None))
+    answer = _answer(decision=m.Decision.ANSWERED, groups=groups, suppressed=())
+    assert decode_as(encode(answer), m.QueryAnswer) == answer
+    assert len({m.typed_key(g.key) for g in groups}) == 5
+    # ... while -0.0 and 0.0 are one.
+    with pytest.raises(ValueError, match="more than once"):
+        _answer(
+            decision=m.Decision.ANSWERED,
+            groups=(m.Group(key=(0.0,), states=()), m.Group(key=(-0.0,), states=())),
+            suppressed=(),
+        )
+    assert m.typed_key((m.FilterOp.EQ,)) == m.typed_key(("eq",))
+
+
 def _answer(**changes: Any) -> m.QueryAnswer:
     fields: dict[str, Any] = {
         "request_id": bytes(32),
