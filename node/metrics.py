@@ -16,7 +16,8 @@ Series:
 * ``hansa_query_duration_seconds``: latency of ``POST /v1/query`` from the
   first byte read to the response body being ready, a histogram with the
   standard Prometheus client buckets.
-* ``hansa_queries_in_flight`` and ``hansa_replay_cache_entries``: gauges read
+* ``hansa_queries_in_flight`` and ``hansa_replay_cache_entries`` (requests
+  remembered by the replay guard): gauges read
   when the page is rendered.
 """
 
@@ -237,7 +238,7 @@ class NodeMetrics:
             Gauge("hansa_queries_in_flight", "Queries executing or waiting for a slot.", in_flight),
             Gauge(
                 "hansa_replay_cache_entries",
-                "Entries in the replay cache (two per accepted request).",
+                "Requests remembered by the replay cache.",
                 replay_entries,
             ),
         )

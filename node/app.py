@@ -1,0 +1,587 @@
+"""The node's HTTP application: ``create_app(config) -> web.Application``.
+
+Theory of operation
+-------------------
+The application is a thin shell: it reads bytes, hands them to the pure
+layers (``hansa.crypto.open_envelope``, ``hansa.protocol.ReplayGuard``), runs
+the query engine off the event loop, and writes back signed bytes.
+
+``POST /v1/query`` (body: one envelope, ``Content-Type:
+application/vnd.hansa.envelope+msgpack``) runs this pipeline, and every step
+happens before any work of the next (``spec/protocol.md`` §8):
+
+1. **Size**: a body over ``limits.max_request_bytes`` is refused before it is
+   parsed (the declared ``Content-Length``, aiohttp's ``client_max_size``
+   and an explicit length check).
+2. **Signature**: the envelope must be signed, strictly, by one of the
+   ``[[trusted]]`` keys, and carry a ``QueryRequest``.
+3. **Principal**: the request's ``requester`` must be the principal that key
+   is bound to (``REQUESTER_NOT_ALLOWED`` otherwise).
+4. **Freshness**: audience, time window and replay (``ReplayGuard``, with the
+   current wall-clock time).
+5. **Work**: ``engine.answer(request)`` in a bounded thread pool, at most
+   ``max_concurrent_queries`` at a time and ``max_queued_queries`` waiting
+   (``UNAVAILABLE`` beyond that), under the query time limit.
+
+What comes back depends on whether the requester could be identified:
+
+* identified (the signature verified under a trusted key): a **sealed**
+  ``QueryAnswer``, or a **sealed** ``QueryRefusal`` carrying the error code,
+  both with ``request_id`` = the request's message id, and **HTTP 200** in
+  both cases: the signed body carries the verdict, and a status code is not
+  signed, so clients must read the body, never the status.
+* not identified (oversized, malformed, unknown key, bad signature): an
+  **unsigned** ``ErrorMessage`` (MessagePack, ``Content-Type:
+  application/vnd.hansa.error+msgpack``) with HTTP 413 (``TOO_LARGE``), 401
+  (signature and key codes), 415 (wrong content type), 500 (``INTERNAL``)
+  or 400 (everything else). Signing these would let anyone make the node
+  sign arbitrary refusals.
+
+``GET /v1/capabilities`` returns a sealed ``Capabilities`` document, cached
+and re-signed whenever the engine's dataset list changes. ``GET /healthz``
+is a small JSON liveness document and ``GET /metrics`` the Prometheus page.
+No route returns rows: the only data that leaves the node is the aggregate
+states the engine releases after disclosure control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from aiohttp import web
+
+from hansa.crypto import PublicKey, SigningKey, open_envelope, seal
+from hansa.crypto.keyfile import read_key_file
+from hansa.node.config import NodeConfig
+from hansa.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from hansa.node.metrics import NodeMetrics
+from hansa.protocol.codec import encode
+from hansa.protocol.envelope import decode_envelope, message_id, pae
+from hansa.protocol.errors import ErrorCode, HansaError, ProtocolError, SignatureError
+from hansa.protocol.freshness import ReplayGuard
+from hansa.protocol.messages import (
+    MAX_TEXT,
+    Capabilities,
+    DatasetInfo,
+    Decision,
+    ErrorMessage,
+    Group,
+    QueryAnswer,
+    QueryRefusal,
+    QueryRequest,
+    SuppressedCell,
+)
+
+__all__ = [
+    "ENVELOPE_MEDIA_TYPE",
+    "ERROR_MEDIA_TYPE",
+    "NODE",
+    "AnswerEngine",
+    "EngineOutput",
+    "NodeState",
+    "create_app",
+    "unsigned_status",
+]
+
+ENVELOPE_MEDIA_TYPE: Final = "application/vnd.hansa.envelope+msgpack"
+"""Content type of a signed envelope (request bodies and 200 responses)."""
+ERROR_MEDIA_TYPE: Final = "application/vnd.hansa.error+msgpack"
+"""Content type of an unsigned ``ErrorMessage`` (non-200 responses)."""
+
+QUERY_ROUTE: Final = "/v1/query"
+CAPABILITIES_ROUTE: Final = "/v1/capabilities"
+HEALTH_ROUTE: Final = "/healthz"
+METRICS_ROUTE: Final = "/metrics"
+
+_TIMEOUT_GRACE_S: Final = 1.0
+"""The engine enforces the query time limit itself; the server waits this much
+longer before giving up on its own, as a backstop (the thread keeps its slot
+until it returns, so the pool stays bounded)."""
+
+_NO_STORE: Final = {"Cache-Control": "no-store"}
+"""Every reply carries this header (spec §10)."""
+
+log = logging.getLogger("hansa.node")
+
+
+class EngineOutput(Protocol):
+    """What the engine returns for an answered query (``EngineResult``)."""
+
+    @property
+    def dataset_version(self) -> str: ...
+    @property
+    def disclosure_version(self) -> int: ...
+    @property
+    def decision(self) -> Decision: ...
+    @property
+    def groups(self) -> tuple[Group, ...]: ...
+    @property
+    def suppressed(self) -> tuple[SuppressedCell, ...]: ...
+
+
+class AnswerEngine(Protocol):
+    """The part of ``hansa.node.engine.QueryEngine`` the application uses."""
+
+    def answer(self, request: QueryRequest) -> EngineOutput:
+        """Answer one validated request (blocking, thread-safe)."""
+        ...
+
+    def datasets(self) -> tuple[DatasetInfo, ...]:
+        """Return the published datasets for the capability document."""
+        ...
+
+    def reload(self) -> None:
+        """Re-read the dataset catalog (new versions, roles, disclosure settings)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine's resources."""
+        ...
+
+
+def unsigned_status(code: ErrorCode) -> int:
+    """Return the HTTP status of an unsigned error with ``code``.
+
+    Args:
+        code: the error code.
+
+    Returns:
+        413 for ``TOO_LARGE``; 401 for signature and key failures; 500 for
+        ``INTERNAL``; 400 otherwise.
+    """
+    if code is ErrorCode.TOO_LARGE:
+        return 413
+    if code in (ErrorCode.BAD_SIGNATURE, ErrorCode.UNKNOWN_KEY, ErrorCode.INVALID_KEY):
+        return 401
+    if code is ErrorCode.INTERNAL:
+        return 500
+    return 400
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _text(message: str) -> str:
+    # Reasons go on the wire as `Text` (<= MAX_TEXT characters, one line).
+    return " ".join(message.split())[:MAX_TEXT]
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """An HTTP reply plus how to count it."""
+
+    body: bytes
+    status: int
+    content_type: str
+    outcome: str
+    code: str
+
+
+class _Identified(Exception):
+    """A refusal for a requester whose signature verified."""
+
+    def __init__(self, request_id: bytes, principal: str, error: HansaError) -> None:
+        super().__init__(error.message)
+        self.request_id = request_id
+        self.principal = principal
+        self.error = error
+
+
+class _MediaTypeError(ProtocolError):
+    """The request's Content-Type is not the envelope media type (HTTP 415)."""
+
+
+class NodeState:
+    """Everything the handlers share: keys, replay guard, engine, pool, metrics.
+
+    Created by :func:`create_app` and reachable as ``app[NODE]``.
+
+    Args:
+        config: the node configuration.
+        signing_key: the node's signing key.
+        clock_ms: the wall clock, in integer ms since the epoch (injectable for tests).
+    """
+
+    def __init__(
+        self, config: NodeConfig, signing_key: SigningKey, clock_ms: Callable[[], int]
+    ) -> None:
+        self.config = config
+        self.signing_key = signing_key
+        self.clock_ms = clock_ms
+        self.keys: dict[bytes, PublicKey] = config.key_lookup()
+        self.principals: dict[bytes, str] = config.principals()
+        self.guard = ReplayGuard(config.city, config.limits.freshness())
+        self.pending = 0
+        self.metrics = NodeMetrics(
+            in_flight=lambda: float(self.pending), replay_entries=lambda: float(len(self.guard))
+        )
+        self._engine: AnswerEngine | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._slots = asyncio.Semaphore(config.limits.max_concurrent_queries)
+        self._capabilities: tuple[tuple[DatasetInfo, ...], bytes] | None = None
+
+    @property
+    def engine(self) -> AnswerEngine:
+        """The query engine (available while the application runs).
+
+        Raises:
+            HansaError: (``UNAVAILABLE``) the application is not running.
+        """
+        if self._engine is None:
+            raise HansaError("the node is not running", ErrorCode.UNAVAILABLE)
+        return self._engine
+
+    # --- POST /v1/query --------------------------------------------------------
+
+    async def handle_query(self, request: web.Request) -> _Reply:
+        """Run the ``/v1/query`` pipeline and build the reply (never raises)."""
+        try:
+            data = await self._read_body(request)
+            return await self._answer(data)
+        except _Identified as refusal:
+            return self._refusal(refusal.request_id, refusal.principal, refusal.error)
+        except HansaError as exc:
+            if exc.code in (ErrorCode.BAD_SIGNATURE, ErrorCode.UNKNOWN_KEY, ErrorCode.INVALID_KEY):
+                self.metrics.verification_failures.inc(exc.code.name)
+            status = 415 if isinstance(exc, _MediaTypeError) else unsigned_status(exc.code)
+            return self._unsigned(exc.code, exc.message, status)
+        except Exception:
+            log.exception("internal error before the requester was identified")
+            return self._unsigned(ErrorCode.INTERNAL, "internal error", 500)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.limits.max_request_bytes
+        if request.content_type != ENVELOPE_MEDIA_TYPE:
+            raise _MediaTypeError(
+                f"Content-Type must be {ENVELOPE_MEDIA_TYPE}", ErrorCode.MALFORMED
+            )
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise ProtocolError(
+                f"request of {declared} bytes exceeds the limit of {limit}", ErrorCode.TOO_LARGE
+            )
+        try:
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ProtocolError(
+                f"request exceeds the limit of {limit} bytes", ErrorCode.TOO_LARGE
+            ) from None
+        if len(data) > limit:  # explicit, whatever the framework did
+            raise ProtocolError(
+                f"request of {len(data)} bytes exceeds the limit of {limit}", ErrorCode.TOO_LARGE
+            )
+        return data
+
+    async def _answer(self, data: bytes) -> _Reply:
+        limit = self.config.limits.max_request_bytes
+        try:
+            opened = open_envelope(data, self.keys, QueryRequest, max_size=limit)
+        except SignatureError:
+            raise
+        except ProtocolError as exc:
+            # The body may be malformed under a valid signature: then the
+            # requester is known and gets a signed refusal.
+            who = self._identify(data)
+            if who is None:
+                raise
+            raise _Identified(who[0], who[1], exc) from exc
+        request_id = opened.message_id
+        principal = self.principals[opened.envelope.key_id]
+        req = opened.message
+        if req.requester != principal:
+            raise _Identified(
+                request_id,
+                principal,
+                HansaError(
+                    f"the signing key speaks for {principal!r}, not {req.requester!r}",
+                    ErrorCode.REQUESTER_NOT_ALLOWED,
+                ),
+            )
+        try:
+            self.guard.check(
+                message_id=request_id,
+                requester=principal,
+                nonce=req.nonce,
+                audience=req.audience,
+                issued_at=req.issued_at,
+                expires_at=req.expires_at,
+                now_ms=self.clock_ms(),
+            )
+            result = await self._run(req)
+            answer = QueryAnswer(
+                request_id=request_id,
+                responder=self.config.city,
+                requester=principal,
+                issued_at=self.clock_ms(),
+                dataset=req.query.dataset,
+                dataset_version=result.dataset_version,
+                disclosure_version=result.disclosure_version,
+                decision=result.decision,
+                groups=result.groups,
+                suppressed=result.suppressed,
+            )
+            body = seal(answer, self.signing_key)
+        except HansaError as exc:
+            raise _Identified(request_id, principal, exc) from exc
+        except Exception as exc:
+            # Logged with the request id only: never the body, rows or keys.
+            log.exception("internal error answering request %s", request_id.hex())
+            raise _Identified(
+                request_id, principal, HansaError("internal error", ErrorCode.INTERNAL)
+            ) from exc
+        return _Reply(body, 200, ENVELOPE_MEDIA_TYPE, "answered", "none")
+
+    def _identify(self, data: bytes) -> tuple[bytes, str] | None:
+        """Return (message id, principal) if ``data`` is validly signed by a trusted key."""
+        try:
+            env = decode_envelope(data, max_size=self.config.limits.max_request_bytes)
+        except HansaError:
+            return None
+        key = self.keys.get(env.key_id)
+        if key is None or not key.verify(pae(env.payload_type, env.payload), env.signature):
+            return None
+        return message_id(data), self.principals[env.key_id]
+
+    async def _run(self, req: QueryRequest) -> EngineOutput:
+        limits = self.config.limits
+        if self.pending >= limits.max_concurrent_queries + limits.max_queued_queries:
+            raise HansaError(
+                "the node is at its query capacity; retry later", ErrorCode.UNAVAILABLE
+            )
+        engine = self.engine
+        pool = self._pool
+        if pool is None:
+            raise HansaError("the node is not running", ErrorCode.UNAVAILABLE)
+        self.pending += 1
+        try:
+            await self._slots.acquire()
+            loop = asyncio.get_running_loop()
+            try:
+                future = loop.run_in_executor(pool, engine.answer, req)
+            except BaseException:
+                self._slots.release()
+                raise
+            # The slot is freed when the thread returns, not when we stop waiting,
+            # so a query that overran the backstop still counts against the pool.
+            future.add_done_callback(self._release_slot)
+            try:
+                return await asyncio.wait_for(
+                    asyncio.shield(future), limits.query_timeout_s + _TIMEOUT_GRACE_S
+                )
+            except TimeoutError:
+                raise HansaError(
+                    f"the query exceeded the time limit of {limits.query_timeout_s} s",
+                    ErrorCode.QUERY_TIMEOUT,
+                ) from None
+        finally:
+            self.pending -= 1
+
+    def _release_slot(self, future: asyncio.Future[EngineOutput]) -> None:
+        self._slots.release()
+        if not future.cancelled():
+            future.exception()  # mark retrieved: a late failure was already answered
+
+    def _refusal(self, request_id: bytes, principal: str, error: HansaError) -> _Reply:
+        if not error.code.on_wire:
+            # A local-only failure (6xx: key file, configuration, ...) is the
+            # node's own problem; its details stay in the log.
+            log.error("local error answering request %s: %s", request_id.hex(), error.message)
+            error = HansaError("internal error", ErrorCode.INTERNAL)
+        if error.code in (ErrorCode.BAD_SIGNATURE, ErrorCode.UNKNOWN_KEY, ErrorCode.INVALID_KEY):
+            self.metrics.verification_failures.inc(error.code.name)
+        refusal = QueryRefusal(
+            request_id=request_id,
+            responder=self.config.city,
+            requester=principal,
+            issued_at=self.clock_ms(),
+            code=error.code,
+            reason=_text(error.message),
+        )
+        return _Reply(
+            seal(refusal, self.signing_key), 200, ENVELOPE_MEDIA_TYPE, "refused", error.code.name
+        )
+
+    def _unsigned(self, code: ErrorCode, message: str, status: int) -> _Reply:
+        if not code.on_wire:
+            log.error("local error on an unidentified request: %s", message)
+            code, message, status = ErrorCode.INTERNAL, "internal error", 500
+        body = encode(ErrorMessage(code=code, message=_text(message)))
+        return _Reply(body, status, ERROR_MEDIA_TYPE, "rejected", code.name)
+
+    # --- GET /v1/capabilities ------------------------------------------------
+
+    def capabilities(self) -> bytes:
+        """Return the sealed capability document, re-signing when datasets changed."""
+        datasets = self.engine.datasets()
+        cached = self._capabilities
+        if cached is not None and cached[0] == datasets:
+            return cached[1]
+        document = Capabilities(
+            city=self.config.city,
+            node_key=self.signing_key.public_key.raw,
+            issued_at=self.clock_ms(),
+            datasets=datasets,
+        )
+        body = seal(document, self.signing_key)
+        self._capabilities = (datasets, body)
+        return body
+
+    async def reload(self) -> bool:
+        """Reload the engine's catalog (SIGHUP); the capability cache follows.
+
+        Returns:
+            Whether the reload succeeded (a failure is logged; the previous
+            catalog stays in effect).
+        """
+        pool = self._pool
+        if pool is None:
+            return False
+        engine = self.engine
+        try:
+            await asyncio.get_running_loop().run_in_executor(pool, engine.reload)
+        except HansaError as exc:
+            log.error("reload failed, keeping the previous catalog: %s", exc.message)
+            return False
+        log.info("catalog reloaded: %d dataset(s)", len(engine.datasets()))
+        return True
+
+    # --- lifecycle -----------------------------------------------------------
+
+    async def run_context(
+        self, app: web.Application, engine: AnswerEngine | None
+    ) -> AsyncIterator[None]:
+        """Open the engine and the query pool; close them on shutdown (cleanup_ctx)."""
+        limits = self.config.limits
+        owned = engine is None
+        if engine is None:
+            engine = await asyncio.to_thread(self._open_engine)
+        self._engine = engine
+        self._pool = ThreadPoolExecutor(
+            max_workers=limits.max_concurrent_queries, thread_name_prefix="hansa-query"
+        )
+        try:
+            yield
+        finally:
+            pool, self._pool = self._pool, None
+            # In-flight handlers have finished by now (aiohttp waits for them
+            # before cleanup); wait for any thread that outlived its request.
+            await asyncio.to_thread(pool.shutdown, wait=True)
+            self._engine = None
+            if owned:
+                await asyncio.to_thread(engine.close)
+                log.info("engine closed")
+
+    def _open_engine(self) -> AnswerEngine:
+        # Imported here: DuckDB loads only when a node runs.
+        from hansa.node.engine import QueryEngine
+
+        limits = self.config.limits
+        engine: AnswerEngine = QueryEngine(
+            self.config.data_dir,
+            timeout_s=limits.query_timeout_s,
+            memory_limit=limits.memory_limit,
+            threads=limits.engine_threads,
+        )
+        return engine
+
+
+NODE: Final = web.AppKey("hansa_node", NodeState)
+"""Application key of the :class:`NodeState`."""
+
+
+def _reply_response(reply: _Reply) -> web.Response:
+    return web.Response(
+        body=reply.body,
+        status=reply.status,
+        content_type=reply.content_type,
+        headers=_NO_STORE,
+    )
+
+
+async def _query(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    started = time.perf_counter()
+    reply = await node.handle_query(request)
+    node.metrics.query_latency.observe(time.perf_counter() - started)
+    node.metrics.requests.inc(QUERY_ROUTE, reply.outcome, reply.code)
+    return _reply_response(reply)
+
+
+async def _capabilities(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    try:
+        body = node.capabilities()
+    except HansaError as exc:
+        reply = node._unsigned(exc.code, exc.message, 503)
+    except Exception:
+        log.exception("internal error building the capability document")
+        reply = node._unsigned(ErrorCode.INTERNAL, "internal error", 500)
+    else:
+        reply = _Reply(body, 200, ENVELOPE_MEDIA_TYPE, "ok", "none")
+    node.metrics.requests.inc(CAPABILITIES_ROUTE, reply.outcome, reply.code)
+    return _reply_response(reply)
+
+
+async def _health(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    node.metrics.requests.inc(HEALTH_ROUTE, "ok", "none")
+    return web.json_response({"ok": True, "city": node.config.city}, headers=_NO_STORE)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    node.metrics.requests.inc(METRICS_ROUTE, "ok", "none")
+    return web.Response(
+        text=node.metrics.render(),
+        headers={"Content-Type": METRICS_CONTENT_TYPE, **_NO_STORE},
+    )
+
+
+def create_app(
+    config: NodeConfig,
+    *,
+    engine: AnswerEngine | None = None,
+    signing_key: SigningKey | None = None,
+    clock_ms: Callable[[], int] = _now_ms,
+) -> web.Application:
+    """Build the node's aiohttp application.
+
+    Args:
+        config: the node configuration.
+        engine: a query engine to use; the caller keeps ownership and closes
+            it. When ``None`` the application opens a ``QueryEngine`` on
+            ``config.data_dir`` at start-up and closes it at shutdown.
+        signing_key: the node's signing key; when ``None`` it is read from
+            ``config.key_file`` (with the configured passphrase, if any).
+        clock_ms: the wall clock in integer ms since the epoch.
+
+    Returns:
+        The application; run it with ``web.AppRunner`` (see ``hansa.node.server``).
+
+    Raises:
+        KeyFileError: the key file cannot be read.
+        ConfigError: the key passphrase variable is configured but not set.
+    """
+    if signing_key is None:
+        signing_key = read_key_file(config.key_file, passphrase=config.passphrase())
+    state = NodeState(config, signing_key, clock_ms)
+    app = web.Application(client_max_size=config.limits.max_request_bytes)
+    app[NODE] = state
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        async for _ in state.run_context(app, engine):
+            yield
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post(QUERY_ROUTE, _query)
+    app.router.add_get(CAPABILITIES_ROUTE, _capabilities)
+    app.router.add_get(HEALTH_ROUTE, _health)
+    app.router.add_get(METRICS_ROUTE, _metrics)
+    return app

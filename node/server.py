@@ -1,0 +1,141 @@
+"""Running a node: aiohttp on uvloop with a graceful shutdown.
+
+``serve(config)`` opens the application (engine, query pool), listens on the
+configured address, prints one ready line to stdout and then waits for
+SIGTERM or SIGINT (SIGHUP reloads the dataset catalog, e.g. after an
+operator edited ``datasets.toml``; the capability document is re-signed on
+the next request). On SIGTERM or SIGINT it stops accepting connections, lets
+in-flight requests finish (for up to ``limits.shutdown_timeout_s``), then
+closes the query pool and the engine (aiohttp's ``AppRunner.cleanup`` does
+these steps in this order).
+
+The ready line has a fixed shape that scripts and tests may rely on::
+
+    hansa node <city> listening on http://<host>:<port>
+
+With ``port = 0`` the operating system picks a free port and the line names it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Final
+
+from aiohttp import web
+
+from hansa.node.app import NODE, AnswerEngine, create_app
+from hansa.node.config import NodeConfig
+
+__all__ = ["READY_PREFIX", "configure_logging", "run", "serve"]
+
+READY_PREFIX: Final = "hansa node "
+log = logging.getLogger("hansa.node")
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve(
+    config: NodeConfig,
+    *,
+    engine: AnswerEngine | None = None,
+    ready: Callable[[str], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve the node until SIGTERM/SIGINT (or ``stop`` is set), then shut down cleanly.
+
+    Args:
+        config: the node configuration.
+        engine: a query engine owned by the caller (default: the node opens
+            and closes its own, see :func:`~hansa.node.app.create_app`).
+        ready: called with the base URL once the node accepts connections
+            (default: print the ready line to stdout).
+        stop: an event that ends the server when set (signals set it too).
+
+    Raises:
+        KeyFileError: the node key cannot be read.
+        OSError: the address cannot be bound.
+    """
+    app = create_app(config, engine=engine)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=log if config.access_log else None,
+        shutdown_timeout=config.limits.shutdown_timeout_s,
+    )
+    await runner.setup()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        port = config.port
+        for address in runner.addresses:
+            if isinstance(address, tuple) and len(address) >= 2:
+                port = int(address[1])
+                break
+        url = _url(config.host, port)
+        state = app[NODE]
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def reload() -> None:
+            task = loop.create_task(state.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        handlers: list[tuple[signal.Signals, Callable[[], None]]] = [
+            (signal.SIGTERM, stop.set),
+            (signal.SIGINT, stop.set),
+        ]
+        if hasattr(signal, "SIGHUP"):
+            handlers.append((signal.SIGHUP, reload))
+        for sig, handler in handlers:
+            try:
+                loop.add_signal_handler(sig, handler)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover — not on POSIX
+                pass
+        if ready is None:
+            print(f"{READY_PREFIX}{config.city} listening on {url}", flush=True)
+        else:
+            ready(url)
+        log.info("node %s serving on %s", config.city, url)
+        await stop.wait()
+        log.info("shutting down: finishing in-flight requests")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        log.info("node %s stopped", config.city)
+
+
+def run(config: NodeConfig) -> None:
+    """Run :func:`serve` on uvloop (the default asyncio loop where uvloop is absent).
+
+    Args:
+        config: the node configuration.
+    """
+    factory: Callable[[], asyncio.AbstractEventLoop] | None
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover — uvloop is a dependency except on Windows
+        factory = None
+    else:
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(config))
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send the node's log lines to stderr, one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("hansa")
+    root.addHandler(handler)
+    root.setLevel(level)
