@@ -572,3 +572,30 @@ def test_floats_are_always_float64() -> None:
     body = encode(m.MomentsState(n=1, mean=0.5, m2=0.0))
     assert body.count(b"\xcb") == 2  # float64 marker, never float32 (0xca)
     assert math.isclose(decode_as(body, m.MomentsState).mean, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        (b"\xdd\xff\xff\xff\xff", ErrorCode.TOO_LARGE),  # array32 of 2**32 - 1 targets
+        (b"\xdc\xff\xff", ErrorCode.TOO_LARGE),  # array16 of 65535 targets
+        (b"\xdb\xff\xff\xff\xff", ErrorCode.MALFORMED),  # str32 claiming 4 GiB
+        (b"\xc6\xff\xff\xff\xff", ErrorCode.MALFORMED),  # bin32 claiming 4 GiB
+    ],
+)
+def test_huge_declared_lengths_are_refused_before_reading(header: bytes, code: ErrorCode) -> None:
+    # The header claims far more than the bytes that follow; the limit (or the
+    # end of input) is checked before anything is allocated for the elements.
+    tree = _tree(REQUEST)
+    _reject(_with_raw(tree, (9,), header), m.QueryRequest, code)
+
+
+@given(payload_type=st.text(max_size=200), body=st.binary(max_size=50))
+def test_decode_with_any_payload_type_raises_only_typed_errors(
+    payload_type: str, body: bytes
+) -> None:
+    try:
+        decode(payload_type, body)
+    except HansaError as exc:
+        if payload_type not in set(PayloadType):
+            assert exc.code == ErrorCode.UNKNOWN_PAYLOAD_TYPE
