@@ -16,6 +16,8 @@ Typical use::
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -24,7 +26,10 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +69,7 @@ __all__ = [
     "NodeProcess",
     "Reply",
     "RunningNode",
+    "ThreadedNode",
     "count_by_room_type",
     "init_test_node",
     "node_process",
@@ -71,6 +77,7 @@ __all__ = [
     "open_reply",
     "price_summary_by_room_type",
     "running_node",
+    "threaded_node",
 ]
 
 DATASET = "listings"
@@ -266,6 +273,59 @@ async def running_node(config: NodeConfig, **kwargs: Any) -> AsyncIterator[Runni
             yield RunningNode(f"http://127.0.0.1:{port}", app, session, config, node_key)
     finally:
         await runner.cleanup()
+
+
+@dataclass
+class ThreadedNode:
+    """A node served from a background thread's event loop (for synchronous tests)."""
+
+    url: str
+    node_key: PublicKey
+
+    def post(self, body: bytes, *, content_type: str = ENVELOPE_MEDIA_TYPE) -> tuple[int, bytes]:
+        """POST raw bytes to ``/v1/query`` with urllib; return (status, body)."""
+        request = urllib.request.Request(
+            self.url + "/v1/query",
+            data=body,
+            headers={"Content-Type": content_type},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                return int(resp.status), bytes(resp.read())
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), bytes(exc.read())
+
+
+@contextlib.contextmanager
+def threaded_node(config: NodeConfig, **kwargs: Any) -> Iterator[ThreadedNode]:
+    """Serve ``create_app(config, **kwargs)`` on 127.0.0.1:0 from a background thread.
+
+    Hypothesis drives synchronous tests, so this runs the server's event loop
+    in its own thread and talks to it over real HTTP.
+    """
+    loop = asyncio.new_event_loop()
+    started: concurrent.futures.Future[ThreadedNode] = concurrent.futures.Future()
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        try:
+            async with running_node(config, **kwargs) as node:
+                started.set_result(ThreadedNode(node.url, node.node_key))
+                await stop.wait()
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)
+            raise
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        yield started.result(timeout=30)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)
+        loop.close()
 
 
 # --- a real `hansa node serve` process -----------------------------------------------

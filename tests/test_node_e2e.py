@@ -6,6 +6,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -19,9 +20,11 @@ from nodeutil import (
 )
 
 from hansa.crypto import open_envelope
-from hansa.node.app import ENVELOPE_MEDIA_TYPE
+from hansa.crypto.keyfile import read_public_key
+from hansa.node.app import ENVELOPE_MEDIA_TYPE, AnswerEngine, EngineOutput
+from hansa.node.server import serve
 from hansa.protocol.envelope import message_id
-from hansa.protocol.messages import Capabilities, QueryAnswer
+from hansa.protocol.messages import Capabilities, DatasetInfo, QueryAnswer, QueryRequest
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, bytes]:
@@ -91,3 +94,63 @@ def test_demo_runs_end_to_end_with_generated_data(tmp_path: Path) -> None:
     assert "Verified 3/3 replies" in result.stdout
     assert "All 3 nodes stopped cleanly" in result.stdout
     assert (tmp_path / "demo" / "austin" / "node.toml").is_file()
+
+
+class _Gate:
+    """The real engine, held at a gate so a request is in flight during shutdown."""
+
+    def __init__(self, inner: AnswerEngine) -> None:
+        self.inner = inner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.closed = False
+
+    def answer(self, request: QueryRequest) -> EngineOutput:
+        self.entered.set()
+        self.release.wait(timeout=10)
+        return self.inner.answer(request)
+
+    def datasets(self) -> tuple[DatasetInfo, ...]:
+        return self.inner.datasets()
+
+    def reload(self) -> None:
+        self.inner.reload()
+
+    def close(self) -> None:
+        self.closed = True
+        self.inner.close()
+
+
+async def test_shutdown_finishes_in_flight_requests(tmp_path: Path) -> None:
+    from hansa.node.engine import QueryEngine
+
+    analyst = Analyst.create("ana@istanbul")
+    config = init_test_node(tmp_path, "istanbul", analysts=[analyst], rows=200)
+    engine = _Gate(QueryEngine(config.data_dir))
+    stop = asyncio.Event()
+    urls: list[str] = []
+    server = asyncio.create_task(serve(config, engine=engine, stop=stop, ready=urls.append))
+    try:
+        while not urls:
+            await asyncio.sleep(0.01)
+            assert not server.done()
+        envelope = analyst.seal(analyst.request("istanbul", count_by_room_type()))
+        async with aiohttp.ClientSession() as session:
+            in_flight = asyncio.create_task(_post(session, urls[0], envelope))
+            assert await asyncio.to_thread(engine.entered.wait, 10)
+            stop.set()  # what SIGTERM does
+            await asyncio.sleep(0.2)
+            assert not server.done()  # waiting for the in-flight request
+            engine.release.set()
+            status, body = await in_flight
+        await asyncio.wait_for(server, 20)
+        # The node does not close an engine it was given; its owner does.
+        assert not engine.closed
+    finally:
+        engine.release.set()
+        stop.set()
+        await asyncio.wait_for(server, 20)
+        engine.close()
+    reply = open_reply(status, body, read_public_key(config.key_file))
+    assert isinstance(reply, QueryAnswer)
+    assert reply.request_id == message_id(envelope)

@@ -12,24 +12,30 @@ import csv
 import json
 import re
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from nodeutil import (
     DATASET,
     Analyst,
     RunningNode,
+    ThreadedNode,
     count_by_room_type,
     init_test_node,
     now_ms,
+    open_reply,
     price_summary_by_room_type,
     running_node,
+    threaded_node,
 )
 
 from hansa.crypto import open_envelope, seal_bytes
 from hansa.crypto.keyfile import read_public_key
-from hansa.node.app import ENVELOPE_MEDIA_TYPE, AnswerEngine, EngineOutput
+from hansa.node.app import ENVELOPE_MEDIA_TYPE, AnswerEngine, EngineOutput, unsigned_status
 from hansa.node.config import NodeConfig, NodeLimits
 from hansa.node.metrics import Counter, Histogram, NodeMetrics
 from hansa.protocol.codec import encode
@@ -665,3 +671,50 @@ def test_counter_labels_are_escaped() -> None:
     with pytest.raises(ValueError):
         c.inc()
     assert NodeMetrics().render().endswith("\n")
+
+
+# --- fuzzing a live node -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live_node(node_dir: NodeConfig) -> Iterator[ThreadedNode]:
+    with threaded_node(node_dir) as node:
+        yield node
+
+
+def _check_reply(node: ThreadedNode, status: int, body: bytes) -> ErrorCode | None:
+    """Every reply is a signed refusal/answer (200) or an unsigned error (4xx): never a crash."""
+    reply = open_reply(status, body, node.node_key)
+    if isinstance(reply, ErrorMessage):
+        assert status == unsigned_status(reply.code) or (status, reply.code) == (
+            415,
+            ErrorCode.MALFORMED,
+        )
+        return reply.code
+    assert status == 200
+    return reply.code if isinstance(reply, QueryRefusal) else None
+
+
+@given(st.binary(max_size=2048))
+def test_random_bytes_never_break_the_node(live_node: ThreadedNode, data: bytes) -> None:
+    status, body = live_node.post(data)
+    code = _check_reply(live_node, status, body)
+    assert code is not None  # random bytes are never answered
+
+
+@given(st.data())
+def test_bit_flipped_requests_are_never_answered(
+    live_node: ThreadedNode, analyst: Analyst, data: st.DataObject
+) -> None:
+    envelope = bytearray(analyst.seal(analyst.request(CITY, count_by_room_type())))
+    flips = data.draw(
+        st.lists(st.integers(0, len(envelope) * 8 - 1), min_size=1, max_size=3, unique=True)
+    )
+    for bit in flips:
+        envelope[bit // 8] ^= 1 << (bit % 8)
+    status, body = live_node.post(bytes(envelope))
+    assert _check_reply(live_node, status, body) is not None
+    # The node is still healthy: an intact request is answered.
+    good = analyst.seal(analyst.request(CITY, count_by_room_type()))
+    status, body = live_node.post(good)
+    assert isinstance(open_reply(status, body, live_node.node_key), QueryAnswer)
