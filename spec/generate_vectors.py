@@ -429,6 +429,18 @@ def every_part() -> list[tuple[str, W]]:
         ("policy-tags", policy_tags()),
         ("policy-tags-public", replace_fields(policy_tags(), scope="public")),
         (
+            "query-answer-typed-keys",
+            replace_fields(
+                query_answer(request_id),
+                decision="answered",
+                suppressed=[],
+                groups=[
+                    w("Group", "group", key=[v], states=[w("CountState", "count", n=12)])
+                    for v in (1, 1.0, True, "1", None)
+                ],
+            ),
+        ),
+        (
             "query-answer-answered",
             replace_fields(query_answer(request_id), decision="answered", suppressed=[]),
         ),
@@ -779,6 +791,13 @@ def messages_vectors() -> Json:
         raw("minmax", 3, None),
         f,
         "value is nil exactly when n == 0 (§7.3.3)",
+    )
+    bad(
+        "moments-mean-without-rows",
+        "MomentsState",
+        raw("moments", 0, 1.5, 0.0),
+        f,
+        "mean is 0 when n == 0 (§7.3.4)",
     )
     bad(
         "moments-infinite",
