@@ -8,11 +8,8 @@ notes) ← :mod:`hansa.federation` (roster, combining, evidence) ←
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("hansa")
-except PackageNotFoundError:  # pragma: no cover — running from a source tree
-    __version__ = "0.0.0"
+# Kept in step with pyproject.toml (a test checks). Not read through
+# importlib.metadata, which would pull email.utils and socket into the pure layers.
+__version__ = "0.1.0"
 
 __all__ = ["__version__"]

@@ -165,9 +165,13 @@ def test_importing_the_package_loads_no_asyncio_or_aiohttp() -> None:
 
 def test_importing_the_package_loads_no_socket() -> None:
     loaded = _loaded_after("import hansa.protocol, hansa.crypto")
-    if "socket" in loaded and "importlib.metadata" in loaded:
-        # Known: hansa/__init__.py reads __version__ with importlib.metadata, which
-        # imports email.utils, which imports socket. Protocol and crypto themselves
-        # load no socket (the test above). Remove this once __init__ stops doing so.
-        pytest.xfail("hansa/__init__.py: importlib.metadata -> email.utils -> socket")
     assert "socket" not in loaded
+    assert "importlib.metadata" not in loaded
+
+
+def test_version_matches_the_distribution_metadata() -> None:
+    from importlib.metadata import version
+
+    import hansa
+
+    assert hansa.__version__ == version("hansa")
