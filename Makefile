@@ -40,6 +40,8 @@ vectors: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/crypto.py
+	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/node.py
 
 demo: $(STAMP)
 	$(BIN)/python -m hansa.node.demo
