@@ -23,9 +23,10 @@ One answer takes at most two statements, run in one read transaction:
    with the expressions of :mod:`hansa.federation.sketch` so a node's
    buckets match the federation's bit for bit.
 
-The first row of the transaction reads the dataset's data version from the
-catalog's meta table; an answer therefore always cites the version of the
-rows it was computed from.
+An answer always cites the version of the rows it was computed from: a
+read-only catalog (a serving node's) cannot change under the engine, and
+with a writable catalog both statements run in one transaction whose first
+read re-checks the dataset's version in the catalog's meta table.
 
 Disclosure control (:mod:`hansa.node.disclosure`) runs before (purpose,
 offered aggregates) and after (k, dominance) the cell statement. Suppressed
@@ -34,7 +35,7 @@ cells are listed with their reason and never carry states.
 State conventions (node contract): Count → ``CountState(n)``; Sum →
 ``SumState(COUNT(col), SUM(col))`` with an int total for integer columns and
 0 when empty; Min/Max → ``MinMaxState(COUNT(col), value)``; Mean, Variance,
-Stddev → ``MomentsState(n, AVG, VAR_POP * n)``; Histogram → bin counts, the
+Stddev → ``MomentsState(n, SUM / n, VAR_POP * n)``; Histogram → bin counts, the
 last bin closed; Quantiles → ``SketchState`` with ``alpha = DEFAULT_ALPHA``.
 
 Group key values are wire values: text, integers, floats, booleans and
@@ -205,7 +206,7 @@ class CompiledQuery:
         key_count: number of group keys.
         cap: the cap on cells; the statement returns at most ``cap + 1`` rows.
         size_index: column of ``COUNT(*)`` in a cell row.
-        dominance_index: per guarded column, the ``(max |x|, sum |x|)`` columns.
+        dominance_index: per guarded column, the ``(MAX(|x|), SUM(|x|))`` columns.
         sketch_columns: the quantile columns, in sketch-branch order.
     """
 
@@ -220,6 +221,15 @@ class CompiledQuery:
     sketch_columns: tuple[str, ...]
     _renderers: tuple[Callable[[Any], CellValue], ...] = field(repr=False)
     _builders: tuple[StateBuilder, ...] = field(repr=False)
+    _plain_keys: bool = field(init=False, repr=False)
+    _text_keys: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        renderers = self._renderers
+        plain = all(r is _plain_key or r is _text_key for r in renderers)
+        object.__setattr__(self, "_plain_keys", plain)
+        text = tuple(i for i, r in enumerate(renderers) if r is _text_key)
+        object.__setattr__(self, "_text_keys", text)
 
     def render_key(self, row: Row) -> tuple[CellValue, ...]:
         """Turn the key part of a row into wire values (module docstring).
@@ -233,6 +243,12 @@ class CompiledQuery:
         Raises:
             HansaError: ``RESOURCE_LIMIT`` when a text key exceeds the wire limit.
         """
+        if self._plain_keys:
+            # Fast path: DuckDB already returns wire values; only text length is checked.
+            key = tuple(row[: self.key_count])
+            for i in self._text_keys:
+                _text_key(key[i])
+            return key
         return tuple(r(v) for r, v in zip(self._renderers, row, strict=False))
 
     def states(self, row: Row, sketches: Mapping[str, SketchState]) -> tuple[AggregateState, ...]:
@@ -455,15 +471,21 @@ def _aggregate(spec: DatasetSpec, agg: Aggregate, select: _Select, params: _Para
 
         return minmax
     if isinstance(agg, Mean | Variance | Stddev):
-        a = select.add(f"AVG({col})")
+        # mean = SUM / n in Python: for integer columns the HUGEINT sum is exact and
+        # int / int rounds correctly; the SUM is shared with a Sum on the same column.
+        t = select.add(f"SUM({col})")
         v = select.add(f"VAR_POP({col})")
 
         def moments(r: Row, _s: Mapping[str, SketchState]) -> AggregateState:
             count = int(r[n])
             if count == 0:
                 return MomentsState(n=0, mean=0.0, m2=0.0)
+            try:
+                mean = r[t] / count
+            except OverflowError as exc:
+                raise HansaError("a mean overflowed", ErrorCode.RESOURCE_LIMIT) from exc
             return MomentsState(
-                n=count, mean=_float_value(r[a]), m2=max(0.0, _float_value(r[v]) * count)
+                n=count, mean=_float_value(mean), m2=max(0.0, _float_value(r[v]) * count)
             )
 
         return moments
@@ -489,7 +511,7 @@ def _aggregate(spec: DatasetSpec, agg: Aggregate, select: _Select, params: _Para
 
 
 def compile_query(
-    query: Query, spec: DatasetSpec, *, max_groups: int | None = None
+    query: Query, spec: DatasetSpec, *, max_groups: int | None = None, wide_abs: bool = False
 ) -> CompiledQuery:
     """Validate ``query`` against ``spec`` and compile it to parameterised SQL.
 
@@ -498,6 +520,8 @@ def compile_query(
         spec: the dataset it names.
         max_groups: the cap on cells; defaults to the smaller of the query's
             and the dataset's caps.
+        wide_abs: compute ``SUM(|x|)`` over HUGEINT (slower; needed only when a
+            column holds the BIGINT minimum, whose ABS overflows).
 
     Returns:
         The compiled query.
@@ -528,14 +552,10 @@ def compile_query(
     builders = tuple(_aggregate(spec, agg, select, params) for agg in query.aggregates)
     dominance: list[tuple[int, int]] = []
     for column in dominance_columns(query):
-        info = spec.column(column)
         col = quote_identifier(column)
-        # HUGEINT keeps integer sums exact and ABS(BIGINT minimum) from overflowing.
-        magnitude = (
-            f"ABS(CAST({col} AS HUGEINT))"
-            if info is not None and info.type is ColumnType.INTEGER
-            else f"ABS(CAST({col} AS DOUBLE))"
-        )
+        # ABS on the column's own type is cheap but overflows on the BIGINT minimum;
+        # the engine then recompiles with ``wide_abs`` (HUGEINT: exact, slower).
+        magnitude = f"ABS(CAST({col} AS HUGEINT))" if wide_abs else f"ABS({col})"
         dominance.append((select.add(f"MAX({magnitude})"), select.add(f"SUM({magnitude})")))
 
     table = quote_identifier(spec.name)
@@ -745,7 +765,14 @@ class QueryEngine:
         try:
             with _Watchdog(cursor, self.timeout_s) as watchdog:
                 try:
-                    rows, sketch_rows = self._execute(cursor, spec, compiled, watchdog)
+                    try:
+                        rows, sketch_rows = self._execute(cursor, spec, compiled, watchdog)
+                    except (duckdb.ConversionException, duckdb.OutOfRangeException):
+                        if not compiled.dominance_index or watchdog.fired:
+                            raise
+                        # ABS overflowed on the BIGINT minimum: redo with exact HUGEINT sums.
+                        compiled = compile_query(query, spec, wide_abs=True)
+                        rows, sketch_rows = self._execute(cursor, spec, compiled, watchdog)
                 except duckdb.InterruptException as exc:
                     raise self._timeout() from exc
                 except duckdb.OutOfMemoryException as exc:
@@ -776,16 +803,24 @@ class QueryEngine:
         compiled: CompiledQuery,
         watchdog: _Watchdog,
     ) -> tuple[list[Row], list[Row]]:
-        cursor.execute("BEGIN TRANSACTION")
+        # A read-only catalog holds DuckDB's shared file lock, so no writer can change
+        # the data under it and the version loaded with the catalog is the version of
+        # the rows read. A writable catalog may be changed by its owner meanwhile: then
+        # both statements run in one transaction that first re-reads the version.
+        pinned = not self._catalog.read_only
+        if pinned:
+            cursor.execute("BEGIN TRANSACTION")
         try:
-            meta = cursor.execute(
-                f"SELECT counter, chain FROM {META_TABLE} WHERE dataset = $1",  # noqa: S608
-                [spec.name],
-            ).fetchone()
-            if meta is None or f"v{meta[0]}-{str(meta[1])[:12]}" != spec.version:
-                raise HansaError(
-                    f"dataset {spec.name!r} changed while answering; retry", ErrorCode.UNAVAILABLE
-                )
+            if pinned:
+                meta = cursor.execute(
+                    f"SELECT counter, chain FROM {META_TABLE} WHERE dataset = $1",  # noqa: S608
+                    [spec.name],
+                ).fetchone()
+                if meta is None or f"v{meta[0]}-{str(meta[1])[:12]}" != spec.version:
+                    raise HansaError(
+                        f"dataset {spec.name!r} changed while answering; retry",
+                        ErrorCode.UNAVAILABLE,
+                    )
             rows: list[Row] = cursor.execute(compiled.sql, list(compiled.params)).fetchall()
             if watchdog.fired:
                 raise self._timeout()
@@ -802,10 +837,11 @@ class QueryEngine:
                 if watchdog.fired:
                     raise self._timeout()
         finally:
-            try:
-                cursor.execute("ROLLBACK")  # read-only work: nothing to commit
-            except duckdb.Error:
-                _log.debug("rollback after a failed statement", exc_info=True)
+            if pinned:
+                try:
+                    cursor.execute("ROLLBACK")  # read-only work: nothing to commit
+                except duckdb.Error:
+                    _log.debug("rollback after a failed statement", exc_info=True)
         return rows, sketch_rows
 
     @staticmethod
@@ -845,13 +881,12 @@ class QueryEngine:
         sketch_rows: Sequence[Row],
     ) -> EngineResult:
         keys = [compiled.render_key(row) for row in rows]
+        size, guarded = compiled.size_index, compiled.dominance_index
         cells = [
             CellStats(
-                key=key,
-                rows=int(row[compiled.size_index]),
-                dominance=tuple(
-                    (row[mx] or 0, row[sm] or 0) for mx, sm in compiled.dominance_index
-                ),
+                key,
+                row[size],
+                tuple((row[largest] or 0, row[total] or 0) for largest, total in guarded),
             )
             for key, row in zip(keys, rows, strict=True)
         ]
