@@ -1273,6 +1273,7 @@ class Catalog:
 
         The new settings are validated exactly like a hand-edited file; the
         disclosure version is bumped when they differ from the current ones.
+        The file is re-rendered, so comments an operator added are not kept.
 
         Args:
             name: the dataset.
