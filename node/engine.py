@@ -262,7 +262,7 @@ class CompiledQuery:
             The states, in aggregate order.
         """
         values = row[self.key_count :]
-        return tuple(build(values, sketches) for build in self._builders)
+        return tuple([build(values, sketches) for build in self._builders])
 
 
 def _refuse(code: ErrorCode, message: str) -> QueryError:
@@ -551,7 +551,9 @@ def compile_query(
     size_index = select.add("COUNT(*)")
     builders = tuple(_aggregate(spec, agg, select, params) for agg in query.aggregates)
     dominance: list[tuple[int, int]] = []
-    for column in dominance_columns(query):
+    # p = 100 % can never be exceeded (spec §8.4): no statistics needed then.
+    guarded = dominance_columns(query) if spec.disclosure.dominance_p < 100 else ()
+    for column in guarded:
         col = quote_identifier(column)
         # ABS on the column's own type is cheap but overflows on the BIGINT minimum;
         # the engine then recompiles with ``wide_abs`` (HUGEINT: exact, slower).
