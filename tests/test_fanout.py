@@ -1,0 +1,491 @@
+"""The fan-out coordinator against real nodes and small misbehaving peers on 127.0.0.1.
+
+Real city nodes come from :func:`nodeutil.running_node`; peers that must
+misbehave (sleep past the deadline, sign with a stray key, cite another
+request, send garbage, reset a connection) are tiny aiohttp servers on
+127.0.0.1. Nothing mocks the network layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nodeutil import PURPOSE, Analyst, RunningNode, count_by_room_type, init_test_node, open_reply
+from nodeutil import running_node as _running_node
+
+from hansa.crypto import SigningKey, seal
+from hansa.crypto.keyfile import read_public_key
+from hansa.federation.combine import combine_answers
+from hansa.federation.fanout import (
+    ENVELOPE_MEDIA_TYPE,
+    VERIFY_THREAD_THRESHOLD,
+    CityResult,
+    CityStatus,
+    FanOutResult,
+    Target,
+    fan_out,
+    verify_reply,
+)
+from hansa.node.app import ENVELOPE_MEDIA_TYPE as NODE_ENVELOPE_MEDIA_TYPE
+from hansa.node.catalog import Catalog
+from hansa.node.config import NodeConfig
+from hansa.protocol.codec import decode_as, encode
+from hansa.protocol.envelope import decode_envelope, message_id
+from hansa.protocol.errors import ErrorCode, ProtocolError
+from hansa.protocol.messages import (
+    CountState,
+    Decision,
+    ErrorMessage,
+    Group,
+    PolicyTags,
+    Query,
+    QueryAnswer,
+    QueryRefusal,
+    QueryRequest,
+    ResultScope,
+)
+
+ANSWERING = ("amsterdam", "berlin", "copenhagen", "dublin")
+REFUSING = "edinburgh"
+"""A node whose dataset allows only the ``planning`` purpose."""
+DEADLINE_S = 3.0
+"""Comfortably above a real node's answer time on a loaded machine."""
+
+
+@pytest.fixture(scope="module")
+def analyst() -> Analyst:
+    return Analyst.create("ana@amsterdam", seed=b"\x21" * 32)
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory: pytest.TempPathFactory, analyst: Analyst) -> dict[str, NodeConfig]:
+    root = tmp_path_factory.mktemp("fanout")
+    out = {
+        city: init_test_node(root, city, analysts=[analyst], rows=200, seed=i + 1)
+        for i, city in enumerate((*ANSWERING, REFUSING))
+    }
+    with Catalog(out[REFUSING].data_dir) as catalog:
+        catalog.configure("listings", purposes=["planning"])
+    return out
+
+
+def policy(analyst: Analyst, purpose: str = PURPOSE) -> PolicyTags:
+    return PolicyTags(
+        purpose=purpose,
+        legal_basis="test suite",
+        scope=ResultScope.ALLIANCE,
+        analyst=analyst.principal,
+    )
+
+
+def target_of(node: RunningNode) -> Target:
+    return Target(node.config.city, node.url, read_public_key(node.config.key_file))
+
+
+@contextlib.asynccontextmanager
+async def nodes(
+    configs: dict[str, NodeConfig], cities: Sequence[str]
+) -> AsyncIterator[list[Target]]:
+    """Run real nodes for ``cities``; yield their targets."""
+    async with contextlib.AsyncExitStack() as stack:
+        running = await asyncio.gather(
+            *(stack.enter_async_context(_running_node(configs[c])) for c in cities)
+        )
+        yield [target_of(n) for n in running]
+
+
+async def ask(
+    analyst: Analyst,
+    targets: Sequence[Target],
+    *,
+    quorum: int,
+    deadline_s: float = DEADLINE_S,
+    query: Query | None = None,
+    seen: list[CityResult] | None = None,
+    session: aiohttp.ClientSession | None = None,
+) -> FanOutResult:
+    return await fan_out(
+        query if query is not None else count_by_room_type(),
+        policy(analyst),
+        targets,
+        signer=analyst.key,
+        requester=analyst.principal,
+        quorum=quorum,
+        deadline_s=deadline_s,
+        on_status=seen.append if seen is not None else None,
+        session=session,
+    )
+
+
+def statuses(result: FanOutResult) -> dict[str, CityStatus]:
+    return {r.city: r.status for r in result.cities}
+
+
+def independently_verified(result: FanOutResult, targets: Sequence[Target]) -> list[QueryAnswer]:
+    """Re-open every kept reply with the test helper, as an auditor would."""
+    keys = {t.city: t.node_key for t in targets}
+    answers = []
+    for city in result.cities:
+        if city.reply is None:
+            continue
+        reply = open_reply(200, city.reply, keys[city.city])
+        assert isinstance(reply, QueryAnswer | QueryRefusal)
+        assert reply.request_id == message_id(city.request)
+        assert reply.responder == city.city
+        if isinstance(reply, QueryAnswer):
+            answers.append(reply)
+    return answers
+
+
+# --- tiny peers ---------------------------------------------------------------------------
+
+
+@dataclass
+class Peer:
+    """A small aiohttp server posing as nodes; the mode is the first path segment."""
+
+    url: str
+    key: SigningKey
+    hits: dict[str, int] = field(default_factory=dict)
+
+    def target(self, city: str, mode: str, key: SigningKey | None = None) -> Target:
+        return Target(city, f"{self.url}/{mode}", (key or self.key).public_key)
+
+
+def stub_answer(request_id: bytes, request: QueryRequest, n: int) -> QueryAnswer:
+    return QueryAnswer(
+        request_id=request_id,
+        responder=request.audience,
+        requester=request.requester,
+        issued_at=request.issued_at,
+        dataset=request.query.dataset,
+        dataset_version="v1",
+        disclosure_version=1,
+        decision=Decision.ANSWERED,
+        groups=(Group(key=("Entire home/apt",), states=(CountState(n),)),),
+    )
+
+
+@contextlib.asynccontextmanager
+async def peer() -> AsyncIterator[Peer]:
+    key = SigningKey.generate()
+    state: Peer | None = None
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        assert state is not None
+        mode = request.match_info["mode"]
+        state.hits[mode] = state.hits.get(mode, 0) + 1
+        body = await request.read()
+        if mode == "sleep":
+            await asyncio.sleep(60)
+        if mode == "reset" and state.hits[mode] == 1:
+            assert request.transport is not None
+            request.transport.close()
+            await asyncio.sleep(0.05)
+        if mode == "garbage":
+            return web.Response(body=b"\x93not an envelope", content_type=ENVELOPE_MEDIA_TYPE)
+        if mode == "error":
+            error = ErrorMessage(code=ErrorCode.UNKNOWN_KEY, message="who are you")
+            return web.Response(body=encode(error), status=401)
+        # A stub: it does not check the requester, it only answers in shape.
+        req = decode_as(decode_envelope(body).payload, QueryRequest)
+        request_id = message_id(body)
+        if mode == "other-request":
+            request_id = hashlib.sha256(b"some other request").digest()
+        reply = stub_answer(request_id, req, n=len(req.audience))
+        return web.Response(body=seal(reply, key), content_type=ENVELOPE_MEDIA_TYPE)
+
+    app = web.Application()
+    app.router.add_post("/{mode}/v1/query", handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+        state = Peer(f"http://127.0.0.1:{port}", key)
+        yield state
+    finally:
+        await runner.cleanup()
+
+
+async def stopped_endpoint(config: NodeConfig) -> Target:
+    """A real node that was started and then stopped: its port now refuses connections."""
+    async with _running_node(config) as node:
+        target = target_of(node)
+    return target
+
+
+# --- real nodes ---------------------------------------------------------------------------
+
+
+async def test_all_answer_and_the_combination_is_over_the_verified_answers(
+    configs: dict[str, NodeConfig], analyst: Analyst
+) -> None:
+    seen: list[CityResult] = []
+    async with nodes(configs, ANSWERING) as targets:
+        result = await ask(analyst, targets, quorum=len(targets), seen=seen)
+    assert statuses(result) == dict.fromkeys(ANSWERING, CityStatus.ANSWERED)
+    assert [r.city for r in result.cities] == list(ANSWERING)
+    assert sorted(r.city for r in seen) == sorted(ANSWERING)
+    assert result.quorum_met and result.reason is None
+    answers = independently_verified(result, targets)
+    assert [a.responder for a in answers] == list(ANSWERING)
+    assert result.combined is not None
+    assert result.combined.cities == ANSWERING
+    assert result.combined == combine_answers(result.query, answers)
+    # Each city had data: the combined count is the sum of the parts.
+    total = sum(
+        s.n for a in answers for g in a.groups for s in g.states if isinstance(s, CountState)
+    )
+    combined_total = sum(
+        s.n for row in result.combined.rows for s in row.states if isinstance(s, CountState)
+    )
+    assert combined_total == total > 0
+
+
+async def test_every_request_signs_the_same_targets_quorum_and_deadline(
+    configs: dict[str, NodeConfig], analyst: Analyst
+) -> None:
+    async with nodes(configs, ANSWERING[:3]) as targets:
+        result = await ask(analyst, targets, quorum=2, deadline_s=2.5)
+    requests = [decode_as(decode_envelope(r.request).payload, QueryRequest) for r in result.cities]
+    assert [r.audience for r in requests] == list(ANSWERING[:3])
+    assert {r.targets for r in requests} == {ANSWERING[:3]}
+    assert {r.quorum for r in requests} == {2}
+    assert {(r.issued_at, r.expires_at) for r in requests} == {
+        (result.issued_at, result.expires_at)
+    }
+    assert result.expires_at - result.issued_at == 2500
+    assert len({r.nonce for r in requests}) == 3 and all(len(r.nonce) == 16 for r in requests)
+    assert {decode_envelope(r.request).key_id for r in result.cities} == {analyst.key.key_id}
+
+
+async def test_stopped_node_is_unreachable_and_the_rest_combine(
+    configs: dict[str, NodeConfig], analyst: Analyst
+) -> None:
+    gone = await stopped_endpoint(configs["dublin"])
+    async with nodes(configs, ANSWERING[:3]) as targets:
+        result = await ask(analyst, [*targets, gone], quorum=3)
+    assert statuses(result)["dublin"] is CityStatus.UNREACHABLE
+    dublin = result.city("dublin")
+    assert dublin.attempts == 3 and dublin.reply is None  # retried, then gave up
+    assert result.by_status(CityStatus.ANSWERED) == ANSWERING[:3]
+    assert result.quorum_met
+    assert result.combined == combine_answers(result.query, independently_verified(result, targets))
+
+
+async def test_policy_refusal_is_refused_with_its_code(
+    configs: dict[str, NodeConfig], analyst: Analyst
+) -> None:
+    async with nodes(configs, (*ANSWERING, REFUSING)) as targets:
+        result = await ask(analyst, targets, quorum=4)
+    refused = result.city(REFUSING)
+    assert refused.status is CityStatus.REFUSED
+    assert refused.code is ErrorCode.PURPOSE_NOT_ALLOWED
+    assert refused.reply is not None and refused.answer is None
+    reply = open_reply(200, refused.reply, targets[-1].node_key)
+    assert isinstance(reply, QueryRefusal) and reply.code is ErrorCode.PURPOSE_NOT_ALLOWED
+    assert result.by_status(CityStatus.ANSWERED) == ANSWERING
+    assert result.combined is not None and result.combined.cities == ANSWERING
+
+
+async def test_quorum_not_met_lists_every_city_and_combines_nothing(
+    configs: dict[str, NodeConfig], analyst: Analyst
+) -> None:
+    gone = await stopped_endpoint(configs["dublin"])
+    async with nodes(configs, ("amsterdam", REFUSING)) as targets:
+        result = await ask(analyst, [*targets, gone], quorum=2)
+    assert statuses(result) == {
+        "amsterdam": CityStatus.ANSWERED,
+        REFUSING: CityStatus.REFUSED,
+        "dublin": CityStatus.UNREACHABLE,
+    }
+    assert not result.quorum_met
+    assert result.combined is None
+    assert result.reason is not None and "quorum" in result.reason
+    assert len(result.answers) == 1
+
+
+async def test_node_signing_with_another_key_is_bad_signature(
+    configs: dict[str, NodeConfig], analyst: Analyst
+) -> None:
+    async with (
+        nodes(configs, ANSWERING[:2]) as targets,
+        _running_node(configs["copenhagen"], signing_key=SigningKey.generate()) as rogue,
+    ):
+        result = await ask(analyst, [*targets, target_of(rogue)], quorum=2)
+    bad = result.city("copenhagen")
+    assert bad.status is CityStatus.BAD_SIGNATURE
+    assert bad.code is ErrorCode.UNKNOWN_KEY
+    assert bad.reply is None and bad.answer is None
+    assert result.by_status(CityStatus.ANSWERED) == ANSWERING[:2]
+    assert result.combined is not None and result.combined.cities == ANSWERING[:2]
+
+
+# --- misbehaving peers --------------------------------------------------------------------
+
+
+async def test_slow_peer_times_out_and_the_others_finish_within_the_deadline(
+    configs: dict[str, NodeConfig], analyst: Analyst
+) -> None:
+    deadline = 2.0
+    async with nodes(configs, ANSWERING[:3]) as targets, peer() as slow:
+        started = time.monotonic()
+        result = await ask(
+            analyst, [*targets, slow.target("lisbon", "sleep")], quorum=3, deadline_s=deadline
+        )
+        elapsed = time.monotonic() - started
+    # The peer sleeps 60 s: the coordinator returned at its deadline, not the peer's.
+    assert elapsed < 30
+    lisbon = result.city("lisbon")
+    assert lisbon.status is CityStatus.TIMEOUT
+    assert lisbon.attempts == 1  # a slow reply is never retried
+    assert lisbon.latency_ms >= deadline * 1000 * 0.9
+    assert result.by_status(CityStatus.ANSWERED) == ANSWERING[:3]
+    assert all(result.city(c).latency_ms < deadline * 1000 for c in ANSWERING[:3])
+    assert result.combined is not None and result.combined.cities == ANSWERING[:3]
+
+
+async def test_misbehaving_peers_get_their_status(analyst: Analyst) -> None:
+    stray = SigningKey.generate()
+    async with peer() as p:
+        targets = [
+            p.target("lisbon", "ok"),
+            p.target("madrid", "ok", key=stray),  # signed by a key the target does not name
+            p.target("naples", "other-request"),  # valid signature over the wrong request
+            p.target("oslo", "garbage"),
+            p.target("porto", "error"),
+        ]
+        result = await ask(analyst, targets, quorum=1)
+    assert statuses(result) == {
+        "lisbon": CityStatus.ANSWERED,
+        "madrid": CityStatus.BAD_SIGNATURE,
+        "naples": CityStatus.BAD_SIGNATURE,
+        "oslo": CityStatus.PROTOCOL_ERROR,
+        "porto": CityStatus.PROTOCOL_ERROR,
+    }
+    assert result.city("porto").code is ErrorCode.UNKNOWN_KEY
+    assert "request id" in result.city("naples").detail
+    assert all(r.attempts == 1 for r in result.cities)  # none of these is retried
+    assert [a.responder for a in result.answers] == ["lisbon"]
+    assert result.combined == combine_answers(result.query, result.answers)
+
+
+async def test_connection_reset_before_a_response_is_retried(analyst: Analyst) -> None:
+    async with peer() as p:
+        result = await ask(analyst, [p.target("lisbon", "reset")], quorum=1)
+        assert p.hits["reset"] == 2
+    lisbon = result.city("lisbon")
+    assert lisbon.status is CityStatus.ANSWERED, lisbon.detail
+    assert lisbon.attempts == 2
+
+
+async def test_many_targets_verify_in_threads_over_one_pool(analyst: Analyst) -> None:
+    n = VERIFY_THREAD_THRESHOLD + 8
+    cities = [f"city{i:03d}" for i in range(n)]
+    async with peer() as p:
+        connector = aiohttp.TCPConnector(limit=16)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            targets = [p.target(c, "ok") for c in cities[:-1]] + [p.target(cities[-1], "garbage")]
+            result = await ask(analyst, targets, quorum=n - 1, session=session)
+            assert not session.closed  # a caller's session is left open
+    assert result.by_status(CityStatus.ANSWERED) == tuple(cities[:-1])
+    assert result.city(cities[-1]).status is CityStatus.PROTOCOL_ERROR
+    assert result.combined is not None
+    assert [row.states for row in result.combined.rows] == [
+        (CountState(sum(len(c) for c in cities[:-1])),)
+    ]
+
+
+# --- inputs and pure verification ---------------------------------------------------------
+
+
+def test_media_type_matches_the_node() -> None:
+    assert ENVELOPE_MEDIA_TYPE == NODE_ENVELOPE_MEDIA_TYPE
+
+
+@pytest.mark.parametrize(
+    ("cities", "quorum", "deadline_s"),
+    [
+        ((), 1, 1.0),
+        (("a", "a"), 1, 1.0),
+        (("a", "b"), 0, 1.0),
+        (("a", "b"), 3, 1.0),
+        (("a",), 1, 0.0),
+        (("a",), 1, float("nan")),
+    ],
+)
+async def test_bad_inputs_are_refused_before_sending(
+    analyst: Analyst, cities: tuple[str, ...], quorum: int, deadline_s: float
+) -> None:
+    key = SigningKey.generate().public_key
+    targets = [Target(c, "http://127.0.0.1:9", key) for c in cities]
+    with pytest.raises(ProtocolError) as info:
+        await ask(analyst, targets, quorum=quorum, deadline_s=deadline_s)
+    assert info.value.code is ErrorCode.INVALID_FIELD
+
+
+_NODE_KEY = SigningKey(b"\x42" * 32)
+_ANALYST = Analyst.create("ana@amsterdam", seed=b"\x21" * 32)
+_REQUEST = _ANALYST.seal(_ANALYST.request("lisbon", count_by_room_type()))
+_REQUEST_BODY = decode_as(decode_envelope(_REQUEST).payload, QueryRequest)
+_GOOD_REPLY = seal(stub_answer(message_id(_REQUEST), _REQUEST_BODY, 7), _NODE_KEY)
+_TARGET = Target("lisbon", "http://127.0.0.1:9", _NODE_KEY.public_key)
+
+
+def _classify(body: bytes, status: int = 200) -> CityStatus:
+    return verify_reply(
+        status,
+        body,
+        target=_TARGET,
+        request_id=message_id(_REQUEST),
+        requester=_ANALYST.principal,
+        query=_REQUEST_BODY.query,
+    ).status
+
+
+def test_the_good_reply_is_answered() -> None:
+    assert _classify(_GOOD_REPLY) is CityStatus.ANSWERED
+    # The same signed bytes under a non-200 status are not read as signed.
+    assert _classify(_GOOD_REPLY, status=500) is CityStatus.PROTOCOL_ERROR
+
+
+def test_answer_for_another_city_or_requester_is_bad_signature() -> None:
+    other_city = stub_answer(message_id(_REQUEST), _REQUEST_BODY, 7)
+    for reply in (
+        msgspec.structs.replace(other_city, responder="madrid"),
+        msgspec.structs.replace(other_city, requester="eve@madrid"),
+    ):
+        assert _classify(seal(reply, _NODE_KEY)) is CityStatus.BAD_SIGNATURE
+
+
+def test_answer_that_does_not_fit_the_query_is_a_protocol_error() -> None:
+    wrong = stub_answer(message_id(_REQUEST), _REQUEST_BODY, 7)
+    wrong = msgspec.structs.replace(wrong, dataset="other")
+    assert _classify(seal(wrong, _NODE_KEY)) is CityStatus.PROTOCOL_ERROR
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_any_altered_reply_is_never_answered(data: st.DataObject) -> None:
+    body = bytearray(_GOOD_REPLY)
+    flips = data.draw(st.lists(st.integers(0, len(body) * 8 - 1), min_size=1, max_size=4))
+    for bit in flips:
+        body[bit // 8] ^= 1 << (bit % 8)
+    cut = data.draw(st.integers(0, len(body)))
+    altered = bytes(body[:cut]) + data.draw(st.binary(max_size=8))
+    status = _classify(altered)
+    if altered != _GOOD_REPLY:
+        assert status in (CityStatus.BAD_SIGNATURE, CityStatus.PROTOCOL_ERROR)
