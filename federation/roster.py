@@ -114,7 +114,7 @@ SignatureBytes = Annotated[bytes, Meta(min_length=64, max_length=64)]
 _CITY_RE: Final = re.compile(CITY_ID_PATTERN)
 _PRINCIPAL_RE: Final = re.compile(PRINCIPAL_ID_PATTERN)
 _TOKEN_RE: Final = re.compile(TOKEN_PATTERN)
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class Role(enum.StrEnum):

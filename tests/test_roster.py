@@ -104,6 +104,13 @@ def _code(exc: pytest.ExceptionInfo[HansaError]) -> ErrorCode:
 ROLE_SETS = st.lists(st.sampled_from(list(Role)), min_size=1, max_size=4, unique=True)
 
 
+ALLIANCE_NAMES = st.text(
+    st.characters(max_codepoint=0x2FF, categories=["L", "N", "P", "S", "Zs"]),
+    min_size=1,
+    max_size=40,
+).filter(str.strip)
+
+
 @st.composite
 def rosters(draw: st.DrawFn) -> Roster:
     n = draw(st.integers(1, len(CITIES) - 1))  # KEYS[-1] is the analyst key
@@ -120,8 +127,7 @@ def rosters(draw: st.DrawFn) -> Roster:
     if purposes and with_analyst:
         analysts = (Analyst("ana@" + CITIES[0], KEYS[7].public_key.raw, CITIES[0], purposes[:1]),)
     return Roster(
-        alliance=draw(st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF), min_size=1,
-                              max_size=40).filter(str.strip)),
+        alliance=draw(ALLIANCE_NAMES),
         version=draw(st.integers(1, 2**53)),
         expires_ms=draw(st.integers(0, 2**53)),
         threshold=draw(st.integers(1, len(root_idx))),
