@@ -5,7 +5,7 @@ binary MessagePack. Editing commands write a new file::
 
     hansa alliance init --name NAME --out FILE --threshold T --expires-days D
         --member CITY=ENDPOINT:KEYFILE [--member ...] [--root-key CITY=KEYFILE ...]
-        [--purpose TOKEN ...] [--witness-quorum Q]
+        [--roles CITY=member,witness ...] [--purpose TOKEN ...] [--witness-quorum Q]
     hansa alliance add-member FILE --out OUT --city CITY --endpoint URL --key KEYFILE
         [--name NAME] [--roles member,witness] [--root-key KEYFILE] [--threshold T]
     hansa alliance remove-member FILE --out OUT --city CITY [--threshold T]
@@ -114,6 +114,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=[],
         metavar="CITY=KEYFILE",
         help="a city's governance key (default: every city's node key)",
+    )
+    p.add_argument(
+        "--roles",
+        action="append",
+        default=[],
+        metavar="CITY=ROLES",
+        help="a city's comma-separated roles (default: member)",
     )
     p.add_argument(
         "--purpose", action="append", default=[], metavar="TOKEN", help="a purpose (repeat)"
@@ -275,6 +282,10 @@ def _fields(roster: Roster) -> dict[str, object]:
 
 
 def _init(args: argparse.Namespace) -> int:
+    roles: dict[str, tuple[Role, ...]] = {}
+    for spec in args.roles:
+        city, text = _split(spec, "=", "CITY=ROLES")
+        roles[city] = _roles(text)
     members: list[Member] = []
     for spec in args.member:
         city, rest = _split(spec, "=", "CITY=ENDPOINT:KEYFILE")
@@ -282,7 +293,9 @@ def _init(args: argparse.Namespace) -> int:
         if not endpoint or not keyfile:
             raise ConfigError(f"expected CITY=ENDPOINT:KEYFILE, got {spec!r}")
         key = read_public_key(keyfile)
-        members.append(_member(city, city, key.raw, endpoint, (Role.MEMBER,)))
+        members.append(_member(city, city, key.raw, endpoint, roles.pop(city, (Role.MEMBER,))))
+    if roles:
+        raise ConfigError(f"--roles names {sorted(roles)[0]!r}, which is no --member")
     if args.root_key:
         roots = []
         for spec in args.root_key:

@@ -270,3 +270,29 @@ def test_init_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture
     ]  # fmt: skip
     assert "already exists" in _fail(capsys, EXIT_ERROR, *argv)
     _ok(capsys, *argv, "--force")
+
+
+def test_init_with_roles_and_witness_quorum(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r.bin"
+    members = [
+        arg
+        for city in CITIES
+        for arg in ("--member", f"{city}=http://127.0.0.1:1:{_key(tmp_path, city)}")
+    ]
+    _ok(
+        capsys, "init", "--name", "H", "--out", str(out), "--threshold", "1",
+        "--expires-days", "1", *members, "--roles", "berlin=member,witness",
+        "--roles", "cape-town=witness,auditor", "--witness-quorum", "2",
+    )  # fmt: skip
+    roster = decode_roster(decode_signed_roster(out.read_bytes()).body)
+    assert roster.witness_quorum == 2
+    witnesses = {roster.holders[kid].principal for kid in roster.keys_for_role(Role.WITNESS)}
+    assert witnesses == {"berlin", "cape-town"}
+    assert len(roster.keys_for_role(Role.AUDITOR)) == 1
+    err = _fail(
+        capsys, EXIT_ERROR, "init", "--name", "H", "--out", str(out), "--force",
+        "--threshold", "1", "--expires-days", "1", *members, "--roles", "dakar=witness",
+    )  # fmt: skip
+    assert "no --member" in err
