@@ -45,25 +45,52 @@ None as they are; dates as ``YYYY-MM-DD``; timestamps as
 the column type, so cities storing DATE and TIMESTAMP still merge —
 ``day_of_week`` as 1 (Monday) … 7 and ``hour_of_day`` as 0 … 23.
 
-Execution is blocking and thread-safe: each answer gets its own DuckDB
-cursor. A watchdog thread interrupts the cursor at the deadline
-(``QUERY_TIMEOUT``); DuckDB's ``memory_limit`` bounds memory
-(``RESOURCE_LIMIT``). No ``duckdb.Error`` escapes :meth:`QueryEngine.answer`.
+Execution is blocking and thread-safe: each answer runs on a DuckDB
+cursor of its own for its duration (cursors of an engine-owned catalog are
+pooled and reused; a cursor that saw any error is closed, never reused).
+One watchdog thread per engine keeps the deadlines of running answers in a
+heap and interrupts a cursor once its deadline passes (``QUERY_TIMEOUT``);
+DuckDB's ``memory_limit`` bounds memory (``RESOURCE_LIMIT``). No
+``duckdb.Error`` escapes :meth:`QueryEngine.answer`.
+
+Result cache
+------------
+Answers are exact and deterministic for unchanged data and settings, so the
+engine keeps a bounded LRU of :class:`EngineResult` values
+(:class:`ResultCache`, sized by ``cache_entries`` and ``cache_bytes``; 0
+entries disables it). The key is ``(dataset name, data version, disclosure
+version, canonical MessagePack encoding of the Query)``: the encoded bytes,
+not the ``Query`` object, because Python equality would merge literals the
+wire keeps apart (``1``, ``1.0`` and ``true``; spec §7.2). A hit is also
+checked against the full :class:`DatasetSpec` it was computed under, so a
+hand-edited ``datasets.toml`` that kept its version numbers cannot serve a
+stale answer, and :meth:`QueryEngine.reload` empties the cache.
+
+Only the aggregate computation is reused. Every request still runs the
+request rules (purpose allow-list, offered aggregates) against the current
+settings before the cache is consulted, and the server still verifies the
+signature, principal, freshness and replay of every request and signs
+every answer afresh. Only successful results are cached, never refusals.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import heapq
+import itertools
 import logging
 import math
 import re
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import duckdb
+import msgspec
 
 from hansa.federation.sketch import (
     DEFAULT_ALPHA,
@@ -85,6 +112,7 @@ from hansa.node.disclosure import (
     aggregate_kind,
     dominance_columns,
 )
+from hansa.protocol.codec import encode
 from hansa.protocol.errors import ConfigError, ErrorCode, HansaError, ProtocolError, QueryError
 from hansa.protocol.messages import (
     MAX_SKETCH_BUCKETS,
@@ -125,9 +153,13 @@ from hansa.protocol.messages import (
 )
 
 __all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "DEFAULT_CACHE_ENTRIES",
+    "CacheInfo",
     "CompiledQuery",
     "EngineResult",
     "QueryEngine",
+    "ResultCache",
     "compile_query",
 ]
 
@@ -140,6 +172,14 @@ _MEMORY_RE: Final = re.compile(r"^\d+(?:\.\d+)?\s*(?:[KMGT]i?B|B)\Z", re.IGNOREC
 _NUMERIC: Final = frozenset({ColumnType.INTEGER, ColumnType.FLOAT})
 _FILTER_ROLES: Final = frozenset({ColumnRole.DIMENSION, ColumnRole.MEASURE, ColumnRole.TIME})
 _WATCHDOG_REPEAT_S: Final = 0.02
+_WATCHDOG_IDLE_S: Final = 2.0
+_MAX_IDLE_CURSORS: Final = 8
+"""Pooled cursors kept for reuse; more concurrent answers get fresh ones, closed after use."""
+
+DEFAULT_CACHE_ENTRIES: Final = 1024
+"""Default bound on the number of cached results (:class:`ResultCache`)."""
+DEFAULT_CACHE_BYTES: Final = 32 * 1024 * 1024
+"""Default bound on the cached results' size, in encoded bytes (:class:`ResultCache`)."""
 
 Row = tuple[Any, ...]
 
@@ -610,39 +650,297 @@ def compile_query(
 # --- execution ---------------------------------------------------------------------------------
 
 
-class _Watchdog:
-    """Interrupts a DuckDB cursor once a deadline passes, until stopped.
+class _Watch:
+    """One running answer as the watchdog sees it (a context manager).
 
-    DuckDB drops an interrupt that arrives before a statement starts, so the
-    watchdog keeps interrupting every few milliseconds after the deadline and
-    the engine also checks :attr:`fired` after each statement.
+    Attributes:
+        cursor: the cursor to interrupt (None once released).
+        fired: set once the deadline passed and the cursor was interrupted.
+        done: set when the answer finished; the watchdog then never touches
+            the cursor again.
     """
 
-    def __init__(self, cursor: duckdb.DuckDBPyConnection, timeout_s: float) -> None:
-        self._cursor = cursor
-        self._timeout_s = timeout_s
-        self._done = threading.Event()
+    __slots__ = ("_watchdog", "cursor", "done", "fired")
+
+    def __init__(self, watchdog: _Watchdog, cursor: duckdb.DuckDBPyConnection) -> None:
+        self._watchdog = watchdog
+        self.cursor: duckdb.DuckDBPyConnection | None = cursor
         self.fired = False
-        self._thread = threading.Thread(target=self._run, name="hansa-query-watchdog", daemon=True)
+        self.done = False
 
-    def _run(self) -> None:
-        if self._done.wait(self._timeout_s):
-            return
-        self.fired = True
-        while not self._done.is_set():
-            try:
-                self._cursor.interrupt()
-            except duckdb.Error:  # the cursor finished meanwhile; nothing to stop
-                return
-            self._done.wait(_WATCHDOG_REPEAT_S)
-
-    def __enter__(self) -> _Watchdog:
-        self._thread.start()
+    def __enter__(self) -> _Watch:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
+        self._watchdog.release(self)
+
+
+class _Watchdog:
+    """One thread per engine that interrupts the cursors of overdue answers.
+
+    Starting a thread per answer cost about as much as a small query itself,
+    so deadlines sit in a heap served by a single long-lived thread, started
+    on first use and ended after ``_WATCHDOG_IDLE_S`` with nothing to watch.
+    Watching an answer costs a lock, a heap push and, only when its deadline
+    is the earliest, a notify; a finished answer is merely marked done and
+    dropped lazily (when it reaches the top of the heap, or when finished
+    entries outnumber running ones, so the heap stays small).
+
+    DuckDB drops an interrupt that arrives before a statement starts, so a
+    fired watch is interrupted again every ``_WATCHDOG_REPEAT_S`` until it is
+    released, and the engine also checks :attr:`_Watch.fired` after each
+    statement. Interrupts happen under the lock :meth:`release` takes, so
+    once ``release`` returns the cursor is never interrupted again and may be
+    reused.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._seq = itertools.count()
+        self._live = 0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, cursor: duckdb.DuckDBPyConnection, timeout_s: float) -> _Watch:
+        """Start watching ``cursor``: interrupt it once ``timeout_s`` has passed.
+
+        Args:
+            cursor: the answer's cursor.
+            timeout_s: seconds from now.
+
+        Returns:
+            The watch; leave its context (or :meth:`release` it) when done.
+
+        Raises:
+            HansaError: ``UNAVAILABLE`` after :meth:`close`.
+        """
+        watch = _Watch(self, cursor)
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            if self._closed:
+                raise HansaError("the query engine is closed", ErrorCode.UNAVAILABLE)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="hansa-query-watchdog", daemon=True
+                )
+                self._thread.start()
+            heap = self._heap
+            self._live += 1
+            if len(heap) > 64 + 4 * self._live:
+                heap[:] = [entry for entry in heap if not entry[2].done]
+                heapq.heapify(heap)
+            heapq.heappush(heap, (deadline, next(self._seq), watch))
+            if heap[0][2] is watch:  # the thread sleeps until a later deadline: wake it
+                self._cond.notify()
+        return watch
+
+    def release(self, watch: _Watch) -> None:
+        """Stop watching (idempotent)."""
+        with self._cond:
+            if not watch.done:
+                watch.done = True
+                watch.cursor = None  # the heap may hold the watch a while; not the cursor
+                self._live -= 1
+
+    @property
+    def watching(self) -> int:
+        """Answers being watched right now."""
+        return self._live
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the thread (running answers are no longer interrupted)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        cond, heap = self._cond, self._heap
+        with cond:
+            while not self._closed:
+                while heap and heap[0][2].done:
+                    heapq.heappop(heap)
+                if not heap:
+                    # An idle engine keeps no thread: a forgotten, unclosed engine leaves
+                    # none behind, and the next answer starts a new one.
+                    if not cond.wait(_WATCHDOG_IDLE_S) and not heap:
+                        self._thread = None
+                        return
+                    continue
+                deadline, _, watch = heap[0]
+                delay = deadline - time.monotonic()
+                if delay > 0:
+                    cond.wait(delay)
+                    continue
+                heapq.heappop(heap)
+                cursor = watch.cursor
+                if cursor is None:
+                    continue
+                watch.fired = True
+                try:
+                    cursor.interrupt()
+                except duckdb.Error:  # the cursor is gone; nothing left to stop
+                    continue
+                heapq.heappush(
+                    heap, (time.monotonic() + _WATCHDOG_REPEAT_S, next(self._seq), watch)
+                )
+
+
+CacheKey = tuple[str, str, int, bytes]
+"""(dataset name, data version, disclosure version, encoded Query) — module docstring."""
+
+_CACHE_ENTRY_OVERHEAD: Final = 256
+"""Bytes charged per cached entry on top of its encoded size (key, bookkeeping)."""
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """A snapshot of a :class:`ResultCache`.
+
+    Attributes:
+        entries: results held.
+        size: their charged size in bytes (see :class:`ResultCache`).
+        hits: lookups answered from the cache since it was created.
+        misses: lookups that were not.
+        max_entries: the bound on ``entries`` (0: the cache is off).
+        max_bytes: the bound on ``size``.
+    """
+
+    entries: int
+    size: int
+    hits: int
+    misses: int
+    max_entries: int
+    max_bytes: int
+
+
+class ResultCache:
+    """A bounded, thread-safe LRU of engine results (module docstring, "Result cache").
+
+    Each entry is charged the MessagePack size of its groups and suppressed
+    cells plus its key and a fixed overhead; the Python objects behind it
+    take a small multiple of that. The least recently used entries are
+    evicted until both bounds hold; a result charged more than an eighth of
+    ``max_bytes`` is not cached at all, so one large answer cannot flush the
+    rest.
+
+    NOTE: the cache holds *exact, pre-noise* states. Should a rule ever add
+    noise or charge a privacy budget per answer (spec §8 leaves room for
+    it), that rule must run after the cache on every request — charging the
+    budget even on a hit — and must never store its noised output here.
+
+    Args:
+        max_entries: most results held (0 disables the cache).
+        max_bytes: most charged bytes held.
+
+    Raises:
+        ConfigError: a bound is negative or absurdly large.
+    """
+
+    def __init__(
+        self, max_entries: int = DEFAULT_CACHE_ENTRIES, max_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
+        if not 0 <= max_entries <= 10_000_000:
+            raise ConfigError(f"result cache entries {max_entries!r} is not in [0, 10000000]")
+        if not 0 <= max_bytes <= 2**40:
+            raise ConfigError(f"result cache bytes {max_bytes!r} is not in [0, 2**40]")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[CacheKey, tuple[DatasetSpec, EngineResult, int]] = OrderedDict()
+        self._size = 0
+        self._hits = 0
+        self._misses = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether results are cached at all."""
+        return self.max_entries > 0 and self.max_bytes > 0
+
+    def get(self, key: CacheKey, spec: DatasetSpec) -> EngineResult | None:
+        """Return the result cached under ``key`` for exactly ``spec``, or None.
+
+        Args:
+            key: the cache key.
+            spec: the dataset spec in effect now; an entry computed under a
+                different spec is dropped.
+
+        Returns:
+            The cached result, or None.
+        """
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self._misses += 1
+                return None
+            cached_spec, result, size = entry
+            if cached_spec is not spec and cached_spec != spec:
+                del self._entries[key]
+                self._size -= size
+                self._misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self._hits += 1
+            return result
+
+    def put(self, key: CacheKey, spec: DatasetSpec, result: EngineResult) -> None:
+        """Cache ``result`` (computed under ``spec``), evicting the least recently used.
+
+        Args:
+            key: the cache key.
+            spec: the dataset spec the result was computed under.
+            result: the result.
+        """
+        if not self.enabled:
+            return
+        size = (
+            len(_size_encoder.encode((result.groups, result.suppressed)))
+            + len(key[3])
+            + _CACHE_ENTRY_OVERHEAD
+        )
+        if size > self.max_bytes // 8:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._size -= old[2]
+            self._entries[key] = (spec, result, size)
+            self._size += size
+            while len(self._entries) > self.max_entries or self._size > self.max_bytes:
+                _, (_, _, evicted) = self._entries.popitem(last=False)
+                self._size -= evicted
+
+    def clear(self) -> None:
+        """Drop every entry (the hit and miss counts stay)."""
+        with self._lock:
+            self._entries.clear()
+            self._size = 0
+
+    def info(self) -> CacheInfo:
+        """Return a snapshot of the cache's size and counters."""
+        with self._lock:
+            return CacheInfo(
+                entries=len(self._entries),
+                size=self._size,
+                hits=self._hits,
+                misses=self._misses,
+                max_entries=self.max_entries,
+                max_bytes=self.max_bytes,
+            )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_size_encoder: Final = msgspec.msgpack.Encoder()
 
 
 class QueryEngine:
@@ -655,6 +953,8 @@ class QueryEngine:
         threads: DuckDB worker threads.
         catalog: an open catalog to use instead of opening ``data_dir``
             read-only (its DuckDB settings are then changed to the limits above).
+        cache_entries: most results in the result cache (0 disables it).
+        cache_bytes: most bytes in the result cache (see :class:`ResultCache`).
 
     Raises:
         ConfigError: the catalog cannot be opened or is invalid, or a limit is malformed.
@@ -668,6 +968,8 @@ class QueryEngine:
         memory_limit: str = "1GB",
         threads: int = 2,
         catalog: Catalog | None = None,
+        cache_entries: int = DEFAULT_CACHE_ENTRIES,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         if not 0 < timeout_s <= 3600:
             raise ConfigError(f"query timeout {timeout_s!r} s is not in (0, 3600]")
@@ -676,7 +978,10 @@ class QueryEngine:
         if not 1 <= threads <= 256:
             raise ConfigError(f"threads {threads!r} is not in [1, 256]")
         self.timeout_s = float(timeout_s)
+        self._cache = ResultCache(cache_entries, cache_bytes)
         self._cursor_lock = threading.Lock()
+        self._idle: list[duckdb.DuckDBPyConnection] = []
+        self._watchdog = _Watchdog()
         if catalog is None:
             self._owns_catalog = True
             self._catalog = Catalog(
@@ -717,15 +1022,31 @@ class QueryEngine:
         return tuple(spec.info() for spec in self._catalog.list())
 
     def reload(self) -> None:
-        """Re-read the catalog (roles, disclosure settings, versions).
+        """Re-read the catalog (roles, disclosure settings, versions) and empty the result cache.
 
         Raises:
-            ConfigError: the new configuration is invalid; the old one stays in effect.
+            ConfigError: the new configuration is invalid; the old one stays in
+                effect, and so do the cached results computed under it.
         """
         self._catalog.reload()
+        self._cache.clear()
+
+    def cache_info(self) -> CacheInfo:
+        """Return a snapshot of the result cache (module docstring, "Result cache")."""
+        return self._cache.info()
+
+    def clear_cache(self) -> None:
+        """Drop every cached result."""
+        self._cache.clear()
 
     def close(self) -> None:
-        """Release the database (only when the engine opened it)."""
+        """Stop the watchdog, close pooled cursors, release the database (only when owned)."""
+        self._watchdog.close()
+        with self._cursor_lock:
+            idle, self._idle = self._idle, []
+        for cursor in idle:
+            cursor.close()
+        self._cache.clear()
         if self._owns_catalog:
             self._catalog.close()
 
@@ -756,16 +1077,58 @@ class QueryEngine:
                 f"internal error while answering ({type(exc).__name__})", ErrorCode.INTERNAL
             ) from exc
 
-    def _answer(self, request: QueryRequest) -> EngineResult:
+    def cached_answer(self, request: QueryRequest) -> EngineResult | None:
+        """Answer from the result cache only; never touches DuckDB.
+
+        Runs the same request rules as :meth:`answer` first, so a refusal is
+        raised here exactly as there. Cheap enough to call on an event loop:
+        a dictionary lookup, the request rules and one small encode.
+
+        Args:
+            request: a verified request addressed to this node.
+
+        Returns:
+            The cached result, or None when :meth:`answer` has to compute it.
+
+        Raises:
+            QueryError: ``UNKNOWN_DATASET`` or ``AGGREGATE_NOT_ALLOWED``.
+            PolicyDenied: ``PURPOSE_NOT_ALLOWED``.
+            HansaError: ``INTERNAL`` on an unexpected failure.
+        """
+        if not self._cache.enabled:
+            return None
+        try:
+            spec, _, key = self._admit(request)
+            return self._cache.get(key, spec)
+        except HansaError:
+            raise
+        except Exception as exc:
+            _log.exception("query engine failure")
+            raise HansaError(
+                f"internal error while answering ({type(exc).__name__})", ErrorCode.INTERNAL
+            ) from exc
+
+    def _admit(self, request: QueryRequest) -> tuple[DatasetSpec, DisclosurePolicy, CacheKey]:
+        """Find the dataset, run the request rules, return the cache key."""
         query = request.query
         spec = self._catalog.get(query.dataset)
         policy = DisclosurePolicy.for_dataset(spec)
         policy.enforce_request(request, spec)
+        return spec, policy, (spec.name, spec.version, spec.disclosure.version, encode(query))
+
+    def _answer(self, request: QueryRequest) -> EngineResult:
+        spec, policy, key = self._admit(request)
+        cache = self._cache
+        if cache.enabled:
+            hit = cache.get(key, spec)
+            if hit is not None:
+                return hit
+        query = request.query
         compiled = compile_query(query, spec)
-        with self._cursor_lock:
-            cursor = self._catalog.cursor()
+        cursor = self._acquire_cursor()
+        reusable = False
         try:
-            with _Watchdog(cursor, self.timeout_s) as watchdog:
+            with self._watchdog.watch(cursor, self.timeout_s) as watchdog:
                 try:
                     try:
                         rows, sketch_rows = self._execute(cursor, spec, compiled, watchdog)
@@ -788,9 +1151,30 @@ class QueryEngine:
                     raise HansaError(
                         f"query execution failed ({type(exc).__name__})", ErrorCode.INTERNAL
                     ) from exc
+                # Only a cursor whose answer completed without any interrupt goes back to the pool.
+                reusable = not watchdog.fired
         finally:
-            cursor.close()
-        return self._decide(spec, policy, compiled, rows, sketch_rows)
+            self._release_cursor(cursor, reusable)
+        result = self._decide(spec, policy, compiled, rows, sketch_rows)
+        if cache.enabled:
+            cache.put(key, spec, result)
+        return result
+
+    def _acquire_cursor(self) -> duckdb.DuckDBPyConnection:
+        with self._cursor_lock:
+            if self._idle:
+                return self._idle.pop()
+            return self._catalog.cursor()
+
+    def _release_cursor(self, cursor: duckdb.DuckDBPyConnection, reusable: bool) -> None:
+        # Only an engine-owned (read-only) catalog's connection is known to outlive the
+        # cursor; a catalog lent to the engine may be closed or reopened by its owner.
+        if reusable and self._owns_catalog:
+            with self._cursor_lock:
+                if len(self._idle) < _MAX_IDLE_CURSORS and not self._watchdog.closed:
+                    self._idle.append(cursor)
+                    return
+        cursor.close()
 
     def _timeout(self) -> HansaError:
         return HansaError(
@@ -803,7 +1187,7 @@ class QueryEngine:
         cursor: duckdb.DuckDBPyConnection,
         spec: DatasetSpec,
         compiled: CompiledQuery,
-        watchdog: _Watchdog,
+        watchdog: _Watch,
     ) -> tuple[list[Row], list[Row]]:
         # A read-only catalog holds DuckDB's shared file lock, so no writer can change
         # the data under it and the version loaded with the catalog is the version of

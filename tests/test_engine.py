@@ -695,6 +695,7 @@ def test_duckdb_errors_are_translated(
     engine: QueryEngine, monkeypatch: pytest.MonkeyPatch, exc: Exception, code: ErrorCode
 ) -> None:
     monkeypatch.setattr(engine.catalog, "cursor", lambda: FailingCursor(exc))
+    engine.clear_cache()  # a cached answer would not reach the failing cursor
     err = refused(code, lambda: ask(engine))
     assert not isinstance(err, duckdb.Error)
     assert type(err) is HansaError
