@@ -95,12 +95,16 @@ QUERY_PATH: Final = "/v1/query"
 VERIFY_THREAD_THRESHOLD: Final = 32
 """Verify replies in a thread pool only above this many targets.
 
-Measured on the 2-core development machine (Python 3.11, PyNaCl): opening a
-small answer envelope costs about 0.1 ms on the event loop, while handing a
-check to a ``ThreadPoolExecutor`` and back costs about 0.05–0.1 ms of loop time
-plus thread wake-ups. For a handful of cities the pool buys nothing and adds
-latency; with hundreds the loop would spend tens of milliseconds verifying
-instead of reading sockets, and the pool spreads that over every core."""
+Measured on the shared 2-core development machine (Python 3.11, PyNaCl) with
+``verify_reply`` on a one-cell answer: about 51 µs per reply on the event loop.
+A burst of n checks through a 2-thread ``ThreadPoolExecutor`` against the same
+checks inline: n = 8: 0.57 vs 0.42 ms (the hand-off loses); n = 32: 1.44 vs
+1.64 ms (break-even); n = 128: 6.1 vs 6.5 ms; n = 512: 25.7 vs 26.1 ms. On two
+busy cores the pool gains little wall time, but above the break-even it takes
+the signature checks off the event loop (libsodium releases the GIL), so
+sockets keep being read while replies are verified; with more cores it also
+spreads the work. ``bench/fanout.py`` (issue 4) is where this is re-measured.
+"""
 
 DEFAULT_CONNECTION_LIMIT: Final = 512
 """Most simultaneous connections of the pool :func:`fan_out` creates itself."""
@@ -441,6 +445,14 @@ class _Coordinator:
                             CityStatus.PROTOCOL_ERROR,
                             None,
                             f"bad HTTP reply: {_one_line(str(exc) or type(exc).__name__)}",
+                        )
+                    except Exception as exc:
+                        # Never lose a city to an unforeseen failure: it gets a status too.
+                        log.exception("unexpected failure asking %s", job.target.city)
+                        return done(
+                            CityStatus.PROTOCOL_ERROR,
+                            None,
+                            f"unexpected failure: {_one_line(str(exc) or type(exc).__name__)}",
                         )
                     verdict = await self._check(job, status, body)
                     keep = verdict.status in (CityStatus.ANSWERED, CityStatus.REFUSED)
