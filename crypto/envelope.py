@@ -4,6 +4,11 @@
 the envelope bytes. ``open_envelope`` is the receive path and the hot path:
 parse the envelope, look up the signer by key id, verify the signature over
 the exact received payload bytes, and only then decode the body.
+
+NOTE: ``seal`` signs what it is given. The schema's bounds and name shapes
+are checked when decoding, not when a message is built (see
+``hansa.protocol.messages``), so a sender that builds messages from
+untrusted values can run ``decode_as(encode(m), type(m))`` first.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Final, Generic, TypeVar
 
 import msgspec
 
-from hansa.crypto.keys import PublicKey, SigningKey, verify_strict
+from hansa.crypto.keys import PublicKey, SigningKey, verify_signed
 from hansa.protocol.codec import MESSAGE_TYPES, decode_as, encode, payload_type_of
 from hansa.protocol.envelope import (
     ENVELOPE_VERSION,
@@ -23,6 +28,7 @@ from hansa.protocol.envelope import (
     encode_envelope,
     message_id,
     pae,
+    pae_prefix,
 )
 from hansa.protocol.errors import ErrorCode, ProtocolError, SignatureError
 
@@ -68,14 +74,16 @@ def seal(message: msgspec.Struct, key: SigningKey) -> bytes:
     """Encode ``message``, sign it with ``key`` and return the envelope bytes.
 
     Raises:
-        ProtocolError: the message kind is not one carried in envelopes.
+        ProtocolError: the message kind is not one carried in envelopes, or
+            it holds an integer MessagePack cannot carry.
     """
     return seal_bytes(payload_type_of(message), encode(message), key)
 
 
-_TYPES_BY_NAME: Final[dict[str, type[msgspec.Struct]]] = {
-    pt.value: cls for pt, cls in MESSAGE_TYPES.items()
+_BY_PAYLOAD_TYPE: Final[dict[str, tuple[type[msgspec.Struct], bytes]]] = {
+    pt.value: (cls, pae_prefix(pt.value)) for pt, cls in MESSAGE_TYPES.items()
 }
+"""Per payload type: its body type and the start of its PAE (spec §4.2)."""
 
 
 def _lookup(keys: KeyLookup, kid: bytes) -> PublicKey | None:
@@ -110,11 +118,12 @@ def open_envelope(
             does not verify (``BAD_SIGNATURE``).
     """
     env = decode_envelope(data, max_size=max_size)
-    cls = _TYPES_BY_NAME.get(env.payload_type)
-    if cls is None:
+    known = _BY_PAYLOAD_TYPE.get(env.payload_type)
+    if known is None:
         raise ProtocolError(
             f"unknown payload type {env.payload_type[:64]!r}", ErrorCode.UNKNOWN_PAYLOAD_TYPE
         )
+    cls, prefix = known
     if cls is not expected:
         raise ProtocolError(
             f"expected a {expected.__name__}, got {env.payload_type!r}",
@@ -123,7 +132,11 @@ def open_envelope(
     signer = _lookup(keys, env.key_id)
     if signer is None:
         raise SignatureError(f"unknown signer key id {env.key_id.hex()}", ErrorCode.UNKNOWN_KEY)
-    if not verify_strict(signer.raw, pae(env.payload_type, env.payload), env.signature):
+    payload = env.payload
+    # libsodium's combined input, signature || PAE(type, payload), built in one
+    # step from the cached PAE prefix: one copy of the payload, no output buffer.
+    signed = b"%s%s%d %s" % (env.signature, prefix, len(payload), payload)
+    if not verify_signed(signer.raw, signed):
         raise SignatureError("envelope signature does not verify", ErrorCode.BAD_SIGNATURE)
-    message = decode_as(env.payload, expected)
+    message = decode_as(payload, expected)
     return Opened(message=message, envelope=env, signer=signer, message_id=message_id(data))

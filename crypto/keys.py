@@ -30,6 +30,7 @@ __all__ = [
     "PublicKey",
     "SigningKey",
     "key_id",
+    "verify_signed",
     "verify_strict",
 ]
 
@@ -44,12 +45,34 @@ def key_id(public_key: bytes) -> bytes:
     return hashlib.sha256(_KEY_ID_PREFIX + public_key).digest()
 
 
-def verify_strict(public_key: bytes, message: bytes, signature: bytes) -> bool:
-    """Verify an Ed25519 signature with libsodium's strict rules.
+def verify_signed(public_key: bytes, signed: bytes) -> bool:
+    """Verify a combined ``signature || message`` with libsodium's strict rules.
 
     ``public_key`` must already be validated (see :class:`PublicKey`). The
     call goes straight to libsodium's ``crypto_sign_open`` (PyNaCl exposes
-    no detached verify) with a scratch buffer, and releases the GIL.
+    no detached verify) and releases the GIL. It passes no output buffers:
+    libsodium's ``crypto_sign_ed25519_open`` skips writing the message and
+    its length when they are NULL, so nothing is allocated or copied, and
+    nothing is shared between threads.
+
+    Args:
+        public_key: 32-byte public key.
+        signed: the 64-byte signature followed by the exact signed bytes.
+
+    Returns:
+        True if and only if the signature is valid.
+    """
+    if len(signed) < SIGNATURE_SIZE or len(public_key) != PUBLIC_KEY_SIZE:
+        return False
+    rc: int = lib.crypto_sign_open(ffi.NULL, ffi.NULL, signed, len(signed), public_key)
+    return rc == 0
+
+
+def verify_strict(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Verify an Ed25519 signature with libsodium's strict rules.
+
+    ``public_key`` must already be validated (see :class:`PublicKey`). See
+    :func:`verify_signed`, which this calls with ``signature + message``.
 
     Args:
         public_key: 32-byte public key.
@@ -59,13 +82,9 @@ def verify_strict(public_key: bytes, message: bytes, signature: bytes) -> bool:
     Returns:
         True if and only if the signature is valid.
     """
-    if len(signature) != SIGNATURE_SIZE or len(public_key) != PUBLIC_KEY_SIZE:
+    if len(signature) != SIGNATURE_SIZE:
         return False
-    signed = signature + message
-    out = ffi.new("unsigned char[]", len(signed))
-    out_len = ffi.new("unsigned long long *")
-    rc: int = lib.crypto_sign_open(out, out_len, signed, len(signed), public_key)
-    return rc == 0
+    return verify_signed(public_key, signature + message)
 
 
 class PublicKey:

@@ -20,6 +20,7 @@ exact bytes and never re-encoded (spec §4.2), so they cannot be malleated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -32,6 +33,7 @@ from hansa.protocol.messages import (
     QueryAnswer,
     QueryRefusal,
     QueryRequest,
+    name_check,
 )
 
 __all__ = [
@@ -62,7 +64,9 @@ _PAYLOAD_TYPES: Final[dict[type[msgspec.Struct], PayloadType]] = {
     cls: pt for pt, cls in MESSAGE_TYPES.items()
 }
 _encoder: Final = msgspec.msgpack.Encoder()
-_decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {}
+_Decoding = tuple[msgspec.msgpack.Decoder[Any], Callable[[Any], None] | None]
+_decoders: dict[type[Any], _Decoding] = {}
+"""Per struct type: its decoder and the check of the names it carries."""
 
 
 def encode(message: msgspec.Struct) -> bytes:
@@ -71,10 +75,11 @@ def encode(message: msgspec.Struct) -> bytes:
     The encoding is deterministic: bodies hold no maps, integers take their
     shortest form and floats are always float64.
 
-    NOTE: msgspec checks the schema's ``Meta`` constraints only when
-    decoding; ``__post_init__`` rules run on construction too. A message
-    built in Python with, say, a malformed identifier encodes fine and is
-    then refused by its receiver.
+    NOTE: the schema's ``Meta`` constraints (lengths, ranges, finite
+    floats) and the name shapes are checked only when decoding; only the
+    ``__post_init__`` cross-field rules run on construction too. A message
+    built in Python with, say, a malformed identifier or a NaN encodes fine
+    and is then refused by its receiver.
 
     Args:
         message: any wire struct (top-level or nested).
@@ -135,14 +140,21 @@ def decode_as(data: bytes, cls: type[M], *, max_size: int = MAX_PAYLOAD_SIZE) ->
     """
     if len(data) > max_size:
         raise TooLargeError(f"body of {len(data)} bytes exceeds the limit of {max_size}")
-    decoder = _decoders.get(cls)
-    if decoder is None:
-        decoder = _decoders[cls] = msgspec.msgpack.Decoder(cls)
+    decoding = _decoders.get(cls)
+    if decoding is None:
+        decoding = _decoders[cls] = (msgspec.msgpack.Decoder(cls), name_check(cls))
+    decoder, check_names = decoding
     try:
         result: M = decoder.decode(data)
     except (msgspec.MsgspecError, ValueError) as exc:
         # ValueError: msgspec lets UnicodeDecodeError through for invalid UTF-8.
         raise _as_protocol_error(exc, cls.__name__) from exc
+    if check_names is not None:
+        # Every name in the value, in one batch (see hansa.protocol.messages).
+        try:
+            check_names(result)
+        except ValueError as exc:
+            raise ProtocolError(f"invalid {cls.__name__}: {exc}", ErrorCode.INVALID_FIELD) from exc
     return result
 
 

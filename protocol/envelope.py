@@ -39,6 +39,7 @@ __all__ = [
     "encode_envelope",
     "message_id",
     "pae",
+    "pae_prefix",
 ]
 
 ENVELOPE_VERSION: Final = 1
@@ -69,6 +70,22 @@ class Envelope(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fiel
 _DSSE_PREFIX: Final = b"DSSEv1 "
 
 
+def pae_prefix(payload_type: str) -> bytes:
+    """Return the start of the PAE that depends on the payload type alone.
+
+    ``pae(t, body) == pae_prefix(t) + b"%d " % len(body) + body``; a
+    receiver computes the prefix once per payload type.
+
+    Args:
+        payload_type: the envelope's payload type string.
+
+    Returns:
+        ``"DSSEv1" SP LEN(type) SP type SP``.
+    """
+    t = payload_type.encode()
+    return b"%s%d %s " % (_DSSE_PREFIX, len(t), t)
+
+
 def pae(payload_type: str, payload: bytes) -> bytes:
     """Return the DSSE v1 pre-authentication encoding of (type, payload).
 
@@ -79,8 +96,7 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     Returns:
         The bytes the Ed25519 signature covers.
     """
-    t = payload_type.encode()
-    return b"%s%d %s %d %s" % (_DSSE_PREFIX, len(t), t, len(payload), payload)
+    return b"%s%d %s" % (pae_prefix(payload_type), len(payload), payload)
 
 
 _encoder: Final = msgspec.msgpack.Encoder()

@@ -14,14 +14,44 @@ rules are checked in ``__post_init__``, so a decoded object is a valid object.
 Times are integer milliseconds since the Unix epoch (UTC). Floats appear only
 as query literals, histogram edges, quantile ranks and aggregate states,
 never in control fields.
+
+Where each rule is checked
+--------------------------
+Decoding is the receive hot path (it runs after every signature check), so
+the rules are placed where they cost least. Decode bodies only through
+:mod:`hansa.protocol.codec`: a bare msgspec decoder skips the name checks.
+
+- **Scalar bounds are ``Meta`` constraints, checked in C while decoding**:
+  lengths and counts, integer ranges, quantile ranks in ``[0, 1]``, and
+  finiteness of every float (``FiniteFloat``: ``-max <= x <= max`` rejects
+  NaN and both infinities). As msgspec intends, they are *not* checked when
+  a struct is built in Python: a message built with, say, a NaN literal or
+  an over-long string encodes, and its receiver refuses it.
+  :func:`hansa.protocol.codec.encode` fails cleanly (``ProtocolError``) on
+  an integer MessagePack cannot carry.
+- **Name shapes** (identifiers, city ids, principal ids, tokens) are
+  decoding rules too (they were ``Meta`` patterns, which msgspec ran as one
+  ``re.search`` per string). After decoding, the codec runs the message's
+  :func:`name_check`, which checks every name in it, nested structs
+  included, with one regular-expression call per message: the names are
+  joined with spaces (no name alphabet contains one), the joined text must
+  hold exactly the spaces inserted (so a name with a space cannot pass as
+  two), and one compiled ``fullmatch`` of the message's layout of name
+  kinds checks them all (see :class:`_Names`). A name's *length* is its
+  ``Meta`` bound (``TOO_LARGE``); its shape is ``INVALID_FIELD``.
+- **Cross-field rules** run in ``__post_init__``, on construction and on
+  decoding, written with C-speed builtins over whole tuples.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
-import math
-from typing import Annotated, Final
+import operator
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Final, NamedTuple
 
 import msgspec
 from msgspec import Meta
@@ -29,6 +59,8 @@ from msgspec import Meta
 from hansa.protocol.errors import ErrorCode
 
 __all__ = [
+    "CITY_ID_PATTERN",
+    "IDENTIFIER_PATTERN",
     "INT_MAX",
     "INT_MIN",
     "MAX_AGGREGATES",
@@ -47,6 +79,8 @@ __all__ = [
     "MAX_TARGETS",
     "MAX_TEXT",
     "MAX_VERSION_TEXT",
+    "PRINCIPAL_ID_PATTERN",
+    "TOKEN_PATTERN",
     "Aggregate",
     "AggregateState",
     "Capabilities",
@@ -62,6 +96,7 @@ __all__ = [
     "ErrorMessage",
     "Filter",
     "FilterOp",
+    "FiniteFloat",
     "Group",
     "GroupKey",
     "Histogram",
@@ -87,6 +122,7 @@ __all__ = [
     "TimeBucket",
     "TimeUnit",
     "Variance",
+    "name_check",
     "typed_key",
 ]
 
@@ -115,23 +151,28 @@ INT_MAX: Final = 2**64 - 1
 
 # --- constrained scalar types ---------------------------------------------------
 
-# NOTE: patterns end in ``\Z``, not ``$``: msgspec matches with Python's
-# ``re.search``, where ``$`` also matches before a trailing newline, so
-# ``"melbourne\n"`` would pass as a city id. The max_length duplicates the
-# bound the pattern implies so that an over-long value is reported as
-# TOO_LARGE (length is checked first) and the limit is visible in the schema.
-Identifier = Annotated[str, Meta(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,62}\Z", max_length=63)]
+# Name shapes (spec §5.2), as full-match patterns. The schema bounds each
+# name's length with ``Meta`` (checked in C; over-long is TOO_LARGE); the
+# shape is checked in batches by ``_Names`` below (INVALID_FIELD).
+IDENTIFIER_PATTERN: Final = r"[A-Za-z][A-Za-z0-9_]{0,62}"
+"""Dataset and column names (``Identifier``), matched against the whole name."""
+CITY_ID_PATTERN: Final = r"[a-z0-9](?:[a-z0-9.-]{0,62}[a-z0-9])?"
+"""City ids (``CityId``), matched against the whole name."""
+PRINCIPAL_ID_PATTERN: Final = r"[a-z0-9](?:[a-z0-9._@-]{0,126}[a-z0-9])?"
+"""Analyst and node principal ids (``PrincipalId``), matched against the whole name."""
+TOKEN_PATTERN: Final = r"[a-z][a-z0-9_-]{0,31}"  # noqa: S105 (a vocabulary token, not a secret)
+"""Vocabulary tokens such as purposes (``Token``), matched against the whole name."""
+
+Identifier = Annotated[str, Meta(min_length=1, max_length=63)]
 """Dataset and column names: ASCII letter, then letters, digits, underscore; ≤ 63."""
 
-CityId = Annotated[str, Meta(pattern=r"^[a-z0-9](?:[a-z0-9.-]{0,62}[a-z0-9])?\Z", max_length=64)]
+CityId = Annotated[str, Meta(min_length=1, max_length=64)]
 """City ids: lower-case DNS-label-like tokens (``melbourne``, ``cape-town``); ≤ 64."""
 
-PrincipalId = Annotated[
-    str, Meta(pattern=r"^[a-z0-9](?:[a-z0-9._@-]{0,126}[a-z0-9])?\Z", max_length=128)
-]
+PrincipalId = Annotated[str, Meta(min_length=1, max_length=128)]
 """Analyst or node principal ids, e.g. ``ana@melbourne``; ≤ 128."""
 
-Token = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}\Z", max_length=32)]
+Token = Annotated[str, Meta(min_length=1, max_length=32)]
 """Vocabulary tokens such as purposes: lower-case, ≤ 32."""
 
 Millis = Annotated[int, Meta(ge=0, le=2**53)]
@@ -142,32 +183,110 @@ Text = Annotated[str, Meta(max_length=MAX_TEXT)]
 Count_ = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 VersionText = Annotated[str, Meta(min_length=1, max_length=MAX_VERSION_TEXT)]
 BoundedText = Annotated[str, Meta(max_length=MAX_TEXT)]
-Scalar = bool | int | float | BoundedText
+FiniteFloat = Annotated[float, Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+"""A finite float64: the bounds reject NaN and both infinities when decoding."""
+Rank = Annotated[float, Meta(ge=0.0, le=1.0)]
+"""A quantile rank in ``[0, 1]`` (NaN is rejected)."""
+# NOTE: integers need no bounds: MessagePack itself cannot carry one outside
+# [INT_MIN, INT_MAX], and ``codec.encode`` refuses to encode one.
+Scalar = bool | int | FiniteFloat | BoundedText
 """A query literal: finite floats only, strings of at most :data:`MAX_TEXT` characters."""
-CellValue = bool | int | float | BoundedText | None
+CellValue = bool | int | FiniteFloat | BoundedText | None
 """A group-key value in an answer (``None`` is the SQL NULL group); floats are finite."""
 
 
-def _check_finite(values: tuple[object, ...], what: str) -> None:
-    """Reject NaN and infinities, which break equality, merging and ordering."""
-    for v in values:
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError(f"{what} must be finite")
+class _Kind(NamedTuple):
+    """A kind of name: what to call it, and its shape as a regular expression.
+
+    The shape leaves out the length bound (that is the ``Meta`` bound,
+    checked in C when decoding) and uses possessive quantifiers, so it never
+    backtracks and runs in time linear in the text. Within the length bound
+    it accepts exactly what the kind's ``*_PATTERN`` accepts
+    (``tests/test_messages.py`` checks this).
+    """
+
+    what: str
+    shape: str
 
 
-def _check_scalars(values: tuple[object, ...], what: str) -> None:
-    """Apply the wire bounds to scalars built in Python (decoding checks them already)."""
-    _check_finite(values, what)
-    for v in values:
-        if isinstance(v, str) and len(v) > MAX_TEXT:
-            raise ValueError(f"{what}: string longer than {MAX_TEXT} characters")
-        if isinstance(v, int) and not isinstance(v, bool) and not INT_MIN <= v <= INT_MAX:
-            raise ValueError(f"{what}: integer outside the MessagePack range")
+_IDENTIFIER: Final = _Kind("identifier", r"[A-Za-z][A-Za-z0-9_]*+")
+# (?<=...) after a possessive run: the last character must be a letter or digit.
+_CITY_ID: Final = _Kind("city id", r"[a-z0-9][a-z0-9.-]*+(?<=[a-z0-9])")
+_PRINCIPAL_ID: Final = _Kind("principal id", r"[a-z0-9][a-z0-9._@-]*+(?<=[a-z0-9])")
+_TOKEN: Final = _Kind("token", r"[a-z][a-z0-9_-]*+")
+
+_GROUP: Final = ""
+"""Marks the end of a group in the flat name list given to :meth:`_Names.check`."""
 
 
-def _check_unique(values: tuple[object, ...], what: str) -> None:
-    if len(set(values)) != len(values):
-        raise ValueError(f"{what} must be unique")
+class _Names:
+    """Checks the names of one message with a single regular-expression call.
+
+    The names come in a fixed sequence of non-empty groups, each of one
+    :class:`_Kind`, as one flat list with an empty string between groups.
+    Joined with a space, names are one space apart and groups two. No name
+    alphabet contains a space, and the joined text must hold exactly
+    ``len(names) - 1`` spaces, so no name contains one (a name with a space
+    cannot pass as two names); one compiled ``fullmatch`` of the layout then
+    checks every name against the shape of its group's kind. An empty name
+    adds a double space where the layout has none, so it fails the match.
+    """
+
+    __slots__ = ("_kinds", "_layout")
+
+    def __init__(self, *kinds: _Kind) -> None:
+        self._kinds = kinds
+        self._layout = re.compile("  ".join(f"{k.shape}(?: {k.shape})*+" for k in kinds))
+
+    def check(self, names: list[str]) -> None:
+        """Raise ``ValueError`` unless every name has the shape of its group's kind.
+
+        Args:
+            names: the names of each group in turn, with :data:`_GROUP`
+                (an empty string) between two groups.
+        """
+        joined = " ".join(names)
+        if joined.count(" ") != len(names) - 1 or self._layout.fullmatch(joined) is None:
+            raise self._error(names)
+
+    def _error(self, names: list[str]) -> ValueError:
+        # The slow path: find the culprit to name it (quoted, shortened). Decoded
+        # names are never empty (Meta min_length=1), so "" is always a group mark.
+        group = 0
+        for name in names:
+            if name == _GROUP:
+                group += 1
+            elif group < len(self._kinds):
+                kind = self._kinds[group]
+                if re.fullmatch(kind.shape, name) is None:
+                    shown = name if len(name) <= 64 else name[:64] + "…"
+                    return ValueError(f"invalid {kind.what} {shown!r}")
+        expected = ", then ".join(f"{k.what}s" for k in self._kinds)
+        return ValueError(f"a name is empty or missing (expected {expected})")
+
+
+_IDENTIFIERS: Final = _Names(_IDENTIFIER)
+_CITY_IDS: Final = _Names(_CITY_ID)
+_TOKENS: Final = _Names(_TOKEN)
+_REQUEST_NAMES: Final = _Names(_PRINCIPAL_ID, _TOKEN, _CITY_ID, _IDENTIFIER)
+_POLICY_NAMES: Final = _Names(_TOKEN, _PRINCIPAL_ID)
+_RESPONSE_NAMES: Final = _Names(_CITY_ID, _PRINCIPAL_ID)
+_ANSWER_NAMES: Final = _Names(_CITY_ID, _PRINCIPAL_ID, _IDENTIFIER)
+
+_COLUMN: Final = operator.attrgetter("column")
+_NAME: Final = operator.attrgetter("name")
+_KEY: Final = operator.attrgetter("key")
+_STATES: Final = operator.attrgetter("states")
+_FIRST: Final = operator.itemgetter(0)
+_SECOND: Final = operator.itemgetter(1)
+
+
+def _strictly_increasing(values: Sequence[Any]) -> bool:
+    return all(map(operator.lt, values, itertools.islice(values, 1, None)))
+
+
+def _unique(values: Sequence[object]) -> bool:
+    return len(set(values)) == len(values)
 
 
 class _Wire(
@@ -314,35 +433,31 @@ class Histogram(_Wire, frozen=True, tag="histogram"):
     """Counts over the half-open bins ``[e0, e1), …, [e(n-2), e(n-1)]``.
 
     The last bin is closed. Values outside ``[e0, e(n-1)]`` are counted in
-    the ``below`` and ``above`` fields of :class:`HistogramState`.
+    the ``below`` and ``above`` fields of :class:`HistogramState`. Edges are
+    finite (checked when decoding).
     """
 
     column: Identifier
-    edges: Annotated[tuple[float, ...], Meta(min_length=2, max_length=MAX_BIN_EDGES)]
+    edges: Annotated[tuple[FiniteFloat, ...], Meta(min_length=2, max_length=MAX_BIN_EDGES)]
 
     def __post_init__(self) -> None:
-        if not all(math.isfinite(e) for e in self.edges):
-            raise ValueError("histogram edges must be finite")
-        if any(b <= a for a, b in itertools.pairwise(self.edges)):
+        edges = self.edges
+        if not all(map(operator.lt, edges, edges[1:])):
             raise ValueError("histogram edges must be strictly increasing")
 
 
 class Quantiles(_Wire, frozen=True, tag="quantiles"):
-    """Quantiles at the given ranks, estimated with a relative-error sketch."""
+    """Quantiles at the given ranks (in ``[0, 1]``), estimated with a relative-error sketch."""
 
     column: Identifier
-    ranks: Annotated[tuple[float, ...], Meta(min_length=1, max_length=MAX_QUANTILES)]
-
-    def __post_init__(self) -> None:
-        if not all(0.0 <= q <= 1.0 for q in self.ranks):
-            raise ValueError("quantile ranks must lie in [0, 1]")
+    ranks: Annotated[tuple[Rank, ...], Meta(min_length=1, max_length=MAX_QUANTILES)]
 
 
 Aggregate = Count | Sum | Mean | Min | Max | Variance | Stddev | Histogram | Quantiles
 
 
 class Filter(_Wire, frozen=True, tag="filter"):
-    """A typed predicate ``column op values`` (spec §6.3)."""
+    """A typed predicate ``column op values`` (spec §6.3); literals are :data:`Scalar`."""
 
     column: Identifier
     op: FilterOp
@@ -352,7 +467,6 @@ class Filter(_Wire, frozen=True, tag="filter"):
         low, high = _FILTER_ARITY[self.op]
         if not low <= len(self.values) <= high:
             raise ValueError(f"filter {self.op.value!r} takes {low}..{high} values")
-        _check_scalars(self.values, "filter literals")
 
 
 class Dimension(_Wire, frozen=True, tag="dimension"):
@@ -382,7 +496,22 @@ class Query(_Wire, frozen=True, tag="query"):
 
     def __post_init__(self) -> None:
         # A repeated grouping key adds nothing but a duplicate key column.
-        _check_unique(self.group_by, "group_by keys")
+        group_by = self.group_by
+        if len(group_by) > 1 and len(set(group_by)) != len(group_by):
+            raise ValueError("group_by keys must be unique")
+
+
+def _query_names(query: Query) -> list[str]:
+    """The dataset and every column ``query`` names."""
+    # filter(None, ...) skips the column of Count() (None). It would skip an
+    # empty column name too, but that is a length, and Meta(min_length=1)
+    # rejects it when decoding (see the module docstring).
+    return [
+        query.dataset,
+        *map(_COLUMN, query.filters),
+        *map(_COLUMN, query.group_by),
+        *filter(None, map(_COLUMN, query.aggregates)),
+    ]
 
 
 class PolicyTags(_Wire, frozen=True, tag="policy"):
@@ -414,7 +543,7 @@ class QueryRequest(_Wire, frozen=True, tag="query-request"):
     def __post_init__(self) -> None:
         if self.expires_at <= self.issued_at:
             raise ValueError("expires_at must be after issued_at")
-        if len(set(self.targets)) != len(self.targets):
+        if not _unique(self.targets):
             raise ValueError("targets must be unique")
         if self.audience not in self.targets:
             raise ValueError("audience must be one of the targets")
@@ -436,22 +565,18 @@ class SumState(_Wire, frozen=True, tag="sum"):
     """
 
     n: Count_
-    total: int | float
-
-    def __post_init__(self) -> None:
-        _check_scalars((self.total,), "sum total")
+    total: int | FiniteFloat
 
 
 class MinMaxState(_Wire, frozen=True, tag="minmax"):
     """Mergeable state of :class:`Min` / :class:`Max` (``None`` exactly when n == 0)."""
 
     n: Count_
-    value: int | float | None
+    value: int | FiniteFloat | None
 
     def __post_init__(self) -> None:
         if (self.value is None) != (self.n == 0):
             raise ValueError("min/max value must be null exactly when n == 0")
-        _check_scalars((self.value,), "min/max value")
 
 
 class MomentsState(_Wire, frozen=True, tag="moments"):
@@ -464,11 +589,10 @@ class MomentsState(_Wire, frozen=True, tag="moments"):
     """
 
     n: Count_
-    mean: float
-    m2: float
+    mean: FiniteFloat
+    m2: FiniteFloat
 
     def __post_init__(self) -> None:
-        _check_finite((self.mean, self.m2), "moments")
         if self.n == 0 and self.mean != 0:
             raise ValueError("moments mean must be 0 when n == 0")
 
@@ -504,7 +628,7 @@ class SketchState(_Wire, frozen=True, tag="ddsketch"):
     def __post_init__(self) -> None:
         # Sorted, unique indices make merging a linear walk and the encoding canonical.
         for buckets in (self.positive, self.negative):
-            if any(b[0] <= a[0] for a, b in itertools.pairwise(buckets)):
+            if len(buckets) > 1 and not _strictly_increasing(list(map(_FIRST, buckets))):
                 raise ValueError("sketch bucket indices must be strictly increasing")
 
 
@@ -519,18 +643,12 @@ class Group(_Wire, frozen=True, tag="group"):
     key: CellKey
     states: Annotated[tuple[AggregateState, ...], Meta(max_length=MAX_AGGREGATES)]
 
-    def __post_init__(self) -> None:
-        _check_scalars(self.key, "group key values")
-
 
 class SuppressedCell(_Wire, frozen=True, tag="suppressed"):
     """A withheld cell: its key and why (never its values)."""
 
     key: CellKey
     reason: SuppressionReason
-
-    def __post_init__(self) -> None:
-        _check_scalars(self.key, "suppressed key values")
 
 
 class QueryAnswer(_Wire, frozen=True, tag="query-answer"):
@@ -554,14 +672,15 @@ class QueryAnswer(_Wire, frozen=True, tag="query-answer"):
     suppressed: Annotated[tuple[SuppressedCell, ...], Meta(max_length=MAX_GROUPS)] = ()
 
     def __post_init__(self) -> None:
-        key_lengths = {len(g.key) for g in self.groups} | {len(c.key) for c in self.suppressed}
-        if len(key_lengths) > 1:
+        keys = list(map(_KEY, self.groups))
+        keys += map(_KEY, self.suppressed)
+        if len(set(map(len, keys))) > 1:
             raise ValueError("all cell keys must have the same length")
-        if len({len(g.states) for g in self.groups}) > 1:
+        if len(set(map(len, map(_STATES, self.groups)))) > 1:
             raise ValueError("all groups must carry the same number of states")
-        keys = [typed_key(g.key) for g in self.groups]
-        keys += [typed_key(c.key) for c in self.suppressed]
-        if len(set(keys)) != len(keys):
+        # Python equates 1, 1.0 and True, so keys that are distinct as Python
+        # values are distinct as typed values too; only a clash needs typed_key.
+        if not _unique(keys) and not _unique(list(map(typed_key, keys))):
             raise ValueError("a cell key appears more than once")
         if self.decision is Decision.ANSWERED and self.suppressed:
             raise ValueError("decision 'answered' cannot list suppressed cells")
@@ -645,8 +764,10 @@ class DisclosureProfile(_Wire, frozen=True, tag="disclosure"):
     ]
 
     def __post_init__(self) -> None:
-        _check_unique(self.purposes, "purposes")
-        _check_unique(tuple(column for column, _ in self.aggregates), "aggregate columns")
+        if not _unique(self.purposes):
+            raise ValueError("purposes must be unique")
+        if not _unique(list(map(_FIRST, self.aggregates))):
+            raise ValueError("aggregate columns must be unique")
 
 
 class DatasetInfo(_Wire, frozen=True, tag="dataset"):
@@ -658,7 +779,8 @@ class DatasetInfo(_Wire, frozen=True, tag="dataset"):
     disclosure: DisclosureProfile
 
     def __post_init__(self) -> None:
-        _check_unique(tuple(c.name for c in self.columns), "column names")
+        if not _unique(list(map(_NAME, self.columns))):
+            raise ValueError("column names must be unique")
 
 
 class Capabilities(_Wire, frozen=True, tag="capabilities"):
@@ -670,7 +792,8 @@ class Capabilities(_Wire, frozen=True, tag="capabilities"):
     datasets: Annotated[tuple[DatasetInfo, ...], Meta(max_length=MAX_DATASETS)]
 
     def __post_init__(self) -> None:
-        _check_unique(tuple(d.name for d in self.datasets), "dataset names")
+        if not _unique(list(map(_NAME, self.datasets))):
+            raise ValueError("dataset names must be unique")
 
 
 class ErrorMessage(_Wire, frozen=True, tag="error"):
@@ -684,3 +807,105 @@ class ErrorMessage(_Wire, frozen=True, tag="error"):
 
     def __post_init__(self) -> None:
         _check_wire_code(self.code)
+
+
+# --- name checks, run by the codec after decoding ----------------------------------------
+
+
+def _check_column(value: Any) -> None:
+    if value.column is not None:
+        _IDENTIFIERS.check([value.column])
+
+
+def _check_query(value: Query) -> None:
+    _IDENTIFIERS.check(_query_names(value))
+
+
+def _check_request(value: QueryRequest) -> None:
+    policy, query = value.policy, value.query
+    _REQUEST_NAMES.check(
+        [
+            *(value.requester, policy.analyst, _GROUP),
+            *(policy.purpose, _GROUP),
+            *(value.audience, *value.targets, _GROUP),
+            # As _query_names(query), inlined on this hot path.
+            query.dataset,
+            *map(_COLUMN, query.filters),
+            *map(_COLUMN, query.group_by),
+            *filter(None, map(_COLUMN, query.aggregates)),
+        ]
+    )
+
+
+def _check_policy(value: PolicyTags) -> None:
+    _POLICY_NAMES.check([value.purpose, _GROUP, value.analyst])
+
+
+def _check_answer(value: QueryAnswer) -> None:
+    _ANSWER_NAMES.check([value.responder, _GROUP, value.requester, _GROUP, value.dataset])
+
+
+def _check_refusal(value: QueryRefusal) -> None:
+    _RESPONSE_NAMES.check([value.responder, _GROUP, value.requester])
+
+
+def _check_column_info(value: ColumnInfo) -> None:
+    _IDENTIFIERS.check([value.name])
+
+
+def _check_profile(value: DisclosureProfile, identifiers: list[str] | None = None) -> None:
+    # identifiers: names of the enclosing dataset, checked in the same batch.
+    columns = identifiers if identifiers is not None else []
+    columns += map(_FIRST, value.aggregates)
+    if columns:
+        _IDENTIFIERS.check(columns)
+    tokens = list(value.purposes)
+    tokens += itertools.chain.from_iterable(map(_SECOND, value.aggregates))
+    if tokens:
+        _TOKENS.check(tokens)
+
+
+def _check_dataset(value: DatasetInfo) -> None:
+    _check_profile(value.disclosure, [value.name, *map(_NAME, value.columns)])
+
+
+def _check_capabilities(value: Capabilities) -> None:
+    _CITY_IDS.check([value.city])
+    for dataset in value.datasets:
+        _check_dataset(dataset)
+
+
+_NAME_CHECKS: Final[dict[type[msgspec.Struct], Callable[[Any], None]]] = {
+    **dict.fromkeys(
+        (Count, Sum, Mean, Min, Max, Variance, Stddev, Histogram, Quantiles, Filter),
+        _check_column,
+    ),
+    Dimension: _check_column,
+    TimeBucket: _check_column,
+    Query: _check_query,
+    PolicyTags: _check_policy,
+    QueryRequest: _check_request,
+    QueryAnswer: _check_answer,
+    QueryRefusal: _check_refusal,
+    ColumnInfo: _check_column_info,
+    DisclosureProfile: _check_profile,
+    DatasetInfo: _check_dataset,
+    Capabilities: _check_capabilities,
+}
+
+
+def name_check(cls: type[msgspec.Struct]) -> Callable[[Any], None] | None:
+    """Return the check of every name in a decoded ``cls`` value, nested ones included.
+
+    :func:`hansa.protocol.codec.decode_as` runs it after decoding (see the
+    module docstring): name shapes are decoding rules, like the ``Meta``
+    bounds, and are not checked when a struct is built in Python.
+
+    Args:
+        cls: a wire struct type.
+
+    Returns:
+        A function that raises ``ValueError`` naming the first badly shaped
+        name, or None when ``cls`` carries no names.
+    """
+    return _NAME_CHECKS.get(cls)

@@ -1,10 +1,11 @@
 """Hypothesis strategies for every Hansa wire message (reusable by any test).
 
 Every strategy generates only *valid* values: each satisfies the schema's
-``Meta`` constraints (patterns, lengths, ranges) and the ``__post_init__``
-rules of ``hansa.protocol.messages``, so ``decode(encode(m)) == m`` must
-hold for all of them. Patterns are read from the schema itself, so a change
-to a pattern changes what is generated.
+``Meta`` constraints (lengths, ranges), the name patterns and the
+``__post_init__`` rules of ``hansa.protocol.messages``, so
+``decode(encode(m)) == m`` must hold for all of them. Name patterns are read
+from the module's ``*_PATTERN`` constants, so a change to a pattern changes
+what is generated.
 
 Use ``STRUCT_STRATEGIES`` to reach one strategy per wire struct type, or
 ``top_level_messages()`` / ``signed_messages()`` for message bodies.
@@ -15,7 +16,6 @@ are tested with hand-built inputs.
 from __future__ import annotations
 
 import re
-import typing
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -58,24 +58,17 @@ __all__ = [
 T = TypeVar("T")
 
 
-def _pattern(alias: object) -> str:
-    """The regex pattern declared in an ``Annotated[str, Meta(pattern=...)]`` alias."""
-    for meta in typing.get_args(alias)[1:]:
-        if isinstance(meta, msgspec.Meta) and meta.pattern is not None:
-            return meta.pattern
-    raise AssertionError(f"{alias!r} declares no pattern")
-
-
-def _from_pattern(alias: object) -> st.SearchStrategy[str]:
-    return st.from_regex(re.compile(_pattern(alias), re.ASCII), fullmatch=True)
+def _from_pattern(pattern: str) -> st.SearchStrategy[str]:
+    """Strings that a name pattern (matched against the whole name) accepts."""
+    return st.from_regex(re.compile(pattern, re.ASCII), fullmatch=True)
 
 
 # --- scalars -------------------------------------------------------------------------
 
-identifiers: Final = _from_pattern(m.Identifier)
-city_ids: Final = _from_pattern(m.CityId)
-principal_ids: Final = _from_pattern(m.PrincipalId)
-tokens: Final = _from_pattern(m.Token)
+identifiers: Final = _from_pattern(m.IDENTIFIER_PATTERN)
+city_ids: Final = _from_pattern(m.CITY_ID_PATTERN)
+principal_ids: Final = _from_pattern(m.PRINCIPAL_ID_PATTERN)
+tokens: Final = _from_pattern(m.TOKEN_PATTERN)
 millis: Final = st.integers(min_value=0, max_value=2**53)
 counts: Final = st.integers(min_value=0, max_value=2**63 - 1)
 positive_counts: Final = st.integers(min_value=1, max_value=2**63 - 1)

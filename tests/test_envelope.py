@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from strategies import ANSWER, CAPABILITIES, ERROR, REFUSAL, REQUEST, signed_messages
 
 from hansa.crypto import PublicKey, SigningKey, open_envelope, seal, seal_bytes
+from hansa.crypto.keys import verify_signed, verify_strict
 from hansa.protocol import messages as m
 from hansa.protocol.codec import MESSAGE_TYPES, encode, payload_type_of
 from hansa.protocol.envelope import (
@@ -25,6 +26,7 @@ from hansa.protocol.envelope import (
     encode_envelope,
     message_id,
     pae,
+    pae_prefix,
 )
 from hansa.protocol.errors import (
     ErrorCode,
@@ -60,6 +62,11 @@ def test_pae_edge_cases() -> None:
     # LEN counts UTF-8 bytes, not characters.
     assert pae("é", b"\x00") == b"DSSEv1 2 \xc3\xa9 1 \x00"
     assert pae("t", bytes(10)) == b"DSSEv1 1 t 10 " + bytes(10)
+
+
+@given(payload_type=st.text(max_size=20), body=st.binary(max_size=300))
+def test_pae_is_its_prefix_then_the_body(payload_type: str, body: bytes) -> None:
+    assert pae(payload_type, body) == pae_prefix(payload_type) + b"%d " % len(body) + body
 
 
 @given(
@@ -252,6 +259,84 @@ def test_a_relabelled_payload_type_breaks_the_signature() -> None:
     with pytest.raises(SignatureError) as info:
         open_envelope(relabelled, TRUSTED, m.QueryAnswer)
     assert _code(info) == ErrorCode.BAD_SIGNATURE
+
+
+_UNREADABLE: list[tuple[str, SignedMessage, ErrorCode]] = [
+    (
+        "NaN literal",
+        msgspec.structs.replace(
+            REQUEST,
+            query=m.Query(
+                dataset="trips",
+                aggregates=(m.Count(),),
+                filters=(m.Filter("zone", m.FilterOp.EQ, (float("nan"),)),),
+            ),
+        ),
+        ErrorCode.INVALID_FIELD,
+    ),
+    (
+        "infinite key",
+        msgspec.structs.replace(
+            ANSWER, groups=(m.Group(key=(float("inf"),), states=(m.CountState(n=1),)),)
+        ),
+        ErrorCode.INVALID_FIELD,
+    ),
+    (
+        "rank above one",
+        msgspec.structs.replace(
+            REQUEST, query=m.Query(dataset="trips", aggregates=(m.Quantiles("fare", (1.5,)),))
+        ),
+        ErrorCode.INVALID_FIELD,
+    ),
+    ("over-long reason", msgspec.structs.replace(REFUSAL, reason="r" * 2000), ErrorCode.TOO_LARGE),
+    (
+        "bad target",
+        msgspec.structs.replace(REQUEST, targets=("oslo", "Lyon")),
+        ErrorCode.INVALID_FIELD,
+    ),
+    ("bad responder", msgspec.structs.replace(ANSWER, responder="os lo"), ErrorCode.INVALID_FIELD),
+    (
+        "empty column",
+        msgspec.structs.replace(REQUEST, query=m.Query("trips", (m.Count(""),))),
+        ErrorCode.INVALID_FIELD,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("message", "code"), [u[1:] for u in _UNREADABLE], ids=[u[0] for u in _UNREADABLE]
+)
+def test_a_validly_signed_body_that_breaks_a_decoding_rule_is_refused(
+    message: SignedMessage, code: ErrorCode
+) -> None:
+    # Meta bounds and names are not checked on construction, so seal signs these;
+    # the receiver checks them after the signature.
+    sealed = seal(message, KEY)
+    with pytest.raises(ProtocolError) as info:
+        open_envelope(sealed, TRUSTED, type(message))
+    assert _code(info) == code
+
+
+@given(message=st.binary(max_size=200), flip=st.integers(min_value=0))
+def test_verify_signed_is_verify_strict_on_the_combined_input(message: bytes, flip: int) -> None:
+    signature = KEY.sign(message)
+    pk = KEY.public_key.raw
+    assert verify_signed(pk, signature + message)
+    assert verify_strict(pk, message, signature)
+    tampered = bytearray(signature + message)
+    tampered[flip % len(tampered)] ^= 1 << (flip % 8)
+    assert not verify_signed(pk, bytes(tampered))
+    assert not verify_strict(pk, bytes(tampered[64:]), bytes(tampered[:64]))
+
+
+def test_verify_signed_refuses_short_inputs_and_keys() -> None:
+    signature = KEY.sign(b"")
+    pk = KEY.public_key.raw
+    assert verify_signed(pk, signature)  # the empty message
+    assert not verify_signed(pk, signature[:63])
+    assert not verify_signed(pk, b"")
+    assert not verify_signed(pk[:31], signature)
+    assert not verify_strict(pk, b"", signature[:63])
 
 
 def test_unsigned_messages_cannot_be_sealed() -> None:
