@@ -2,7 +2,10 @@
 
 Pure logic: no sockets, no asyncio. :mod:`hansa.federation.sketch` holds the
 quantile sketch, :mod:`hansa.federation.combine` merges per-city aggregate
-states into one federated answer.
+states into one federated answer, :mod:`hansa.federation.roster` is the
+threshold-signed alliance roster. :mod:`hansa.federation.fanout` (the one
+asyncio module here) is not imported by this package so that importing
+``hansa.federation`` stays free of asyncio and aiohttp.
 """
 
 from hansa.federation.combine import (
@@ -17,6 +20,26 @@ from hansa.federation.combine import (
     key_sort_key,
     merge_many,
     merge_states,
+)
+from hansa.federation.roster import (
+    ROSTER_PAYLOAD_TYPE,
+    Analyst,
+    KeyHolder,
+    Member,
+    Role,
+    RootKey,
+    Roster,
+    RosterSignature,
+    SignedRoster,
+    decode_roster,
+    decode_signed_roster,
+    encode_signed_roster,
+    roster_digest,
+    sign_roster,
+    signed_by,
+    unsigned,
+    update_chain,
+    verify_roster,
 )
 from hansa.federation.sketch import (
     DEFAULT_ALPHA,
@@ -37,16 +60,28 @@ from hansa.federation.sketch import (
 
 __all__ = [
     "DEFAULT_ALPHA",
+    "ROSTER_PAYLOAD_TYPE",
     "SKETCH_SQL_INDEX",
     "SKETCH_SQL_SIGN",
     "ZERO_THRESHOLD",
+    "Analyst",
     "CombinedResult",
     "CombinedRow",
     "FinalValue",
     "HistogramCounts",
+    "KeyHolder",
+    "Member",
+    "Role",
+    "RootKey",
+    "Roster",
+    "RosterSignature",
+    "SignedRoster",
     "bucket_index",
     "combine_answers",
+    "decode_roster",
+    "decode_signed_roster",
     "empty_state",
+    "encode_signed_roster",
     "expected_state_type",
     "finalize",
     "gamma",
@@ -55,10 +90,16 @@ __all__ = [
     "merge_many",
     "merge_sketches",
     "merge_states",
+    "roster_digest",
+    "sign_roster",
+    "signed_by",
     "sketch_from_buckets",
     "sketch_from_values",
     "sketch_quantile",
     "sketch_quantiles",
     "sketch_sql_index",
     "sketch_sql_sign",
+    "unsigned",
+    "update_chain",
+    "verify_roster",
 ]
