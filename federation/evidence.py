@@ -1,0 +1,830 @@
+"""Evidence bundles: one file anyone can check a federated answer against.
+
+Theory of operation
+-------------------
+After a fan-out (:func:`hansa.federation.fanout.fan_out`) the analyst keeps
+an :class:`EvidenceBundle` (issue 4, part 3): the query and policy asked,
+the signed roster used, every city's exact signed request envelope and
+exact signed reply envelope (answer or refusal), the status the analyst
+claims for cities without a signed reply (timeout, unreachable, protocol
+error, bad signature), the quorum, and the combined result as claimed.
+
+:func:`verify_bundle` trusts none of the analyst's claims. It re-checks:
+
+1. **The roster.** Its own threshold of root signatures; if the verifier
+   gives a trusted roster, that the bundle's roster *is* it (same body
+   digest) or its direct successor signed by both thresholds; if the
+   verifier gives a pin, that the body's SHA-256 matches. Expiry is judged
+   at the time the requests were issued (the signed ``issued_at``), not
+   now: a bundle stays checkable after the roster it used has expired.
+2. **Every request.** Signed by a key the roster names for the requester
+   in the analyst role, allowed the purpose, addressed to its city, and
+   carrying the same query, policy, targets, quorum and validity window as
+   every other request.
+3. **Every reply.** Signed by that city's node key from the roster, citing
+   that request's message id, the city as responder and the requester; an
+   answer must fit the query. The claimed status must agree with what is
+   signed: "answered" needs a signed answer, "refused" a signed refusal
+   (with the same code); the unsigned statuses carry no reply and are
+   reported as the analyst's *unsigned claim*.
+4. **Coverage.** Exactly one entry per target city of the signed requests:
+   a dropped city or a dropped refusal is a failure.
+5. **The combination.** ``combine_answers`` is re-run over exactly the
+   verified answers and compared with the claimed rows (keys, contributors,
+   suppressions exactly; integers exactly; floats within
+   :data:`FLOAT_REL_TOLERANCE`).
+
+What cannot be checked: a city claimed as timed out or unreachable may in
+truth have refused or answered, since only signed replies are evidence.
+Such lines say "unsigned claim".
+
+Everything here is pure (no I/O, no asyncio): the CLI reads the files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Final
+
+import msgspec
+from msgspec import Meta
+
+from hansa.crypto.envelope import open_envelope
+from hansa.crypto.keys import PublicKey
+from hansa.federation.combine import (
+    CombinedResult,
+    CombinedRow,
+    FinalValue,
+    HistogramCounts,
+    combine_answers,
+)
+from hansa.federation.roster import (
+    Role,
+    Roster,
+    SignedRoster,
+    decode_roster,
+    roster_digest,
+    signed_by,
+    verify_roster,
+)
+from hansa.protocol.codec import decode_as, encode
+from hansa.protocol.envelope import (
+    MAX_ENVELOPE_SIZE,
+    PayloadType,
+    decode_envelope,
+    message_id,
+)
+from hansa.protocol.errors import ErrorCode, HansaError, ProtocolError
+from hansa.protocol.messages import (
+    MAX_AGGREGATES,
+    MAX_GROUPS,
+    MAX_TARGETS,
+    CellKey,
+    CityId,
+    Digest,
+    Millis,
+    PolicyTags,
+    PrincipalId,
+    Query,
+    QueryAnswer,
+    QueryRefusal,
+    QueryRequest,
+    SuppressionReason,
+    typed_key,
+)
+
+if TYPE_CHECKING:  # fanout imports aiohttp; this module stays pure (layering)
+    from hansa.federation.fanout import FanOutResult
+
+__all__ = [
+    "BUNDLE_FORMAT_VERSION",
+    "FLOAT_REL_TOLERANCE",
+    "MAX_BUNDLE_SIZE",
+    "SIGNED_STATUSES",
+    "UNSIGNED_STATUSES",
+    "CityCheck",
+    "CityEvidence",
+    "CityVerdict",
+    "ClaimedCombined",
+    "ClaimedRow",
+    "EvidenceBundle",
+    "HistogramValue",
+    "QuantilesValue",
+    "ScalarValue",
+    "Verdict",
+    "build_bundle",
+    "read_bundle",
+    "verify_bundle",
+]
+
+BUNDLE_FORMAT_VERSION: Final = 1
+"""The only bundle format version this code writes and reads."""
+
+MAX_BUNDLE_SIZE: Final = 512 * 1024 * 1024
+"""Largest bundle accepted: two envelopes per city would allow more for
+:data:`MAX_TARGETS` cities of maximal answers, but a real bundle is orders of
+magnitude smaller; this bound only stops a hostile file from exhausting memory."""
+
+MAX_DETAIL: Final = 1024
+"""Longest unsigned status detail kept per city."""
+
+FLOAT_REL_TOLERANCE: Final = 1e-9
+"""Relative tolerance when comparing recomputed and claimed float values.
+
+``combine_answers`` is deterministic (answers are merged in city order), so
+the same code gives the same bits; the tolerance allows another platform's
+``math`` library or a future summation order to differ in the last digits."""
+
+FLOAT_ABS_TOLERANCE: Final = 1e-12
+"""Absolute tolerance for float values close to zero."""
+
+SIGNED_STATUSES: Final = frozenset({"answered", "refused"})
+"""Statuses backed by a signed reply (values of ``fanout.CityStatus``)."""
+
+UNSIGNED_STATUSES: Final = frozenset({"timeout", "unreachable", "bad_signature", "protocol_error"})
+"""Statuses that are only the analyst's claim (no verifiable reply)."""
+
+_STATUSES: Final = SIGNED_STATUSES | UNSIGNED_STATUSES
+
+Envelope = Annotated[bytes, Meta(min_length=1, max_length=MAX_ENVELOPE_SIZE)]
+Detail = Annotated[str, Meta(max_length=MAX_DETAIL)]
+
+
+class _EvidenceWire(
+    msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True, tag_field="kind"
+):
+    """Base of the bundle structs: immutable, positional, tagged (as wire messages)."""
+
+
+class ScalarValue(_EvidenceWire, frozen=True, tag="scalar"):
+    """A count, sum, mean, variance, stddev, min or max (``None``: no value)."""
+
+    value: int | float | None
+
+
+class HistogramValue(_EvidenceWire, frozen=True, tag="histogram"):
+    """A histogram's final counts (see :class:`hansa.federation.combine.HistogramCounts`)."""
+
+    edges: tuple[float, ...]
+    counts: tuple[int, ...]
+    below: int
+    above: int
+
+
+class QuantilesValue(_EvidenceWire, frozen=True, tag="quantiles"):
+    """One estimate per requested rank (``None``: no values)."""
+
+    values: tuple[float | None, ...]
+
+
+ClaimedValue = ScalarValue | HistogramValue | QuantilesValue
+
+
+class ClaimedRow(_EvidenceWire, frozen=True, tag="claimed-row"):
+    """One finalized row of the combined result as the analyst claims it."""
+
+    key: CellKey
+    values: Annotated[tuple[ClaimedValue, ...], Meta(max_length=MAX_AGGREGATES)]
+    contributors: Annotated[tuple[CityId, ...], Meta(max_length=MAX_TARGETS)]
+    suppressed: Annotated[
+        tuple[tuple[CityId, SuppressionReason], ...], Meta(max_length=MAX_TARGETS)
+    ] = ()
+
+
+class ClaimedCombined(_EvidenceWire, frozen=True, tag="claimed-combined"):
+    """The combined result as claimed: the cities combined and the rows."""
+
+    cities: Annotated[tuple[CityId, ...], Meta(max_length=MAX_TARGETS)]
+    rows: Annotated[tuple[ClaimedRow, ...], Meta(max_length=MAX_GROUPS)]
+
+
+class CityEvidence(_EvidenceWire, frozen=True, tag="city-evidence"):
+    """One target city's entry.
+
+    Attributes:
+        city: the city id.
+        status: the claimed status (a ``fanout.CityStatus`` value).
+        code: the claimed error code (the refusal's for ``refused``), or None.
+        request: the exact signed request envelope sent to the city.
+        reply: the exact signed reply envelope (answer or refusal), or None.
+        detail: the analyst's one-line explanation (unsigned).
+    """
+
+    city: CityId
+    status: Annotated[str, Meta(min_length=1, max_length=32)]
+    code: int | None
+    request: Envelope
+    reply: Envelope | None
+    detail: Detail = ""
+
+
+class EvidenceBundle(_EvidenceWire, frozen=True, tag="evidence-bundle"):
+    """The bundle file (spec: evidence bundle).
+
+    Attributes:
+        format_version: :data:`BUNDLE_FORMAT_VERSION`.
+        requester: the analyst principal the requests were sent for.
+        query: the query asked.
+        policy: the policy tags sent.
+        targets: the target cities, in the signed order.
+        quorum: the signed quorum.
+        issued_at: the requests' ``issued_at`` (ms since the epoch).
+        expires_at: the requests' ``expires_at``.
+        roster: the signed roster the targets and keys were taken from.
+        roster_digest: SHA-256 of the roster body (what an operator pins).
+        cities: one entry per target, in target order.
+        quorum_met: claimed: at least ``quorum`` cities answered.
+        combined: the claimed combined result (None when not combined).
+        reason: claimed reason when ``combined`` is None.
+    """
+
+    format_version: int
+    requester: PrincipalId
+    query: Query
+    policy: PolicyTags
+    targets: Annotated[tuple[CityId, ...], Meta(min_length=1, max_length=MAX_TARGETS)]
+    quorum: Annotated[int, Meta(ge=1, le=MAX_TARGETS)]
+    issued_at: Millis
+    expires_at: Millis
+    roster: SignedRoster
+    roster_digest: Digest
+    cities: Annotated[tuple[CityEvidence, ...], Meta(max_length=MAX_TARGETS)]
+    quorum_met: bool
+    combined: ClaimedCombined | None
+    reason: Detail | None = None
+
+
+# --- building ---------------------------------------------------------------------------
+
+
+def _claimed_value(value: FinalValue) -> ClaimedValue:
+    if isinstance(value, HistogramCounts):
+        return HistogramValue(
+            edges=tuple(value.edges),
+            counts=tuple(value.counts),
+            below=value.below,
+            above=value.above,
+        )
+    if isinstance(value, tuple):
+        return QuantilesValue(values=tuple(value))
+    return ScalarValue(value=value)
+
+
+def claim_of(combined: CombinedResult) -> ClaimedCombined:
+    """Return the serialisable form of a combined result (what a bundle claims).
+
+    Args:
+        combined: the combined result.
+
+    Returns:
+        Its cities and finalized rows (keys, values, contributors, suppressions).
+    """
+    return ClaimedCombined(
+        cities=tuple(combined.cities),
+        rows=tuple(
+            ClaimedRow(
+                key=tuple(row.key),
+                values=tuple(_claimed_value(v) for v in row.values),
+                contributors=tuple(row.contributors),
+                suppressed=tuple(row.suppressed),
+            )
+            for row in combined.rows
+        ),
+    )
+
+
+def _trim(text: str) -> str:
+    return " ".join(text.split())[:MAX_DETAIL]
+
+
+def build_bundle(result: FanOutResult, signed_roster: SignedRoster) -> bytes:
+    """Encode the evidence of one fan-out as bundle bytes.
+
+    The requester and policy are read from the (sealed) requests themselves,
+    so the bundle states exactly what was signed.
+
+    Args:
+        result: the fan-out's result (every city's request and reply bytes).
+        signed_roster: the roster the targets and keys came from.
+
+    Returns:
+        The bundle file bytes.
+
+    Raises:
+        ProtocolError: the result has no cities, its first request cannot be
+            decoded, or the bundle would exceed :data:`MAX_BUNDLE_SIZE`.
+    """
+    if not result.cities:
+        raise ProtocolError("a fan-out without cities has no evidence", ErrorCode.INVALID_FIELD)
+    first = decode_as(decode_envelope(result.cities[0].request).payload, QueryRequest)
+    bundle = EvidenceBundle(
+        format_version=BUNDLE_FORMAT_VERSION,
+        requester=first.requester,
+        query=result.query,
+        policy=first.policy,
+        targets=tuple(result.targets),
+        quorum=result.quorum,
+        issued_at=result.issued_at,
+        expires_at=result.expires_at,
+        roster=signed_roster,
+        roster_digest=roster_digest(signed_roster),
+        cities=tuple(
+            CityEvidence(
+                city=c.city,
+                status=str(c.status.value),
+                code=None if c.code is None else int(c.code),
+                request=c.request,
+                reply=c.reply,
+                detail=_trim(c.detail),
+            )
+            for c in result.cities
+        ),
+        quorum_met=result.quorum_met,
+        combined=None if result.combined is None else claim_of(result.combined),
+        reason=None if result.reason is None else _trim(result.reason),
+    )
+    data = encode(bundle)
+    if len(data) > MAX_BUNDLE_SIZE:
+        raise ProtocolError(
+            f"the bundle of {len(data)} bytes exceeds the limit of {MAX_BUNDLE_SIZE}",
+            ErrorCode.TOO_LARGE,
+        )
+    return data
+
+
+def read_bundle(data: bytes) -> EvidenceBundle:
+    """Strictly decode bundle bytes (nothing is verified here).
+
+    Args:
+        data: the bundle file's bytes.
+
+    Returns:
+        The bundle.
+
+    Raises:
+        TooLargeError: over :data:`MAX_BUNDLE_SIZE`.
+        ProtocolError: not exactly one bundle (``MALFORMED``/``INVALID_FIELD``),
+            or another format version (``UNSUPPORTED_VERSION``).
+    """
+    bundle = decode_as(data, EvidenceBundle, max_size=MAX_BUNDLE_SIZE)
+    if bundle.format_version != BUNDLE_FORMAT_VERSION:
+        raise ProtocolError(
+            f"bundle format version {bundle.format_version} is not supported "
+            f"(this verifier reads version {BUNDLE_FORMAT_VERSION})",
+            ErrorCode.UNSUPPORTED_VERSION,
+        )
+    return bundle
+
+
+# --- verdict -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CityCheck:
+    """One check on one city's entry: its name, outcome and reason."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CityVerdict:
+    """What the verifier found for one city.
+
+    Attributes:
+        city: the city id.
+        status: the claimed status.
+        signed: whether the status is backed by a verified signed reply.
+        checks: every check made, in order.
+    """
+
+    city: str
+    status: str
+    signed: bool
+    checks: tuple[CityCheck, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when every check passed."""
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> tuple[str, ...]:
+        """The reasons of the failed checks."""
+        return tuple(f"{c.name}: {c.detail}" for c in self.checks if not c.ok)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of :func:`verify_bundle`.
+
+    Attributes:
+        ok: True only when nothing failed.
+        cities: one line per city entry of the bundle, in bundle order.
+        failures: every failure, overall and per city (``city: check: reason``).
+        notes: what the verdict rests on and what it cannot show.
+        alliance: the roster's alliance name, when readable.
+        roster_version: the roster's version, when readable.
+        answered: how many cities' answers verified and were recombined.
+    """
+
+    ok: bool
+    cities: tuple[CityVerdict, ...] = ()
+    failures: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    alliance: str | None = None
+    roster_version: int | None = None
+    answered: int = 0
+
+
+@dataclass(slots=True)
+class _Checks:
+    items: list[CityCheck] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.items.append(CityCheck(name, ok, detail))
+        return ok
+
+
+# --- verification ------------------------------------------------------------------------
+
+
+def _roster_checks(
+    bundle: EvidenceBundle,
+    trusted_roster: SignedRoster | None,
+    pin: bytes | None,
+    failures: list[str],
+    notes: list[str],
+) -> Roster | None:
+    """Verify the bundle's roster; return it, or None when it cannot be used at all."""
+    signed = bundle.roster
+    digest = roster_digest(signed)
+    if digest != bundle.roster_digest:
+        failures.append("roster: the recorded digest is not the SHA-256 of the roster body")
+    try:
+        roster = decode_roster(signed.body)
+    except HansaError as exc:
+        failures.append(f"roster: unreadable: {exc.message}")
+        return None
+    # Expiry is judged at the time of the requests (the signed issued_at):
+    # evidence must stay checkable after its roster expired.
+    at = bundle.issued_at
+    try:
+        verify_roster(signed, None, at)
+    except HansaError as exc:
+        failures.append(f"roster: {exc.message}")
+    notes.append(
+        f"roster expiry checked at the requests' issued_at ({at} ms), not now "
+        f"(it expires at {roster.expires_ms} ms)"
+    )
+    if pin is not None and digest != pin:
+        failures.append(f"roster: its SHA-256 {digest.hex()} does not match the pin {pin.hex()}")
+    if trusted_roster is not None:
+        _against_trusted(signed, roster, trusted_roster, at, failures)
+    if pin is None and trusted_roster is None:
+        notes.append(
+            "no trusted roster or pin given: the roster is trusted on its own signatures "
+            "only, so a whole substituted roster cannot be detected"
+        )
+    return roster
+
+
+def _against_trusted(
+    signed: SignedRoster, roster: Roster, trusted_signed: SignedRoster, at: int, failures: list[str]
+) -> None:
+    try:
+        trusted = decode_roster(trusted_signed.body)
+    except HansaError as exc:
+        failures.append(f"trusted roster: unreadable: {exc.message}")
+        return
+    if len(signed_by(trusted_signed, trusted.root_key_ids)) < trusted.threshold:
+        failures.append("trusted roster: its own threshold of root signatures is not met")
+        return
+    if roster_digest(trusted_signed) == roster_digest(signed):
+        return
+    if roster.version == trusted.version + 1:
+        try:
+            verify_roster(signed, trusted, at)
+        except HansaError as exc:
+            failures.append(f"roster: not a valid successor of the trusted roster: {exc.message}")
+        return
+    failures.append(
+        f"roster: version {roster.version} of {roster.alliance!r} is neither the trusted "
+        f"roster (version {trusted.version} of {trusted.alliance!r}) nor its direct successor"
+    )
+
+
+def _open_request(
+    entry: CityEvidence, roster: Roster, bundle: EvidenceBundle, checks: _Checks
+) -> QueryRequest | None:
+    try:
+        opened = open_envelope(entry.request, roster.keys_for_role(Role.ANALYST), QueryRequest)
+    except HansaError as exc:
+        checks.add("request signature", False, f"{exc.message} [{exc.code.name}]")
+        return None
+    request = opened.message
+    if not checks.add(
+        "request signature",
+        roster.is_allowed(request.requester, opened.signer.key_id, Role.ANALYST),
+        f"the key is not {request.requester!r}'s analyst key in the roster",
+    ):
+        return None
+    checks.add(
+        "purpose",
+        roster.allows_purpose(request.requester, request.policy.purpose),
+        f"the roster does not allow {request.requester!r} the purpose {request.policy.purpose!r}",
+    )
+    same = (
+        request.requester == bundle.requester
+        and request.query == bundle.query
+        and request.policy == bundle.policy
+        and request.targets == bundle.targets
+        and request.quorum == bundle.quorum
+        and request.issued_at == bundle.issued_at
+        and request.expires_at == bundle.expires_at
+    )
+    checks.add(
+        "request body",
+        same,
+        "the signed request differs from the bundle's query, policy, targets, quorum or "
+        "validity window",
+    )
+    checks.add(
+        "audience",
+        request.audience == entry.city,
+        f"the request is addressed to {request.audience!r}",
+    )
+    checks.add(
+        "roster version",
+        request.roster_version in (0, roster.version),
+        f"the request names roster version {request.roster_version}, "
+        f"the bundle holds {roster.version}",
+    )
+    checks.add(
+        "roster valid at issue",
+        request.issued_at < roster.expires_ms,
+        f"the roster had expired ({roster.expires_ms} ms) when the request was issued",
+    )
+    return request
+
+
+def _open_reply(
+    entry: CityEvidence,
+    request: QueryRequest,
+    request_id: bytes,
+    roster: Roster,
+    checks: _Checks,
+) -> QueryAnswer | QueryRefusal | None:
+    assert entry.reply is not None
+    member = roster.member(entry.city)
+    if not checks.add("member", member is not None, "the roster does not name this city"):
+        return None
+    assert member is not None
+    node_key = PublicKey(member.public_key)  # valid: checked when the roster was decoded
+    try:
+        kind = decode_envelope(entry.reply).payload_type
+        expected: type[QueryAnswer] | type[QueryRefusal]
+        expected = QueryRefusal if kind == PayloadType.QUERY_REFUSAL else QueryAnswer
+        reply = open_envelope(entry.reply, {node_key.key_id: node_key}, expected).message
+    except HansaError as exc:
+        checks.add("reply signature", False, f"{exc.message} [{exc.code.name}]")
+        return None
+    checks.add("reply signature", True, "signed by the city's node key")
+    cites = (
+        reply.request_id == request_id
+        and reply.responder == entry.city
+        and reply.requester == request.requester
+    )
+    if not checks.add(
+        "reply cites request",
+        cites,
+        "the reply cites another request id, responder or requester",
+    ):
+        return None
+    return reply
+
+
+def _check_entry(
+    entry: CityEvidence, roster: Roster, bundle: EvidenceBundle
+) -> tuple[CityVerdict, QueryAnswer | None]:
+    checks = _Checks()
+    status = entry.status
+    checks.add("status", status in _STATUSES, f"unknown status {status[:32]!r}")
+    request = _open_request(entry, roster, bundle, checks)
+    answer: QueryAnswer | None = None
+    signed = False
+    if request is not None and entry.reply is not None:
+        reply = _open_reply(entry, request, message_id(entry.request), roster, checks)
+        if isinstance(reply, QueryAnswer):
+            try:
+                combine_answers(request.query, (reply,))
+                fits = True
+                why = ""
+            except HansaError as exc:
+                fits, why = False, exc.message
+            if checks.add("answer fits query", fits, why) and checks.add(
+                "status matches",
+                status == "answered",
+                f"claimed {status!r} but the city signed an answer",
+            ):
+                answer, signed = reply, True
+        elif isinstance(reply, QueryRefusal):
+            if checks.add(
+                "status matches",
+                status == "refused",
+                f"claimed {status!r} but the city signed a refusal",
+            ):
+                signed = True
+                checks.add(
+                    "refusal code",
+                    entry.code == int(reply.code),
+                    f"claimed code {entry.code}, the refusal says {reply.code.name}",
+                )
+    elif entry.reply is None:
+        checks.add(
+            "status matches",
+            status not in SIGNED_STATUSES,
+            f"claimed {status!r} without the signed reply that status needs",
+        )
+    return CityVerdict(entry.city, status, signed, tuple(checks.items)), answer
+
+
+def _close(a: float, b: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return math.isclose(a, b, rel_tol=FLOAT_REL_TOLERANCE, abs_tol=FLOAT_ABS_TOLERANCE)
+
+
+def _same_number(mine: int | float | None, theirs: int | float | None) -> bool:
+    if mine is None or theirs is None:
+        return mine is None and theirs is None
+    if isinstance(mine, bool) or isinstance(theirs, bool):
+        return False
+    if isinstance(mine, int) and isinstance(theirs, int):
+        return mine == theirs  # integers exactly
+    if isinstance(mine, float) and isinstance(theirs, float):
+        return _close(mine, theirs)
+    return False  # an int claimed as a float, or the reverse, is a different value
+
+
+def _same_value(mine: ClaimedValue, theirs: ClaimedValue) -> bool:
+    if isinstance(mine, ScalarValue) and isinstance(theirs, ScalarValue):
+        return _same_number(mine.value, theirs.value)
+    if isinstance(mine, HistogramValue) and isinstance(theirs, HistogramValue):
+        return (
+            len(mine.edges) == len(theirs.edges)
+            and all(_close(a, b) for a, b in zip(mine.edges, theirs.edges, strict=True))
+            and (mine.counts, mine.below, mine.above) == (theirs.counts, theirs.below, theirs.above)
+        )
+    if isinstance(mine, QuantilesValue) and isinstance(theirs, QuantilesValue):
+        return len(mine.values) == len(theirs.values) and all(
+            _same_number(a, b) for a, b in zip(mine.values, theirs.values, strict=True)
+        )
+    return False
+
+
+def _row_label(row: ClaimedRow | CombinedRow) -> str:
+    return repr(tuple(row.key))[:80]
+
+
+def _compare_combined(
+    recomputed: ClaimedCombined, claimed: ClaimedCombined, failures: list[str]
+) -> None:
+    if tuple(recomputed.cities) != tuple(claimed.cities):
+        failures.append(
+            f"combined: claims cities {list(claimed.cities)}, the verified answers are from "
+            f"{list(recomputed.cities)}"
+        )
+    mine = {typed_key(tuple(r.key)): r for r in recomputed.rows}
+    theirs = {typed_key(tuple(r.key)): r for r in claimed.rows}
+    if len(theirs) != len(claimed.rows):
+        failures.append("combined: a row key is claimed twice")
+    for key in mine.keys() - theirs.keys():
+        failures.append(f"combined: row {_row_label(mine[key])} is missing from the claim")
+    for key in theirs.keys() - mine.keys():
+        failures.append(f"combined: row {_row_label(theirs[key])} is not in the recomputation")
+    for key in mine.keys() & theirs.keys():
+        a, b = mine[key], theirs[key]
+        label = _row_label(a)
+        if tuple(a.contributors) != tuple(b.contributors):
+            failures.append(f"combined: row {label}: contributors differ")
+        if tuple(a.suppressed) != tuple(b.suppressed):
+            failures.append(f"combined: row {label}: suppressed-by differs")
+        if len(a.values) != len(b.values):
+            failures.append(f"combined: row {label}: {len(b.values)} values claimed")
+            continue
+        for position, (va, vb) in enumerate(zip(a.values, b.values, strict=True)):
+            if not _same_value(va, vb):
+                failures.append(
+                    f"combined: row {label}: aggregate #{position}: claimed {_show(vb)}, "
+                    f"recomputed {_show(va)}"
+                )
+
+
+def _show(value: ClaimedValue) -> str:
+    if isinstance(value, ScalarValue):
+        return repr(value.value)
+    if isinstance(value, QuantilesValue):
+        return repr(value.values)
+    return f"histogram{value.counts!r}"
+
+
+def verify_bundle(
+    bundle_bytes: bytes,
+    *,
+    trusted_roster: SignedRoster | None = None,
+    pin: bytes | None = None,
+    now_ms: int | None = None,
+) -> Verdict:
+    """Check an evidence bundle offline (pure; never raises on bad input).
+
+    Args:
+        bundle_bytes: the bundle file's bytes.
+        trusted_roster: a roster the verifier trusts; the bundle's roster
+            must be it or its direct successor (both thresholds).
+        pin: SHA-256 of the roster body the verifier expects.
+        now_ms: the current time in ms, only to note whether the roster has
+            expired since (never a failure: expiry is judged at issue time).
+
+    Returns:
+        The :class:`Verdict`; ``ok`` is True only if every check passed.
+    """
+    try:
+        bundle = read_bundle(bundle_bytes)
+    except HansaError as exc:
+        return Verdict(ok=False, failures=(f"bundle: unreadable: {exc.message} [{exc.code.name}]",))
+    failures: list[str] = []
+    notes: list[str] = []
+    roster = _roster_checks(bundle, trusted_roster, pin, failures, notes)
+    if roster is None:
+        return Verdict(ok=False, failures=tuple(failures), notes=tuple(notes))
+    if now_ms is not None and now_ms >= roster.expires_ms:
+        notes.append("the roster has expired since the requests were issued (not a failure)")
+
+    # Coverage: exactly one entry per target city of the signed requests.
+    entry_cities = [e.city for e in bundle.cities]
+    if len(set(entry_cities)) != len(entry_cities):
+        failures.append("coverage: a city has more than one entry")
+    for city in bundle.targets:
+        if city not in entry_cities:
+            failures.append(f"coverage: target city {city!r} has no entry (dropped)")
+    for city in entry_cities:
+        if city not in bundle.targets:
+            failures.append(f"coverage: {city!r} is not a target of the signed request")
+    if not 1 <= bundle.quorum <= len(bundle.targets):
+        failures.append("quorum: outside 1..number of targets")
+
+    lines: list[CityVerdict] = []
+    answers: list[QueryAnswer] = []
+    for entry in bundle.cities:
+        line, answer = _check_entry(entry, roster, bundle)
+        lines.append(line)
+        failures.extend(f"{entry.city}: {reason}" for reason in line.failures)
+        if answer is not None:
+            answers.append(answer)
+
+    _check_combination(bundle, answers, failures)
+    if any(not line.signed for line in lines):
+        notes.append(
+            "statuses without a signed reply (timeout, unreachable, protocol error, bad "
+            "signature) are the analyst's unsigned claims"
+        )
+    return Verdict(
+        ok=not failures,
+        cities=tuple(lines),
+        failures=tuple(failures),
+        notes=tuple(notes),
+        alliance=roster.alliance,
+        roster_version=roster.version,
+        answered=len(answers),
+    )
+
+
+def _check_combination(
+    bundle: EvidenceBundle, answers: Sequence[QueryAnswer], failures: list[str]
+) -> None:
+    quorum_met = len(answers) >= bundle.quorum
+    if bundle.quorum_met != quorum_met:
+        failures.append(
+            f"quorum: claimed {'met' if bundle.quorum_met else 'not met'}, but "
+            f"{len(answers)} verified answer(s) against a quorum of {bundle.quorum}"
+        )
+    recomputed: ClaimedCombined | None = None
+    if quorum_met:
+        try:
+            recomputed = claim_of(combine_answers(bundle.query, answers))
+        except HansaError as exc:
+            if bundle.combined is not None:
+                failures.append(f"combined: the verified answers do not combine: {exc.message}")
+            return
+    if recomputed is None:
+        if bundle.combined is not None:
+            failures.append("combined: a result is claimed although the quorum was not met")
+        return
+    if bundle.combined is None:
+        failures.append("combined: the quorum was met but no combined result is given")
+        return
+    _compare_combined(recomputed, bundle.combined, failures)
