@@ -1,0 +1,517 @@
+"""Evidence bundles: built from a real fan-out against real nodes, then tampered with.
+
+One module-scoped fan-out asks four answering nodes, one node that refuses
+by policy and one stopped node (unreachable) on 127.0.0.1; its bundle is
+then altered in every way the issue names, and each alteration must be
+caught by :func:`verify_bundle` and by ``hansa verify``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nodeutil import PURPOSE, Analyst, count_by_room_type, init_test_node
+from nodeutil import running_node as _running_node
+
+from hansa.crypto import SigningKey, seal
+from hansa.crypto.keyfile import read_public_key
+from hansa.federation.evidence import (
+    SIGNED_STATUSES,
+    UNSIGNED_STATUSES,
+    CityEvidence,
+    ClaimedRow,
+    EvidenceBundle,
+    ScalarValue,
+    build_bundle,
+    claim_of,
+    read_bundle,
+    verify_bundle,
+)
+from hansa.federation.fanout import CityStatus, FanOutResult, Target, fan_out
+from hansa.federation.roster import (
+    Analyst as RosterAnalyst,
+)
+from hansa.federation.roster import (
+    Member,
+    Role,
+    RootKey,
+    Roster,
+    SignedRoster,
+    encode_signed_roster,
+    roster_digest,
+    sign_roster,
+    unsigned,
+)
+from hansa.node import _cli_verify
+from hansa.node.catalog import Catalog
+from hansa.node.cli import EXIT_ERROR, EXIT_VERIFY_FAILED, build_parser, main
+from hansa.node.config import NodeConfig
+from hansa.protocol.codec import decode_as, encode
+from hansa.protocol.envelope import decode_envelope
+from hansa.protocol.errors import ErrorCode, HansaError, ProtocolError
+from hansa.protocol.messages import (
+    Count,
+    PolicyTags,
+    Query,
+    QueryAnswer,
+    QueryRequest,
+    ResultScope,
+)
+
+ANSWERING = ("amsterdam", "berlin", "copenhagen", "dublin")
+REFUSING = "edinburgh"
+GONE = "frankfurt"
+CITIES = (*ANSWERING, REFUSING, GONE)
+ANALYST = "ana@amsterdam"
+
+
+@dataclass(frozen=True)
+class Alliance:
+    """The fan-out's evidence and the roster behind it."""
+
+    bundle: bytes
+    result: FanOutResult
+    signed_roster: SignedRoster
+    analyst: Analyst
+    root_keys: tuple[SigningKey, ...]
+
+
+def make_roster(
+    node_keys: dict[str, bytes], analyst_key: bytes, root_keys: Sequence[SigningKey]
+) -> SignedRoster:
+    roster = Roster(
+        alliance="hanse",
+        version=1,
+        expires_ms=time.time_ns() // 1_000_000 + 86_400_000,
+        threshold=2,
+        root_keys=tuple(
+            RootKey(city, key.public_key.raw) for city, key in zip(CITIES, root_keys, strict=True)
+        ),
+        members=tuple(
+            Member(
+                city=city,
+                name=city.title(),
+                public_key=node_keys[city],
+                endpoint=f"http://127.0.0.1:{8470 + i}",
+                roles=(Role.MEMBER,),
+            )
+            for i, city in enumerate(CITIES)
+        ),
+        analysts=(RosterAnalyst(ANALYST, analyst_key, "amsterdam", (PURPOSE,)),),
+        purposes=(PURPOSE, "planning"),
+    )
+    signed = unsigned(roster)
+    for key in root_keys[:2]:
+        signed = sign_roster(signed, key)
+    return signed
+
+
+def policy() -> PolicyTags:
+    return PolicyTags(
+        purpose=PURPOSE, legal_basis="test suite", scope=ResultScope.ALLIANCE, analyst=ANALYST
+    )
+
+
+async def _fan_out(configs: dict[str, NodeConfig], analyst: Analyst, version: int) -> FanOutResult:
+    async with contextlib.AsyncExitStack() as stack:
+        gone = configs[GONE]
+        async with _running_node(gone) as stopped:
+            gone_target = Target(GONE, stopped.url, read_public_key(gone.key_file))
+        running = await asyncio.gather(
+            *(stack.enter_async_context(_running_node(configs[c])) for c in CITIES[:-1])
+        )
+        targets = [
+            Target(n.config.city, n.url, read_public_key(n.config.key_file)) for n in running
+        ]
+        return await fan_out(
+            count_by_room_type(),
+            policy(),
+            [*targets, gone_target],
+            signer=analyst.key,
+            requester=analyst.principal,
+            quorum=3,
+            deadline_s=5.0,
+            roster_version=version,
+        )
+
+
+@pytest.fixture(scope="module")
+def alliance(tmp_path_factory: pytest.TempPathFactory) -> Alliance:
+    root = tmp_path_factory.mktemp("evidence")
+    analyst = Analyst.create(ANALYST, seed=b"\x31" * 32)
+    configs = {
+        city: init_test_node(root, city, analysts=[analyst], rows=120, seed=i + 1)
+        for i, city in enumerate(CITIES)
+    }
+    with Catalog(configs[REFUSING].data_dir) as catalog:
+        catalog.configure("listings", purposes=["planning"])
+    node_keys = {c: read_public_key(cfg.key_file).raw for c, cfg in configs.items()}
+    root_keys = tuple(SigningKey(bytes([0x40 + i]) * 32) for i in range(len(CITIES)))
+    signed_roster = make_roster(node_keys, analyst.key.public_key.raw, root_keys)
+    result = asyncio.run(_fan_out(configs, analyst, version=1))
+    bundle = build_bundle(result, signed_roster)
+    return Alliance(bundle, result, signed_roster, analyst, root_keys)
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def decoded(alliance: Alliance) -> EvidenceBundle:
+    return read_bundle(alliance.bundle)
+
+
+def with_cities(bundle: EvidenceBundle, cities: Sequence[CityEvidence]) -> bytes:
+    return encode(msgspec.structs.replace(bundle, cities=tuple(cities)))
+
+
+def entry(bundle: EvidenceBundle, city: str) -> CityEvidence:
+    return next(e for e in bundle.cities if e.city == city)
+
+
+def replaced(bundle: EvidenceBundle, city: str, **changes: object) -> bytes:
+    cities = [msgspec.structs.replace(e, **changes) if e.city == city else e for e in bundle.cities]
+    return with_cities(bundle, cities)
+
+
+def failures_mention(data: bytes, word: str, **kwargs: object) -> bool:
+    verdict = verify_bundle(data, **kwargs)  # type: ignore[arg-type]
+    assert not verdict.ok
+    return any(word in f for f in verdict.failures)
+
+
+def run_cli(argv: list[str]) -> int:
+    """Run ``hansa verify`` as ``hansa.node.cli.main`` would (registered or not yet)."""
+    parser = argparse.ArgumentParser(prog="hansa")
+    sub = parser.add_subparsers(dest="command")
+    _cli_verify.register(sub)
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except HansaError as exc:
+        print(f"hansa: error: {exc.message} [{exc.code.name}]", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"hansa: error: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return code
+
+
+# --- the honest bundle ------------------------------------------------------------------
+
+
+def test_the_fan_out_has_every_kind_of_outcome(alliance: Alliance) -> None:
+    statuses = {c.city: c.status for c in alliance.result.cities}
+    assert statuses == {
+        **dict.fromkeys(ANSWERING, CityStatus.ANSWERED),
+        REFUSING: CityStatus.REFUSED,
+        GONE: CityStatus.UNREACHABLE,
+    }
+    assert alliance.result.combined is not None
+
+
+def test_status_vocabulary_matches_the_fan_out() -> None:
+    assert SIGNED_STATUSES | UNSIGNED_STATUSES == {s.value for s in CityStatus}
+
+
+def test_bundle_round_trips_and_holds_the_exact_envelopes(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    assert msgspec.msgpack.decode(alliance.bundle)[0] == "evidence-bundle"
+    assert bundle.roster == alliance.signed_roster
+    assert bundle.roster_digest == roster_digest(alliance.signed_roster)
+    assert [e.city for e in bundle.cities] == list(CITIES)
+    for city, evidence in zip(alliance.result.cities, bundle.cities, strict=True):
+        assert evidence.request == city.request
+        assert evidence.reply == city.reply
+        assert evidence.status == city.status.value
+    assert alliance.result.combined is not None
+    assert bundle.combined == claim_of(alliance.result.combined)
+    assert encode(bundle) == alliance.bundle
+
+
+def test_valid_bundle_verifies(alliance: Alliance) -> None:
+    verdict = verify_bundle(alliance.bundle)
+    assert verdict.ok, verdict.failures
+    assert verdict.answered == len(ANSWERING)
+    assert verdict.roster_version == 1 and verdict.alliance == "hanse"
+    lines = {line.city: line for line in verdict.cities}
+    assert lines[REFUSING].signed and lines[REFUSING].status == "refused"
+    assert not lines[GONE].signed and lines[GONE].ok
+    assert any("unsigned" in note for note in verdict.notes)
+    assert any("substituted roster" in note for note in verdict.notes)
+
+
+def test_valid_bundle_verifies_against_trusted_roster_and_pin(alliance: Alliance) -> None:
+    verdict = verify_bundle(
+        alliance.bundle,
+        trusted_roster=alliance.signed_roster,
+        pin=roster_digest(alliance.signed_roster),
+    )
+    assert verdict.ok, verdict.failures
+    assert not any("substituted roster" in note for note in verdict.notes)
+
+
+def test_roster_expiry_is_judged_at_the_time_of_the_requests(alliance: Alliance) -> None:
+    far_future = 2**52
+    verdict = verify_bundle(alliance.bundle, now_ms=far_future)
+    assert verdict.ok, verdict.failures
+    assert any("expired since" in note for note in verdict.notes)
+
+
+# --- tampering --------------------------------------------------------------------------
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_flipped_byte_in_an_answer_is_rejected(alliance: Alliance, data: st.DataObject) -> None:
+    bundle = decoded(alliance)
+    city = data.draw(st.sampled_from(ANSWERING))
+    reply = entry(bundle, city).reply
+    assert reply is not None
+    position = data.draw(st.integers(0, len(reply) - 1))
+    bit = data.draw(st.integers(0, 7))
+    flipped = bytearray(reply)
+    flipped[position] ^= 1 << bit
+    verdict = verify_bundle(replaced(bundle, city, reply=bytes(flipped)))
+    assert not verdict.ok
+    assert any(f.startswith(f"{city}: ") for f in verdict.failures)
+
+
+def test_dropped_refusal_entry_is_rejected(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    data = with_cities(bundle, [e for e in bundle.cities if e.city != REFUSING])
+    assert failures_mention(data, f"target city {REFUSING!r} has no entry")
+
+
+def test_refusal_with_its_signed_reply_removed_is_rejected(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    data = replaced(bundle, REFUSING, reply=None)
+    assert failures_mention(data, "without the signed reply")
+
+
+def test_refusal_claimed_as_an_answer_or_a_timeout_is_rejected(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    assert failures_mention(replaced(bundle, REFUSING, status="answered"), "signed a refusal")
+    assert failures_mention(replaced(bundle, REFUSING, status="timeout"), "signed a refusal")
+    assert failures_mention(
+        replaced(bundle, REFUSING, code=int(ErrorCode.RATE_LIMITED)), "refusal code"
+    )
+
+
+def test_answer_hidden_as_a_timeout_is_rejected(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    assert failures_mention(replaced(bundle, "berlin", status="timeout"), "signed an answer")
+
+
+def test_dropped_city_is_rejected_even_with_a_consistent_combination(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    kept = [e for e in bundle.cities if e.city != "dublin"]
+    answers = [
+        a for a in alliance.result.answers if a.responder != "dublin"
+    ]  # the analyst recombines without dublin, so only coverage can tell
+    from hansa.federation.combine import combine_answers
+
+    recombined = claim_of(combine_answers(bundle.query, answers))
+    data = encode(msgspec.structs.replace(bundle, cities=tuple(kept), combined=recombined))
+    assert failures_mention(data, "target city 'dublin' has no entry")
+    # Also dropping it from the bundle's target list contradicts every signed request.
+    targets = tuple(c for c in bundle.targets if c != "dublin")
+    data = encode(
+        msgspec.structs.replace(bundle, cities=tuple(kept), combined=recombined, targets=targets)
+    )
+    assert failures_mention(data, "request body")
+
+
+def test_swapped_roster_is_rejected(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    # Same cities and analyst, other node keys, validly signed by other root keys.
+    stray = {c: SigningKey(bytes([0x60 + i]) * 32).public_key.raw for i, c in enumerate(CITIES)}
+    other_roots = tuple(SigningKey(bytes([0x70 + i]) * 32) for i in range(len(CITIES)))
+    swapped = make_roster(stray, alliance.analyst.key.public_key.raw, other_roots)
+    data = encode(
+        msgspec.structs.replace(bundle, roster=swapped, roster_digest=roster_digest(swapped))
+    )
+    assert failures_mention(
+        data, "neither the trusted roster", trusted_roster=alliance.signed_roster
+    )
+    assert failures_mention(
+        data, "does not match the pin", pin=roster_digest(alliance.signed_roster)
+    )
+    # Even with no trust anchor, the replies are not signed by the swapped node keys.
+    assert failures_mention(data, "reply signature")
+
+
+def test_roster_digest_that_does_not_match_is_rejected(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    data = encode(msgspec.structs.replace(bundle, roster_digest=b"\x00" * 32))
+    assert failures_mention(data, "recorded digest")
+
+
+def test_modified_combined_value_is_rejected(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    assert bundle.combined is not None
+    row = bundle.combined.rows[0]
+    value = row.values[0]
+    assert isinstance(value, ScalarValue) and isinstance(value.value, int)
+    for forged in (value.value + 1, float(value.value)):
+        new_row = msgspec.structs.replace(row, values=(ScalarValue(forged),))
+        combined = msgspec.structs.replace(
+            bundle.combined, rows=(new_row, *bundle.combined.rows[1:])
+        )
+        data = encode(msgspec.structs.replace(bundle, combined=combined))
+        assert failures_mention(data, "aggregate #0")
+
+
+def test_combination_recomputed_without_one_answer_is_rejected(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    from hansa.federation.combine import combine_answers
+
+    fewer = [a for a in alliance.result.answers if a.responder != "berlin"]
+    data = encode(
+        msgspec.structs.replace(bundle, combined=claim_of(combine_answers(bundle.query, fewer)))
+    )
+    assert failures_mention(data, "combined: ")
+
+
+def test_claimed_extra_row_and_changed_contributors_are_rejected(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    assert bundle.combined is not None
+    extra = ClaimedRow(key=("Castle",), values=(ScalarValue(7),), contributors=("berlin",))
+    combined = msgspec.structs.replace(bundle.combined, rows=(*bundle.combined.rows, extra))
+    data = encode(msgspec.structs.replace(bundle, combined=combined))
+    assert failures_mention(data, "not in the recomputation")
+    row = bundle.combined.rows[0]
+    fewer = msgspec.structs.replace(row, contributors=row.contributors[1:])
+    combined = msgspec.structs.replace(bundle.combined, rows=(fewer, *bundle.combined.rows[1:]))
+    data = encode(msgspec.structs.replace(bundle, combined=combined))
+    assert failures_mention(data, "contributors differ")
+
+
+def test_request_for_one_city_with_a_different_query_is_rejected(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    original = decode_as(decode_envelope(entry(bundle, "copenhagen").request).payload, QueryRequest)
+    other = msgspec.structs.replace(
+        original, query=Query(dataset=original.query.dataset, aggregates=(Count(),))
+    )
+    forged = seal(other, alliance.analyst.key)  # the analyst's own valid signature
+    data = replaced(bundle, "copenhagen", request=forged)
+    verdict = verify_bundle(data)
+    assert not verdict.ok
+    assert any(f.startswith("copenhagen: request body") for f in verdict.failures)
+    assert any(f.startswith("copenhagen: reply cites request") for f in verdict.failures)
+
+
+def test_request_signed_by_a_key_the_roster_does_not_name_is_rejected(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    original = decode_as(decode_envelope(entry(bundle, "berlin").request).payload, QueryRequest)
+    forged = seal(original, SigningKey(b"\x55" * 32))
+    assert failures_mention(replaced(bundle, "berlin", request=forged), "request signature")
+
+
+def test_answer_moved_to_another_city_is_rejected(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    amsterdam = entry(bundle, "amsterdam").reply
+    assert failures_mention(replaced(bundle, "berlin", reply=amsterdam), "berlin: reply")
+
+
+def test_quorum_claim_is_checked(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    data = encode(msgspec.structs.replace(bundle, quorum_met=False, combined=None))
+    assert failures_mention(data, "quorum: claimed not met")
+
+
+@given(st.binary(max_size=200))
+def test_garbage_is_an_invalid_verdict_not_a_crash(data: bytes) -> None:
+    verdict = verify_bundle(data)
+    assert not verdict.ok and verdict.failures[0].startswith("bundle: unreadable")
+
+
+def test_read_bundle_refuses_another_format_version(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    with pytest.raises(ProtocolError) as info:
+        read_bundle(encode(msgspec.structs.replace(bundle, format_version=2)))
+    assert info.value.code is ErrorCode.UNSUPPORTED_VERSION
+
+
+def test_answers_are_real_query_answers(alliance: Alliance) -> None:
+    # Guards the tamper tests: the answered replies really are signed answers.
+    assert all(isinstance(a, QueryAnswer) for a in alliance.result.answers)
+    assert len(alliance.result.answers) == len(ANSWERING)
+
+
+# --- hansa verify -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def files(alliance: Alliance, tmp_path: Path) -> dict[str, Path]:
+    bundle = decoded(alliance)
+    paths = {
+        "valid": alliance.bundle,
+        "dropped": with_cities(bundle, [e for e in bundle.cities if e.city != REFUSING]),
+        "garbage": b"\x93not a bundle",
+        "roster": encode_signed_roster(alliance.signed_roster),
+    }
+    out = {}
+    for name, data in paths.items():
+        out[name] = tmp_path / f"{name}.bin"
+        out[name].write_bytes(data)
+    return out
+
+
+def test_cli_valid_bundle_exits_zero(
+    files: dict[str, Path], alliance: Alliance, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pin = hashlib.sha256(alliance.signed_roster.body).hexdigest()
+    code = run_cli(["verify", str(files["valid"]), "--roster", str(files["roster"]), "--pin", pin])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "VALID" in out and "INVALID" not in out
+    for city in CITIES:
+        assert city in out
+    assert "unsigned claim" in out
+
+
+def test_cli_tampered_bundle_exits_verify_failed(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(["verify", str(files["dropped"])]) == EXIT_VERIFY_FAILED
+    out = capsys.readouterr().out
+    assert "INVALID" in out and REFUSING in out
+
+
+def test_cli_unreadable_inputs_are_one_line_errors(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(["verify", str(files["garbage"])]) == EXIT_VERIFY_FAILED
+    assert "unreadable" in capsys.readouterr().out
+    assert run_cli(["verify", str(tmp_path / "missing.bin")]) == EXIT_ERROR
+    assert run_cli(["verify", str(files["valid"]), "--pin", "zz"]) == EXIT_ERROR
+    assert run_cli(["verify", str(files["valid"]), "--roster", str(files["garbage"])]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 3 and "Traceback" not in err
+
+
+def test_cli_is_registered_in_hansa_main(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    choices = next(
+        a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    if "verify" not in choices:
+        pytest.skip("hansa verify is not registered in node/cli.py yet")
+    assert main(["verify", str(files["valid"])]) == 0
+    assert main(["verify", str(files["dropped"])]) == EXIT_VERIFY_FAILED
+    capsys.readouterr()
