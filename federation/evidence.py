@@ -43,6 +43,7 @@ Everything here is pure (no I/O, no asyncio): the CLI reads the files.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -452,6 +453,14 @@ class _Checks:
 # --- verification ------------------------------------------------------------------------
 
 
+def _iso(ms: int) -> str:
+    try:
+        moment = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{ms} ms"
+    return moment.isoformat(timespec="seconds")
+
+
 def _roster_checks(
     bundle: EvidenceBundle,
     trusted_roster: SignedRoster | None,
@@ -475,10 +484,11 @@ def _roster_checks(
     try:
         verify_roster(signed, None, at)
     except HansaError as exc:
-        failures.append(f"roster: {exc.message}")
+        when = " (judged at the requests' issued_at)" if exc.code is ErrorCode.EXPIRED else ""
+        failures.append(f"roster: {exc.message}{when}")
     notes.append(
-        f"roster expiry checked at the requests' issued_at ({at} ms), not now "
-        f"(it expires at {roster.expires_ms} ms)"
+        f"roster expiry checked at the requests' signed issued_at ({_iso(at)}), not now "
+        f"(it expires {_iso(roster.expires_ms)})"
     )
     if pin is not None and digest != pin:
         failures.append(f"roster: its SHA-256 {digest.hex()} does not match the pin {pin.hex()}")

@@ -49,6 +49,7 @@ from hansa.federation.roster import (
     RootKey,
     Roster,
     SignedRoster,
+    decode_roster,
     encode_signed_roster,
     roster_digest,
     sign_roster,
@@ -89,12 +90,16 @@ class Alliance:
 
 
 def make_roster(
-    node_keys: dict[str, bytes], analyst_key: bytes, root_keys: Sequence[SigningKey]
+    node_keys: dict[str, bytes],
+    analyst_key: bytes,
+    root_keys: Sequence[SigningKey],
+    *,
+    expires_ms: int | None = None,
 ) -> SignedRoster:
     roster = Roster(
         alliance="hanse",
         version=1,
-        expires_ms=time.time_ns() // 1_000_000 + 86_400_000,
+        expires_ms=time.time_ns() // 1_000_000 + 86_400_000 if expires_ms is None else expires_ms,
         threshold=2,
         root_keys=tuple(
             RootKey(city, key.public_key.raw) for city, key in zip(CITIES, root_keys, strict=True)
@@ -267,6 +272,28 @@ def test_roster_expiry_is_judged_at_the_time_of_the_requests(alliance: Alliance)
     verdict = verify_bundle(alliance.bundle, now_ms=far_future)
     assert verdict.ok, verdict.failures
     assert any("expired since" in note for note in verdict.notes)
+
+
+def test_roster_expired_when_the_requests_were_issued_is_rejected(alliance: Alliance) -> None:
+    bundle = decoded(alliance)
+    node_keys = {m.city: m.public_key for m in decode_roster(bundle.roster.body).members}
+    stale = make_roster(
+        node_keys,
+        alliance.analyst.key.public_key.raw,
+        alliance.root_keys,
+        expires_ms=bundle.issued_at - 1,
+    )
+    data = encode(msgspec.structs.replace(bundle, roster=stale, roster_digest=roster_digest(stale)))
+    assert failures_mention(data, "judged at the requests' issued_at")
+    # The same roster, unexpired, with the same keys: the bundle verifies.
+    fresh = make_roster(
+        node_keys,
+        alliance.analyst.key.public_key.raw,
+        alliance.root_keys,
+        expires_ms=bundle.issued_at + 1,
+    )
+    data = encode(msgspec.structs.replace(bundle, roster=fresh, roster_digest=roster_digest(fresh)))
+    assert verify_bundle(data).ok
 
 
 # --- tampering --------------------------------------------------------------------------
