@@ -36,9 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hansa {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    from hansa.node import _cli_alliance, _cli_dataset, _cli_keys, _cli_node, _cli_note
+    from hansa.node import (
+        _cli_alliance,
+        _cli_dataset,
+        _cli_keys,
+        _cli_node,
+        _cli_note,
+        _cli_verify,
+    )
 
-    for module in (_cli_keys, _cli_note, _cli_dataset, _cli_node, _cli_alliance):
+    for module in (_cli_keys, _cli_note, _cli_dataset, _cli_node, _cli_alliance, _cli_verify):
         module.register(sub)
     return parser
 
