@@ -4,8 +4,8 @@ What is measured
 ----------------
 For N peers (default 10, 100, 500), each delaying 20 ms, the wall time of one
 fan-out minus the 20 ms of the slowest peer is the *overhead*; divided by N it
-is the overhead per peer. Two clients run in the same process, alternating,
-median of ``--repeats`` timed runs each:
+is the overhead per peer. The clients run in the same process, alternating,
+median of ``--repeats`` timed runs each (the order rotates every run):
 
 * **hansa**: :func:`hansa.federation.fanout.fan_out` as an analyst calls it:
   it builds and signs one request per city, posts them, verifies every reply's
@@ -16,6 +16,10 @@ median of ``--repeats`` timed runs each:
   signing, no verification, no decoding. It gets the same connection limit as
   hansa (``TCPConnector(limit=512, limit_per_host=0)``); aiohttp's default
   limit of 100 would serialise N = 500 into five waves and flatter hansa.
+* **raw** (for scale, not part of the goal): the same bytes over bare asyncio
+  connections with a minimal HTTP/1.1 reader (:class:`RawHttp`), no aiohttp,
+  no verification: the transport floor of this machine, which tells how much
+  of the naive client's time is aiohttp's own.
 
 Both are timed in two session modes: **cold** (each fan-out opens and closes
 its own session, so every city costs a TCP connect: the ``hansa query``
@@ -50,7 +54,7 @@ rather than measuring errors. (The peers do not run a replay guard, so the
 same requests may be re-sent every run.) ``fan_out`` offers no entry point
 for pre-sealed requests; see the report for the one proposed.
 
-Run: ``.venv/bin/python bench/fanout.py [--n 10 100 500] [--repeats 7]
+Run: ``.venv/bin/python bench/fanout.py [--n 10 100 500] [--repeats 11]
 [--peer-procs 2] [--mode cold warm] [--profile]``.
 """
 
@@ -76,6 +80,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 from unittest import mock
 
 import aiohttp
@@ -279,6 +284,57 @@ def new_session() -> aiohttp.ClientSession:
     )
 
 
+class RawHttp(asyncio.Protocol):
+    """A minimal HTTP/1.1 keep-alive client connection: the transport floor.
+
+    One request at a time, replies with ``Content-Length`` only, no
+    verification: what the bare sockets cost on this machine, to tell how
+    much of the naive client's time is aiohttp's own.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[bytes] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport."""
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Fail a pending request."""
+        self.transport = None
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc or ConnectionResetError("peer closed"))
+
+    def data_received(self, data: bytes) -> None:
+        """Complete the pending request once its whole body is in."""
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        at = head.find(b"\r\ncontent-length:")
+        if not head.startswith(b"http/1.1 200") or at < 0:
+            raise SystemExit(f"raw client: unexpected reply {head[:80]!r}")
+        stop = head.find(b"\r\n", at + 2)
+        size = int(head[at + 17 : stop if stop > 0 else len(head)])
+        if len(self.buffer) < end + 4 + size:
+            return
+        body = bytes(self.buffer[end + 4 : end + 4 + size])
+        del self.buffer[: end + 4 + size]
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(body)
+
+    async def post(self, request: bytes) -> bytes:
+        """Send one pre-built request; return the reply body."""
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self.waiter
+
+
 class Clients:
     """The two clients, in one session mode."""
 
@@ -288,6 +344,7 @@ class Clients:
         self.warm = warm
         self.hansa_session: aiohttp.ClientSession | None = None
         self.naive_session: aiohttp.ClientSession | None = None
+        self.raw_connections: dict[str, RawHttp] = {}
 
     async def __aenter__(self) -> Clients:
         if self.warm:
@@ -299,6 +356,9 @@ class Clients:
         for session in (self.hansa_session, self.naive_session):
             if session is not None:
                 await session.close()
+        for connection in self.raw_connections.values():
+            if connection.transport is not None:
+                connection.transport.close()
 
     async def hansa(self, n: int) -> None:
         """One full fan-out with verification; checks every city answered."""
@@ -341,6 +401,33 @@ class Clients:
         if bodies != self.setup.answers[n]:
             raise SystemExit(f"naive client got wrong bodies at N={n}")
 
+    async def raw(self, n: int) -> None:
+        """Post the same bytes over bare asyncio connections (:class:`RawHttp`)."""
+        loop = asyncio.get_running_loop()
+
+        async def one(target: Target, body: bytes) -> bytes:
+            connection = self.raw_connections.get(target.city)
+            if connection is None or connection.transport is None:
+                port = int(target.endpoint.rsplit(":", 1)[1])
+                _, connection = await loop.create_connection(RawHttp, "127.0.0.1", port)
+                if self.warm:
+                    self.raw_connections[target.city] = connection
+            head = (
+                f"POST {QUERY_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Type: {ENVELOPE_MEDIA_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            try:
+                return await connection.post(head.encode() + body)
+            finally:
+                if not self.warm and connection.transport is not None:
+                    connection.transport.close()
+
+        bodies = await asyncio.gather(
+            *(one(t, b) for t, b in zip(self.setup.targets[n], self.setup.requests[n], strict=True))
+        )
+        if bodies != self.setup.answers[n]:
+            raise SystemExit(f"raw client got wrong bodies at N={n}")
+
 
 async def timed(fn: Callable[[int], Awaitable[None]], n: int) -> float:
     """Return the wall seconds of ``await fn(n)``."""
@@ -358,6 +445,7 @@ class Row:
     n: int
     hansa_ms: float
     naive_ms: float
+    raw_ms: float
 
     @property
     def ratio(self) -> float:
@@ -366,50 +454,41 @@ class Row:
 
 
 async def measure(setup: Setup, ns: Sequence[int], modes: Sequence[str], repeats: int) -> list[Row]:
-    """Time both clients per mode and N, alternating which goes first."""
+    """Time the clients per mode and N, rotating which goes first."""
     nonces = Nonces()
     rows = []
     with mock.patch.object(fanout, "secrets", nonces):
         for mode in modes:
             async with Clients(setup, nonces, warm=mode == "warm") as clients:
                 for n in ns:
-                    await clients.hansa(n)  # warm-up (and, warm, opens the connections)
-                    await clients.naive(n)
-                    h: list[float] = []
-                    v: list[float] = []
+                    order = [clients.hansa, clients.naive, clients.raw]
+                    times: list[list[float]] = [[], [], []]
+                    for fn in order:  # warm-up, checks, and (warm) opens the connections
+                        await fn(n)
                     for r in range(repeats):
-                        if r % 2 == 0:
-                            h.append(await timed(clients.hansa, n))
-                            v.append(await timed(clients.naive, n))
-                        else:
-                            v.append(await timed(clients.naive, n))
-                            h.append(await timed(clients.hansa, n))
-                    rows.append(
-                        Row(
-                            mode,
-                            n,
-                            (statistics.median(h) - DELAY_S) * 1000,
-                            (statistics.median(v) - DELAY_S) * 1000,
-                        )
-                    )
+                        for k in range(3):
+                            i = (k + r) % 3
+                            times[i].append(await timed(order[i], n))
+                    hansa, naive, raw = ((statistics.median(t) - DELAY_S) * 1000 for t in times)
+                    rows.append(Row(mode, n, hansa, naive, raw))
     return rows
 
 
 def print_table(rows: Sequence[Row]) -> None:
     """Print the overhead table and the goal line."""
     print(
-        f"Fan-out overhead over the slowest peer ({DELAY_S * 1000:.0f} ms), median;"
-        " hansa verifies every reply, naive verifies nothing"
+        f"Fan-out overhead over the slowest peer ({DELAY_S * 1000:.0f} ms), median, ms and"
+        " us per peer; hansa verifies every reply, naive and raw verify nothing"
     )
     print(
-        f"  {'mode':<6}{'N':>5}{'hansa ms':>10}{'naive ms':>10}"
-        f"{'hansa us/peer':>15}{'naive us/peer':>15}{'ratio':>8}"
+        f"  {'mode':<6}{'N':>5}{'hansa':>8}{'naive':>8}{'raw':>8}"
+        f"{'hansa/peer':>12}{'naive/peer':>12}{'raw/peer':>10}{'hansa/naive':>13}"
     )
     for row in rows:
         print(
-            f"  {row.mode:<6}{row.n:>5}{row.hansa_ms:>10.1f}{row.naive_ms:>10.1f}"
-            f"{row.hansa_ms * 1000 / row.n:>15.0f}{row.naive_ms * 1000 / row.n:>15.0f}"
-            f"{row.ratio:>8.2f}"
+            f"  {row.mode:<6}{row.n:>5}{row.hansa_ms:>8.1f}{row.naive_ms:>8.1f}{row.raw_ms:>8.1f}"
+            f"{row.hansa_ms * 1000 / row.n:>12.0f}{row.naive_ms * 1000 / row.n:>12.0f}"
+            f"{row.raw_ms * 1000 / row.n:>10.0f}{row.ratio:>13.2f}"
         )
     for row in rows:
         if row.n == GOAL_N:
@@ -480,7 +559,7 @@ def main() -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--n", type=int, nargs="+", default=[10, 100, 500], help="peer counts")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per client (median)")
+    parser.add_argument("--repeats", type=int, default=11, help="timed runs per client (median)")
     parser.add_argument("--peer-procs", type=int, default=2, help="peer processes")
     parser.add_argument(
         "--mode", nargs="+", choices=("cold", "warm"), default=["cold", "warm"], help="sessions"
