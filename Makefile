@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/crypto.py
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/node.py
+	$(BIN)/python bench/fanout.py
 
 demo: $(STAMP)
 	$(BIN)/python -m hansa.node.demo
