@@ -81,8 +81,14 @@ def rate(fn: Callable[[], object], seconds: float) -> float:
     return best
 
 
-def sample_request() -> QueryRequest:
-    """A typical fan-out query: four aggregates, a filter, two group keys."""
+def sample_request(targets: int = 4) -> QueryRequest:
+    """A typical fan-out query: four aggregates, a filter, two group keys.
+
+    Args:
+        targets: how many cities the query fans out to (at least 4).
+    """
+    first = ("austin", "bangkok", "melbourne", "cape-town")
+    cities = first + tuple(f"city-{i:04d}" for i in range(targets - len(first)))
     return QueryRequest(
         requester="ana@melbourne",
         audience="austin",
@@ -107,7 +113,7 @@ def sample_request() -> QueryRequest:
             filters=(Filter("room_type", FilterOp.IN, ("Entire home/apt", "Private room")),),
             group_by=(Dimension("neighbourhood"), TimeBucket("last_review", TimeUnit.YEAR)),
         ),
-        targets=("austin", "bangkok", "melbourne", "cape-town"),
+        targets=cities,
         quorum=3,
     )
 
@@ -147,11 +153,16 @@ def bench_envelopes(seconds: float) -> None:
     key = SigningKey(bytes(range(32)))
     keys = {key.key_id: key.public_key}
     print("Envelope verify-then-decode vs raw libsodium verify of the same signing input")
-    print(f"  {'message':<28}{'bytes':>7}{'hansa/s':>11}{'raw/s':>11}{'ratio':>8}  goal >= 0.90")
-    for name, msg in (
+    print(
+        f"  {'message':<28}{'bytes':>7}{'hansa/s':>11}{'raw/s':>11}{'ratio':>8}"
+        f"{'extra µs':>10}  goal >= 0.90"
+    )
+    messages: tuple[tuple[str, QueryRequest | QueryAnswer], ...] = (
         ("QueryRequest", sample_request()),
         ("QueryAnswer (10 groups)", sample_answer(10)),
-    ):
+        ("QueryRequest (500 targets)", sample_request(targets=500)),
+    )
+    for name, msg in messages:
         data = seal(msg, key)
         env = decode_envelope(data)
         signing_input = pae(env.payload_type, env.payload)
@@ -164,9 +175,13 @@ def bench_envelopes(seconds: float) -> None:
         def raw(sig: bytes = sig, si: bytes = signing_input, pk: bytes = pk) -> object:
             return crypto_sign_open(sig + si, pk)
 
-        h = rate(hansa, seconds)
-        r = rate(raw, seconds)
-        print(f"  {name:<28}{len(data):>7}{h:>11,.0f}{r:>11,.0f}{h / r:>8.2f}")
+        # Interleaved halves, best of each: a load spike hits both sides alike.
+        h = r = 0.0
+        for _ in range(2):
+            r = max(r, rate(raw, seconds / 2))
+            h = max(h, rate(hansa, seconds / 2))
+        extra = (1 / h - 1 / r) * 1e6  # time per envelope beyond the raw verify
+        print(f"  {name:<28}{len(data):>7}{h:>11,.0f}{r:>11,.0f}{h / r:>8.2f}{extra:>10.1f}")
 
 
 def bench_merkle(leaves: int) -> None:

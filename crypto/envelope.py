@@ -86,12 +86,6 @@ _BY_PAYLOAD_TYPE: Final[dict[str, tuple[type[msgspec.Struct], bytes]]] = {
 """Per payload type: its body type and the start of its PAE (spec §4.2)."""
 
 
-def _lookup(keys: KeyLookup, kid: bytes) -> PublicKey | None:
-    if callable(keys):
-        return keys(kid)
-    return keys.get(kid)
-
-
 def open_envelope(
     data: bytes,
     keys: KeyLookup,
@@ -129,7 +123,7 @@ def open_envelope(
             f"expected a {expected.__name__}, got {env.payload_type!r}",
             ErrorCode.UNKNOWN_PAYLOAD_TYPE,
         )
-    signer = _lookup(keys, env.key_id)
+    signer = keys(env.key_id) if callable(keys) else keys.get(env.key_id)
     if signer is None:
         raise SignatureError(f"unknown signer key id {env.key_id.hex()}", ErrorCode.UNKNOWN_KEY)
     payload = env.payload

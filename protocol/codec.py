@@ -64,7 +64,7 @@ _PAYLOAD_TYPES: Final[dict[type[msgspec.Struct], PayloadType]] = {
     cls: pt for pt, cls in MESSAGE_TYPES.items()
 }
 _encoder: Final = msgspec.msgpack.Encoder()
-_Decoding = tuple[msgspec.msgpack.Decoder[Any], Callable[[Any], None] | None]
+_Decoding = tuple[Callable[[bytes], Any], Callable[[Any], None] | None]
 _decoders: dict[type[Any], _Decoding] = {}
 """Per struct type: its decoder and the check of the names it carries."""
 
@@ -142,10 +142,10 @@ def decode_as(data: bytes, cls: type[M], *, max_size: int = MAX_PAYLOAD_SIZE) ->
         raise TooLargeError(f"body of {len(data)} bytes exceeds the limit of {max_size}")
     decoding = _decoders.get(cls)
     if decoding is None:
-        decoding = _decoders[cls] = (msgspec.msgpack.Decoder(cls), name_check(cls))
-    decoder, check_names = decoding
+        decoding = _decoders[cls] = (msgspec.msgpack.Decoder(cls).decode, name_check(cls))
+    decode_body, check_names = decoding
     try:
-        result: M = decoder.decode(data)
+        result: M = decode_body(data)
     except (msgspec.MsgspecError, ValueError) as exc:
         # ValueError: msgspec lets UnicodeDecodeError through for invalid UTF-8.
         raise _as_protocol_error(exc, cls.__name__) from exc

@@ -151,7 +151,7 @@ INT_MAX: Final = 2**64 - 1
 
 # --- constrained scalar types ---------------------------------------------------
 
-# Name shapes (spec §5.2), as full-match patterns. The schema bounds each
+# Name shapes (spec §5.3), as full-match patterns. The schema bounds each
 # name's length with ``Meta`` (checked in C; over-long is TOO_LARGE); the
 # shape is checked in batches by ``_Names`` below (INVALID_FIELD).
 IDENTIFIER_PATTERN: Final = r"[A-Za-z][A-Za-z0-9_]{0,62}"
@@ -279,10 +279,6 @@ _KEY: Final = operator.attrgetter("key")
 _STATES: Final = operator.attrgetter("states")
 _FIRST: Final = operator.itemgetter(0)
 _SECOND: Final = operator.itemgetter(1)
-
-
-def _strictly_increasing(values: Sequence[Any]) -> bool:
-    return all(map(operator.lt, values, itertools.islice(values, 1, None)))
 
 
 def _unique(values: Sequence[object]) -> bool:
@@ -506,12 +502,8 @@ def _query_names(query: Query) -> list[str]:
     # filter(None, ...) skips the column of Count() (None). It would skip an
     # empty column name too, but that is a length, and Meta(min_length=1)
     # rejects it when decoding (see the module docstring).
-    return [
-        query.dataset,
-        *map(_COLUMN, query.filters),
-        *map(_COLUMN, query.group_by),
-        *filter(None, map(_COLUMN, query.aggregates)),
-    ]
+    columns = itertools.chain(query.filters, query.group_by, query.aggregates)
+    return [query.dataset, *filter(None, map(_COLUMN, columns))]
 
 
 class PolicyTags(_Wire, frozen=True, tag="policy"):
@@ -627,9 +619,16 @@ class SketchState(_Wire, frozen=True, tag="ddsketch"):
 
     def __post_init__(self) -> None:
         # Sorted, unique indices make merging a linear walk and the encoding canonical.
-        for buckets in (self.positive, self.negative):
-            if len(buckets) > 1 and not _strictly_increasing(list(map(_FIRST, buckets))):
-                raise ValueError("sketch bucket indices must be strictly increasing")
+        # (Unrolled for the two sides: this runs for every sketch of every answer.)
+        positive, negative = self.positive, self.negative
+        if (
+            len(positive) > 1
+            and not all(map(operator.lt, map(_FIRST, positive), map(_FIRST, positive[1:])))
+        ) or (
+            len(negative) > 1
+            and not all(map(operator.lt, map(_FIRST, negative), map(_FIRST, negative[1:])))
+        ):
+            raise ValueError("sketch bucket indices must be strictly increasing")
 
 
 AggregateState = CountState | SumState | MinMaxState | MomentsState | HistogramState | SketchState
@@ -672,20 +671,21 @@ class QueryAnswer(_Wire, frozen=True, tag="query-answer"):
     suppressed: Annotated[tuple[SuppressedCell, ...], Meta(max_length=MAX_GROUPS)] = ()
 
     def __post_init__(self) -> None:
-        keys = list(map(_KEY, self.groups))
-        keys += map(_KEY, self.suppressed)
-        if len(set(map(len, keys))) > 1:
-            raise ValueError("all cell keys must have the same length")
-        if len(set(map(len, map(_STATES, self.groups)))) > 1:
-            raise ValueError("all groups must carry the same number of states")
-        # Python equates 1, 1.0 and True, so keys that are distinct as Python
-        # values are distinct as typed values too; only a clash needs typed_key.
-        if not _unique(keys) and not _unique(list(map(typed_key, keys))):
-            raise ValueError("a cell key appears more than once")
-        if self.decision is Decision.ANSWERED and self.suppressed:
+        groups, suppressed, decision = self.groups, self.suppressed, self.decision
+        if decision is Decision.ANSWERED and suppressed:
             raise ValueError("decision 'answered' cannot list suppressed cells")
-        if self.decision is Decision.SUPPRESSED and not self.suppressed:
+        if decision is Decision.SUPPRESSED and not suppressed:
             raise ValueError("decision 'answered_suppressed' needs a suppressed cell")
+        keys = [*map(_KEY, groups), *map(_KEY, suppressed)]
+        if len(keys) > 1:
+            if len(set(map(len, keys))) > 1:
+                raise ValueError("all cell keys must have the same length")
+            if len(set(map(len, map(_STATES, groups)))) > 1:
+                raise ValueError("all groups must carry the same number of states")
+            # Python equates 1, 1.0 and True, so keys that are distinct as Python
+            # values are distinct as typed values too; only a clash needs typed_key.
+            if len(set(keys)) != len(keys) and not _unique(list(map(typed_key, keys))):
+                raise ValueError("a cell key appears more than once")
 
 
 def typed_key(key: tuple[CellValue, ...]) -> tuple[tuple[str, CellValue], ...]:
@@ -823,18 +823,17 @@ def _check_query(value: Query) -> None:
 
 def _check_request(value: QueryRequest) -> None:
     policy, query = value.policy, value.query
-    _REQUEST_NAMES.check(
-        [
-            *(value.requester, policy.analyst, _GROUP),
-            *(policy.purpose, _GROUP),
-            *(value.audience, *value.targets, _GROUP),
-            # As _query_names(query), inlined on this hot path.
-            query.dataset,
-            *map(_COLUMN, query.filters),
-            *map(_COLUMN, query.group_by),
-            *filter(None, map(_COLUMN, query.aggregates)),
-        ]
-    )
+    columns = itertools.chain(query.filters, query.group_by, query.aggregates)
+    # One group per line, in the order of _REQUEST_NAMES; the last is
+    # _query_names(query), inlined on this hot path.
+    # fmt: off
+    _REQUEST_NAMES.check([
+        value.requester, policy.analyst, _GROUP,
+        policy.purpose, _GROUP,
+        value.audience, *value.targets, _GROUP,
+        query.dataset, *filter(None, map(_COLUMN, columns)),
+    ])
+    # fmt: on
 
 
 def _check_policy(value: PolicyTags) -> None:
