@@ -279,6 +279,7 @@ _KEY: Final = operator.attrgetter("key")
 _STATES: Final = operator.attrgetter("states")
 _FIRST: Final = operator.itemgetter(0)
 _SECOND: Final = operator.itemgetter(1)
+_LT: Final = operator.lt
 
 
 def _unique(values: Sequence[object]) -> bool:
@@ -438,7 +439,7 @@ class Histogram(_Wire, frozen=True, tag="histogram"):
 
     def __post_init__(self) -> None:
         edges = self.edges
-        if not all(map(operator.lt, edges, edges[1:])):
+        if not all(map(_LT, edges, edges[1:])):
             raise ValueError("histogram edges must be strictly increasing")
 
 
@@ -535,11 +536,12 @@ class QueryRequest(_Wire, frozen=True, tag="query-request"):
     def __post_init__(self) -> None:
         if self.expires_at <= self.issued_at:
             raise ValueError("expires_at must be after issued_at")
-        if not _unique(self.targets):
+        targets = self.targets
+        if len(set(targets)) != len(targets):
             raise ValueError("targets must be unique")
-        if self.audience not in self.targets:
+        if self.audience not in targets:
             raise ValueError("audience must be one of the targets")
-        if self.quorum > len(self.targets):
+        if self.quorum > len(targets):
             raise ValueError("quorum exceeds the number of targets")
 
 
@@ -623,10 +625,10 @@ class SketchState(_Wire, frozen=True, tag="ddsketch"):
         positive, negative = self.positive, self.negative
         if (
             len(positive) > 1
-            and not all(map(operator.lt, map(_FIRST, positive), map(_FIRST, positive[1:])))
+            and not all(map(_LT, map(_FIRST, positive), map(_FIRST, positive[1:])))
         ) or (
             len(negative) > 1
-            and not all(map(operator.lt, map(_FIRST, negative), map(_FIRST, negative[1:])))
+            and not all(map(_LT, map(_FIRST, negative), map(_FIRST, negative[1:])))
         ):
             raise ValueError("sketch bucket indices must be strictly increasing")
 
