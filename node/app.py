@@ -19,9 +19,13 @@ happens before any work of the next (``spec/protocol.md`` §8):
    is bound to (``REQUESTER_NOT_ALLOWED`` otherwise).
 4. **Freshness**: audience, time window and replay (``ReplayGuard``, with the
    current wall-clock time).
-5. **Work**: ``engine.answer(request)`` in a bounded thread pool, at most
-   ``max_concurrent_queries`` at a time and ``max_queued_queries`` waiting
-   (``UNAVAILABLE`` beyond that), under the query time limit.
+5. **Work**: first ``engine.cached_answer(request)`` on the event loop, when
+   the engine has one (``QueryEngine``'s result cache: the request rules run,
+   then a lookup, no DuckDB); on a miss ``engine.answer(request)`` in a
+   bounded thread pool, at most ``max_concurrent_queries`` at a time and
+   ``max_queued_queries`` waiting (``UNAVAILABLE`` beyond that), under the
+   query time limit. A cache hit skips only the aggregate computation: steps
+   1-4 ran, and the answer is built and signed afresh for this request.
 
 What comes back depends on whether the requester could be identified:
 
@@ -83,6 +87,7 @@ __all__ = [
     "ERROR_MEDIA_TYPE",
     "NODE",
     "AnswerEngine",
+    "CachedAnswerEngine",
     "EngineOutput",
     "NodeState",
     "create_app",
@@ -143,6 +148,25 @@ class AnswerEngine(Protocol):
     def close(self) -> None:
         """Release the engine's resources."""
         ...
+
+
+class CachedAnswerEngine(AnswerEngine, Protocol):
+    """An engine that can also answer from a result cache without blocking."""
+
+    def cached_answer(self, request: QueryRequest) -> EngineOutput | None:
+        """Return a cached answer, None on a miss; may raise the request-rule refusals."""
+        ...
+
+
+def _cache_lookup(engine: AnswerEngine) -> Callable[[QueryRequest], EngineOutput | None] | None:
+    """Return the engine's non-blocking cache lookup, if it has one.
+
+    Any engine works without it (test doubles, wrappers): every request then
+    goes to the thread pool. A wrapper that changes what ``answer`` does
+    must not expose ``cached_answer``.
+    """
+    lookup = getattr(engine, "cached_answer", None)
+    return lookup if callable(lookup) else None
 
 
 def unsigned_status(code: ErrorCode) -> int:
@@ -226,6 +250,7 @@ class NodeState:
         self._pool: ThreadPoolExecutor | None = None
         self._slots = asyncio.Semaphore(config.limits.max_concurrent_queries)
         self._capabilities: tuple[tuple[DatasetInfo, ...], bytes] | None = None
+        self._lookup: Callable[[QueryRequest], EngineOutput | None] | None = None
 
     @property
     def engine(self) -> AnswerEngine:
@@ -314,7 +339,10 @@ class NodeState:
                 expires_at=req.expires_at,
                 now_ms=self.clock_ms(),
             )
-            result = await self._run(req)
+            lookup = self._lookup
+            result = lookup(req) if lookup is not None else None
+            if result is None:
+                result = await self._run(req)
             answer = QueryAnswer(
                 request_id=request_id,
                 responder=self.config.city,
@@ -463,6 +491,7 @@ class NodeState:
         if engine is None:
             engine = await asyncio.to_thread(self._open_engine)
         self._engine = engine
+        self._lookup = _cache_lookup(engine)
         self._pool = ThreadPoolExecutor(
             max_workers=limits.max_concurrent_queries, thread_name_prefix="hansa-query"
         )
@@ -474,6 +503,7 @@ class NodeState:
             # before cleanup); wait for any thread that outlived its request.
             await asyncio.to_thread(pool.shutdown, wait=True)
             self._engine = None
+            self._lookup = None
             if owned:
                 await asyncio.to_thread(engine.close)
                 log.info("engine closed")

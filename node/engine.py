@@ -680,7 +680,8 @@ class _Watchdog:
 
     Starting a thread per answer cost about as much as a small query itself,
     so deadlines sit in a heap served by a single long-lived thread, started
-    on first use and ended after ``_WATCHDOG_IDLE_S`` with nothing to watch.
+    on first use and ended after about ``2 * _WATCHDOG_IDLE_S`` with nothing
+    to watch.
     Watching an answer costs a lock, a heap push and, only when its deadline
     is the earliest, a notify; a finished answer is merely marked done and
     dropped lazily (when it reaches the top of the heap, or when finished
@@ -778,7 +779,9 @@ class _Watchdog:
                 deadline, _, watch = heap[0]
                 delay = deadline - time.monotonic()
                 if delay > 0:
-                    cond.wait(delay)
+                    # Released watches are not announced (no wake-up per answer); waking
+                    # at least every _WATCHDOG_IDLE_S drops them, so an idle thread ends.
+                    cond.wait(min(delay, _WATCHDOG_IDLE_S))
                     continue
                 heapq.heappop(heap)
                 cursor = watch.cursor
@@ -979,6 +982,7 @@ class QueryEngine:
             raise ConfigError(f"threads {threads!r} is not in [1, 256]")
         self.timeout_s = float(timeout_s)
         self._cache = ResultCache(cache_entries, cache_bytes)
+        self._policies: dict[str, tuple[DatasetSpec, DisclosurePolicy]] = {}
         self._cursor_lock = threading.Lock()
         self._idle: list[duckdb.DuckDBPyConnection] = []
         self._watchdog = _Watchdog()
@@ -1112,7 +1116,13 @@ class QueryEngine:
         """Find the dataset, run the request rules, return the cache key."""
         query = request.query
         spec = self._catalog.get(query.dataset)
-        policy = DisclosurePolicy.for_dataset(spec)
+        known = self._policies.get(spec.name)
+        if known is not None and known[0] is spec:
+            policy = known[1]
+        else:
+            # The policy is a pure function of the spec: built once per published spec.
+            policy = DisclosurePolicy.for_dataset(spec)
+            self._policies[spec.name] = (spec, policy)
         policy.enforce_request(request, spec)
         return spec, policy, (spec.name, spec.version, spec.disclosure.version, encode(query))
 

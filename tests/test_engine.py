@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import itertools
 import math
 import statistics
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +17,13 @@ from typing import Any
 import duckdb
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import hansa.node.engine as engine_module
 from hansa.federation.sketch import DEFAULT_ALPHA, sketch_from_values
-from hansa.node.catalog import Catalog
-from hansa.node.engine import EngineResult, QueryEngine, compile_query
+from hansa.node.catalog import Catalog, DatasetSpec, DisclosureSettings
+from hansa.node.engine import EngineResult, QueryEngine, ResultCache, _Watchdog, compile_query
 from hansa.protocol.codec import decode_as, encode
 from hansa.protocol.errors import (
     ErrorCode,
@@ -36,6 +41,7 @@ from hansa.protocol.messages import (
     Dimension,
     Filter,
     FilterOp,
+    Group,
     GroupKey,
     Histogram,
     HistogramState,
@@ -770,3 +776,285 @@ def test_bigint_minimum_is_exact_under_dominance(tmp_path: Path) -> None:
             (("a",), SuppressionReason.DOMINANCE)
         ]
         assert [g.key for g in result.groups] == [("b",)]
+
+
+# --- result cache and watchdog ---------------------------------------------------------------
+
+
+@pytest.fixture()
+def own_catalog(tmp_path: Path) -> Iterator[Catalog]:
+    """A writable catalog of its own (tests here change data and settings)."""
+    cat = Catalog(tmp_path / "node")
+    cat.add("stays", write_csv(tmp_path / "stays.csv", ROWS), roles={"zone": ColumnRole.DIMENSION})
+    cat.configure("stays", min_group_size=1, dominance_p=100)
+    yield cat
+    cat.close()
+
+
+def test_cache_hit_returns_identical_states(engine: QueryEngine, catalog: Catalog) -> None:
+    aggregates = (Count(), Sum("price"), Histogram("price", (0.0, 50.0, 150.0)), Min("score"))
+    by = (Dimension("district"), Dimension("zone"))
+    engine.clear_cache()
+    before = engine.cache_info()
+    first = ask(engine, aggregates, group_by=by)
+    second = ask(engine, aggregates, group_by=by)
+    after = engine.cache_info()
+    assert second == first
+    assert (after.hits - before.hits, after.misses - before.misses) == (1, 1)
+    # ... and equal to what an engine without a cache computes.
+    uncached = QueryEngine(catalog.data_dir, catalog=catalog, cache_entries=0)
+    try:
+        assert ask(uncached, aggregates, group_by=by) == first
+        assert uncached.cache_info().entries == 0
+    finally:
+        uncached.close()
+
+
+def test_cache_key_is_the_encoded_query_not_python_equality(engine: QueryEngine) -> None:
+    # True == 1 in Python, so Query objects with these literals compare equal;
+    # on the wire they differ, and 1 is not a boolean: it must still be refused.
+    assert ask(engine, filters=(Filter("flag", FilterOp.EQ, (True,)),)).groups
+    refused(
+        ErrorCode.TYPE_MISMATCH, lambda: ask(engine, filters=(Filter("flag", FilterOp.EQ, (1,)),))
+    )
+
+
+def test_request_rules_run_on_every_cache_hit(engine: QueryEngine) -> None:
+    by = (Dimension("district"),)
+    ask(engine, group_by=by)  # cached now
+    denied = request(Query(dataset="stays", aggregates=(Count(),), group_by=by), "marketing")
+    refused(ErrorCode.PURPOSE_NOT_ALLOWED, lambda: engine.answer(denied))
+    refused(ErrorCode.PURPOSE_NOT_ALLOWED, lambda: engine.cached_answer(denied))
+
+
+def test_cached_answer_never_touches_duckdb(
+    engine: QueryEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    query = Query(dataset="stays", aggregates=(Count(),), group_by=(Dimension("zone"),))
+    engine.clear_cache()
+    assert engine.cached_answer(request(query)) is None  # a miss: nothing computed
+    expected = engine.answer(request(query))
+    monkeypatch.setattr(
+        engine.catalog, "cursor", lambda: FailingCursor(duckdb.IOException("no DuckDB here"))
+    )
+    assert engine.cached_answer(request(query)) == expected
+    assert engine.answer(request(query)) == expected
+
+
+def test_cache_is_invalidated_when_the_dataset_is_replaced(
+    own_catalog: Catalog, tmp_path: Path
+) -> None:
+    engine = QueryEngine(own_catalog.data_dir, catalog=own_catalog)
+    try:
+        by = (Dimension("district"),)
+        first = ask(engine, group_by=by)
+        assert ask(engine, group_by=by) == first  # a hit
+        own_catalog.add("stays", write_csv(tmp_path / "fewer.csv", ROWS[:30]), mode="replace")
+        second = ask(engine, group_by=by)
+        assert second.dataset_version != first.dataset_version
+        assert second.dataset_version == own_catalog.get("stays").version
+        assert sum(counts(second).values()) == 30 < sum(counts(first).values())
+    finally:
+        engine.close()
+
+
+def test_cache_is_invalidated_when_disclosure_settings_change(own_catalog: Catalog) -> None:
+    engine = QueryEngine(own_catalog.data_dir, catalog=own_catalog)
+    try:
+        by = (Dimension("note"),)  # n0..n4 have 11-12 rows each; two notes have 1 row
+        first = ask(engine, group_by=by)
+        assert ask(engine, group_by=by) == first
+        assert first.suppressed == ()
+        own_catalog.configure("stays", min_group_size=5)
+        second = ask(engine, group_by=by)
+        assert second.disclosure_version == first.disclosure_version + 1
+        assert {c.reason for c in second.suppressed} == {SuppressionReason.MIN_GROUP_SIZE}
+        assert len(second.groups) + len(second.suppressed) == len(first.groups)
+        # An explicit reload empties the cache outright.
+        assert engine.cache_info().entries > 0
+        engine.reload()
+        assert engine.cache_info().entries == 0
+        assert ask(engine, group_by=by) == second
+    finally:
+        engine.close()
+
+
+def test_cache_hit_is_checked_against_the_whole_spec(own_catalog: Catalog) -> None:
+    # Same versions, different spec (as after a hand edit that kept the numbers):
+    # the entry is not used.
+    engine = QueryEngine(own_catalog.data_dir, catalog=own_catalog)
+    try:
+        query = Query(dataset="stays", aggregates=(Count(),), group_by=(Dimension("zone"),))
+        result = engine.answer(request(query))
+        spec = own_catalog.get("stays")
+        key = (spec.name, spec.version, spec.disclosure.version, encode(query))
+        cache = engine._cache
+        assert cache.get(key, spec) == result
+        altered = dataclasses.replace(spec, row_count=spec.row_count + 1)
+        assert cache.get(key, altered) is None
+        assert cache.get(key, spec) is None  # dropped, not kept for the old spec
+    finally:
+        engine.close()
+
+
+def _result(n: int, cells: int = 1) -> EngineResult:
+    groups = tuple(Group(key=(f"k{i}",), states=(CountState(n=n),)) for i in range(cells))
+    return EngineResult("v1-abc", 1, Decision.ANSWERED, groups, ())
+
+
+def test_result_cache_is_bounded_by_entries_lru(own_catalog: Catalog) -> None:
+    spec = own_catalog.get("stays")
+    cache = ResultCache(max_entries=3, max_bytes=1 << 20)
+    keys = [("stays", spec.version, 1, bytes([i])) for i in range(5)]
+    for i, key in enumerate(keys[:3]):
+        cache.put(key, spec, _result(i))
+    assert cache.get(keys[0], spec) == _result(0)  # now the most recently used
+    cache.put(keys[3], spec, _result(3))
+    cache.put(keys[4], spec, _result(4))
+    assert len(cache) == 3
+    assert [cache.get(k, spec) is not None for k in keys] == [True, False, False, True, True]
+
+
+@given(cells=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=30))
+def test_result_cache_is_bounded_by_bytes(cells: list[int]) -> None:
+    spec = _SPEC
+    cache = ResultCache(max_entries=1000, max_bytes=4096)
+    for i, n in enumerate(cells):
+        cache.put(("d", "v1", 1, i.to_bytes(2, "big")), spec, _result(7, n))
+        info = cache.info()
+        assert info.size <= 4096
+        assert info.entries <= i + 1
+    # A result over an eighth of the budget is never cached.
+    cache.put(("d", "v1", 1, b"big"), spec, _result(7, 200))
+    assert cache.get(("d", "v1", 1, b"big"), spec) is None
+
+
+_SPEC = DatasetSpec(
+    name="d", version="v1", columns=(), disclosure=DisclosureSettings(), row_count=0
+)
+
+
+def test_result_cache_off_and_bounds_checked(catalog: Catalog) -> None:
+    off = ResultCache(max_entries=0)
+    off.put(("d", "v1", 1, b"q"), _SPEC, _result(1))
+    assert len(off) == 0 and not off.enabled
+    with pytest.raises(HansaError):
+        ResultCache(max_entries=-1)
+    with pytest.raises(HansaError):
+        ResultCache(max_bytes=-1)
+    engine = QueryEngine(catalog.data_dir, catalog=catalog, cache_entries=2)
+    try:
+        for zone in range(4):
+            ask(engine, filters=(Filter("zone", FilterOp.NE, (zone,)),))
+        assert engine.cache_info().entries == 2
+        assert engine.cache_info().max_entries == 2
+    finally:
+        engine.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(picks=st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=12))
+def test_cached_answers_equal_uncached_ones(catalog: Catalog, picks: list[int]) -> None:
+    menu: list[tuple[tuple[Aggregate, ...], tuple[GroupKey, ...], tuple[Filter, ...]]] = [
+        ((Count(),), (Dimension("district"),), ()),
+        ((Count(), Sum("price")), (Dimension("zone"),), ()),
+        ((Histogram("price", (0.0, 100.0, 300.0)),), (Dimension("flag"),), ()),
+        ((Count(),), (TimeBucket("day", TimeUnit.MONTH),), (Filter("price", FilterOp.LT, (150,)),)),
+        ((Max("price"), Min("price")), (), (Filter("zone", FilterOp.EQ, (1,)),)),
+        ((Count("score"),), (Dimension("note"),), ()),
+    ]
+    cached = QueryEngine(catalog.data_dir, catalog=catalog, cache_entries=3)
+    plain = QueryEngine(catalog.data_dir, catalog=catalog, cache_entries=0)
+    try:
+        for pick in picks:
+            aggs, keys, filters = menu[pick]
+            assert ask(cached, aggs, group_by=keys, filters=filters) == ask(
+                plain, aggs, group_by=keys, filters=filters
+            )
+        assert cached.cache_info().entries <= 3
+    finally:
+        cached.close()
+        plain.close()
+
+
+class CountingCursor:
+    """Records interrupts (a stand-in for a DuckDB cursor)."""
+
+    def __init__(self) -> None:
+        self.interrupts = 0
+
+    def interrupt(self) -> None:
+        self.interrupts += 1
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return condition()
+
+
+def test_one_watchdog_interrupts_only_overdue_cursors() -> None:
+    watchdog = _Watchdog()
+    try:
+        slow, fast = CountingCursor(), CountingCursor()
+        with watchdog.watch(fast, 60.0) as fast_watch:  # type: ignore[arg-type]
+            with watchdog.watch(slow, 0.01) as slow_watch:  # type: ignore[arg-type]
+                # Interrupted, and again while it runs (DuckDB may drop the first).
+                assert _wait_for(lambda: slow.interrupts >= 2)
+                assert slow_watch.fired
+            settled = slow.interrupts
+            time.sleep(0.1)
+            assert slow.interrupts == settled  # released: never interrupted again
+            assert not fast_watch.fired and fast.interrupts == 0
+        assert watchdog.watching == 0
+        # Many short answers share the one thread and leave no work behind.
+        for _ in range(200):
+            with watchdog.watch(CountingCursor(), 60.0):  # type: ignore[arg-type]
+                pass
+        assert watchdog.watching == 0
+        assert len(watchdog._heap) <= 64 + 4
+    finally:
+        watchdog.close()
+    with pytest.raises(HansaError):
+        watchdog.watch(CountingCursor(), 1.0)  # type: ignore[arg-type]
+
+
+def test_watchdog_thread_ends_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "_WATCHDOG_IDLE_S", 0.02)
+    watchdog = _Watchdog()
+    try:
+        with watchdog.watch(CountingCursor(), 60.0):  # type: ignore[arg-type]
+            thread = watchdog._thread
+            assert thread is not None and thread.is_alive()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        cursor = CountingCursor()
+        with watchdog.watch(cursor, 0.01):  # type: ignore[arg-type]
+            assert _wait_for(lambda: cursor.interrupts >= 1)  # a new thread took over
+    finally:
+        watchdog.close()
+
+
+def test_timeouts_and_answers_interleave_on_one_engine(big_dir: Path) -> None:
+    # The engine's one watchdog times out a slow query while fast ones keep being
+    # answered, and a cursor that was interrupted is never reused.
+    engine = QueryEngine(big_dir, timeout_s=0.001, cache_entries=0)
+    try:
+        heavy = Query(
+            dataset="big",
+            aggregates=(Count(), Quantiles("x", (0.5,)), Variance("k")),
+            group_by=(Dimension("g"),),
+            max_groups=100_000,
+        )
+        light = Query(dataset="big", aggregates=(Count(),))
+        for _ in range(3):
+            engine.timeout_s = 0.001
+            refused(ErrorCode.QUERY_TIMEOUT, lambda: engine.answer(request(heavy)))
+            engine.timeout_s = 60.0
+            (group,) = engine.answer(request(light)).groups
+            assert group.states == (CountState(n=400_000),)
+    finally:
+        engine.close()

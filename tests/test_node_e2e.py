@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import aiohttp
@@ -154,3 +156,36 @@ async def test_shutdown_finishes_in_flight_requests(tmp_path: Path) -> None:
     reply = open_reply(status, body, read_public_key(config.key_file))
     assert isinstance(reply, QueryAnswer)
     assert reply.request_id == message_id(envelope)
+
+
+def test_sighup_reload_replaces_cached_answers(tmp_path: Path) -> None:
+    # A served node caches the answer; after the operator tightens k and sends
+    # SIGHUP, the same query is answered under the new settings, not from the cache.
+    analyst = Analyst.create("ana@lisbon")
+    config = init_test_node(tmp_path, "lisbon", analysts=[analyst], rows=300, seed=4)
+    with node_process(config.data_dir) as node:
+
+        async def ask() -> QueryAnswer:
+            async with aiohttp.ClientSession() as session:
+                envelope = analyst.seal(analyst.request("lisbon", count_by_room_type()))
+                reply = open_reply(*await _post(session, node.url, envelope), node.node_key)
+            assert isinstance(reply, QueryAnswer), reply
+            return reply
+
+        first, again = asyncio.run(ask()), asyncio.run(ask())
+        assert again.groups == first.groups and first.groups
+        toml = config.data_dir / "datasets.toml"
+        text = toml.read_text(encoding="utf-8")
+        edited = re.sub(r"(?m)^min_group_size = \d+", "min_group_size = 1000000", text)
+        assert edited != text
+        toml.write_text(edited, encoding="utf-8")
+        node.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while (latest := asyncio.run(ask())).disclosure_version == first.disclosure_version:
+            assert time.monotonic() < deadline, "the node did not reload"
+            time.sleep(0.05)
+        assert latest.disclosure_version == first.disclosure_version + 1
+        assert latest.groups == () and latest.suppressed  # every cell is below k now
+        code, stderr = node.stop(signal.SIGTERM)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr

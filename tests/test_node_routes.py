@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import logging
 import re
 import threading
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from hansa.crypto import open_envelope, seal_bytes
 from hansa.crypto.keyfile import read_public_key
 from hansa.node.app import ENVELOPE_MEDIA_TYPE, AnswerEngine, EngineOutput, unsigned_status
 from hansa.node.config import NodeConfig, NodeLimits
+from hansa.node.engine import CacheInfo, QueryEngine
 from hansa.node.metrics import Counter, Histogram, NodeMetrics
 from hansa.protocol.codec import encode
 from hansa.protocol.envelope import (
@@ -718,3 +720,82 @@ def test_bit_flipped_requests_are_never_answered(
     good = analyst.seal(analyst.request(CITY, count_by_room_type()))
     status, body = live_node.post(good)
     assert isinstance(open_reply(status, body, live_node.node_key), QueryAnswer)
+
+
+# --- cached answers, keep-alive, quiet hot path ----------------------------------------------
+
+
+def _cache_info(node: RunningNode) -> CacheInfo:
+    engine = node.state.engine
+    assert isinstance(engine, QueryEngine)
+    return engine.cache_info()
+
+
+async def test_a_cached_answer_is_still_verified_replay_checked_and_freshly_signed(
+    node_dir: NodeConfig, analyst: Analyst
+) -> None:
+    async with running_node(node_dir) as node:
+        keys = {node.node_key.key_id: node.node_key}
+        envelopes = [analyst.seal(analyst.request(CITY, count_by_room_type())) for _ in range(3)]
+        bodies = [(await node.post(envelope))[1] for envelope in envelopes]
+        info = _cache_info(node)
+        assert info.hits >= 2 and info.entries >= 1
+        answers = [open_envelope(body, keys, QueryAnswer).message for body in bodies]
+        # One computation, three answers: each for its own request, each signed anew.
+        assert [a.request_id for a in answers] == [message_id(e) for e in envelopes]
+        assert len({decode_envelope(body).signature for body in bodies}) == 3
+        assert answers[1].groups == answers[0].groups == answers[2].groups
+        # Checks before the cache still apply to a query whose answer is cached.
+        refusal = await _refusal(node, envelopes[1])
+        assert refusal.code is ErrorCode.REPLAYED
+        status, _ = await node.post(_tampered(analyst))
+        assert status == 401
+        denied = analyst.seal(analyst.request(CITY, count_by_room_type(), purpose="marketing"))
+        assert (await _refusal(node, denied)).code is ErrorCode.PURPOSE_NOT_ALLOWED
+        stale = analyst.seal(
+            analyst.request(CITY, count_by_room_type(), issued_at=now_ms() - 3_600_000)
+        )
+        assert (await _refusal(node, stale)).code in (ErrorCode.EXPIRED, ErrorCode.NOT_YET_VALID)
+
+
+async def test_answers_share_one_keep_alive_connection(
+    node_dir: NodeConfig, analyst: Analyst
+) -> None:
+    async with running_node(node_dir) as node:
+        port = int(node.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for _ in range(3):
+                body = analyst.seal(analyst.request(CITY, count_by_room_type()))
+                writer.write(
+                    b"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    + f"Content-Type: {ENVELOPE_MEDIA_TYPE}\r\n".encode()
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                headers = dict(
+                    line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if line
+                )
+                assert headers.get("Connection", "keep-alive").lower() != "close"
+                reply = await reader.readexactly(int(headers["Content-Length"]))
+                assert isinstance(open_reply(200, reply, node.node_key), QueryAnswer)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+
+async def test_no_log_lines_on_the_query_hot_path(
+    node_dir: NodeConfig, analyst: Analyst, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with running_node(node_dir) as node:
+        await node.query(analyst.seal(analyst.request(CITY, count_by_room_type())))
+        caplog.clear()
+        for _ in range(5):
+            answer_of(await node.query(analyst.seal(analyst.request(CITY, count_by_room_type()))))
+        # Start-up and shutdown may log; answering may not.
+        noisy = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert noisy == []
