@@ -419,6 +419,17 @@ def _plain_key(value: Any) -> CellValue:
     return value  # type: ignore[no-any-return]  # int | float | bool | None from DuckDB
 
 
+def _float_key(value: Any) -> CellValue:
+    # The wire allows only finite floats in cell keys (spec §7.2); a NaN or
+    # infinite group would be refused by every receiver, so refuse it here.
+    if value is not None and not math.isfinite(value):
+        raise HansaError(
+            "a float group-by column holds NaN or infinite values; filter them out first",
+            ErrorCode.INVALID_QUERY,
+        )
+    return value  # type: ignore[no-any-return]
+
+
 def _group_key(
     spec: DatasetSpec, key: Dimension | TimeBucket
 ) -> tuple[str, Callable[[Any], CellValue]]:
@@ -435,6 +446,8 @@ def _group_key(
             return col, _text_key
         if info.type in (ColumnType.DATE, ColumnType.TIMESTAMP):
             return col, _iso_key
+        if info.type is ColumnType.FLOAT:
+            return col, _float_key
         return col, _plain_key
     info = _column(spec, key.column, "time bucket")
     if info.role is not ColumnRole.TIME:

@@ -1058,3 +1058,46 @@ def test_timeouts_and_answers_interleave_on_one_engine(big_dir: Path) -> None:
             assert group.states == (CountState(n=400_000),)
     finally:
         engine.close()
+
+
+def test_non_finite_float_group_keys_never_reach_the_wire(tmp_path: Path) -> None:
+    # The wire allows only finite floats in cell keys (spec §7.2). The catalog
+    # stores NaN/inf as NULL on import, and the engine refuses a non-finite key
+    # should one reach it, so every answer it produces is one receivers accept.
+    from hansa.node.engine import _float_key
+    from hansa.protocol.codec import decode_as, encode
+    from hansa.protocol.messages import QueryAnswer
+
+    src = tmp_path / "floats.csv"
+    src.write_text("band,v\n1.5,1\n2.5,2\nnan,3\ninf,4\n-inf,5\n", encoding="utf-8")
+    cat = Catalog(tmp_path / "node")
+    try:
+        cat.add("floats", src, roles={"band": ColumnRole.DIMENSION})
+        cat.configure("floats", min_group_size=1, dominance_p=100)
+        eng = QueryEngine(cat.data_dir, catalog=cat, timeout_s=30)
+        try:
+            result = ask(eng, group_by=(Dimension("band"),), dataset="floats")
+        finally:
+            eng.close()
+    finally:
+        cat.close()
+    assert counts(result) == {(1.5,): 1, (2.5,): 1, (None,): 3}
+    answer = QueryAnswer(
+        request_id=bytes(32),
+        responder="austin",
+        requester="ana@example",
+        issued_at=1,
+        dataset="floats",
+        dataset_version=result.dataset_version,
+        disclosure_version=result.disclosure_version,
+        decision=result.decision,
+        groups=result.groups,
+        suppressed=result.suppressed,
+    )
+    assert decode_as(encode(answer), QueryAnswer) == answer
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(HansaError) as info:
+            _float_key(bad)
+        assert info.value.code is ErrorCode.INVALID_QUERY
+    assert _float_key(2.5) == 2.5
+    assert _float_key(None) is None
