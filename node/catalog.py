@@ -74,8 +74,10 @@ import duckdb
 
 from hansa.protocol.errors import ConfigError, ErrorCode, HansaError, QueryError
 from hansa.protocol.messages import (
+    IDENTIFIER_PATTERN,
     MAX_COLUMNS,
     MAX_GROUPS,
+    TOKEN_PATTERN,
     ColumnInfo,
     ColumnRole,
     ColumnType,
@@ -105,8 +107,8 @@ META_TABLE: Final = "_hansa_meta"
 _STAGING: Final = "_hansa_staging"
 _FORMAT: Final = 1
 
-_NAME_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}\Z")
-_TOKEN_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
+_NAME_RE: Final = re.compile(IDENTIFIER_PATTERN)
+_TOKEN_RE: Final = re.compile(TOKEN_PATTERN)
 # Default-role heuristics (fail closed): an "id"/"key"/"uuid" token marks an
 # identifier; obvious personal-data names are hidden until the operator says otherwise.
 _IDENTIFIER_RE: Final = re.compile(r"(?:^|_)(?:id|uuid|key)(?:$|_)", re.IGNORECASE)
@@ -521,7 +523,7 @@ def _check_keys(table: Mapping[str, object], allowed: set[str], where: str) -> N
 
 
 def _parse_column(name: str, value: object, where: str) -> _ColumnEntry:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise _fail(where, f"invalid column name {name!r}")
     if not isinstance(value, dict):
         raise _fail(where, 'must be a table like { type = "integer", role = "measure" }')
@@ -566,7 +568,7 @@ def _parse_column(name: str, value: object, where: str) -> _ColumnEntry:
 
 def _parse_dataset(name: str, value: object) -> _DatasetEntry:
     where = f"datasets.{name}"
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise _fail(where, "invalid dataset name (letter, then letters, digits, _; at most 63)")
     if not isinstance(value, dict):
         raise _fail(where, "must be a table")
@@ -595,7 +597,7 @@ def _parse_dataset(name: str, value: object) -> _DatasetEntry:
         raise _fail(f"{dw}.purposes", "must be a list of strings")
     purposes: list[str] = []
     for item in purposes_raw:
-        if not isinstance(item, str) or not _TOKEN_RE.match(item):
+        if not isinstance(item, str) or not _TOKEN_RE.fullmatch(item):
             raise _fail(
                 f"{dw}.purposes", f"{item!r} is not a purpose token (lower-case, at most 32)"
             )
@@ -1055,7 +1057,7 @@ class Catalog:
                 converted (the stored data is then unchanged).
             OSError: the file cannot be opened.
         """
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise ConfigError(
                 f"invalid dataset name {name!r}: a letter, then letters, digits or _ (at most 63)",
                 ErrorCode.CONFIG,
@@ -1337,7 +1339,7 @@ class Catalog:
         Raises:
             ConfigError: no such dataset, or the store is read-only.
         """
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise ConfigError(f"invalid dataset name {name!r}", ErrorCode.CONFIG)
         with self._lock:
             con = self._writable()

@@ -32,7 +32,7 @@ from typing import Any, Final, TypeVar
 from hansa.crypto.keys import PublicKey
 from hansa.protocol.errors import ConfigError, HansaError
 from hansa.protocol.freshness import FreshnessLimits
-from hansa.protocol.messages import MAX_TEXT
+from hansa.protocol.messages import CITY_ID_PATTERN, MAX_TEXT, PRINCIPAL_ID_PATTERN
 
 __all__ = [
     "CONFIG_FILE",
@@ -62,8 +62,9 @@ MIB: Final = 1024 * KIB
 
 # The same shapes as the wire types (hansa.protocol.messages CityId / PrincipalId),
 # so a configured id is always one the protocol can carry.
-_CITY_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,62}[a-z0-9])?$")
-_PRINCIPAL_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9._@-]{0,126}[a-z0-9])?$")
+# The wire's own shapes (spec §5.3), matched whole: ``$`` would let "city\n" through.
+_CITY_RE: Final = re.compile(CITY_ID_PATTERN)
+_PRINCIPAL_RE: Final = re.compile(PRINCIPAL_ID_PATTERN)
 # DuckDB's memory_limit syntax: a number and a unit.
 _MEMORY_RE: Final = re.compile(r"^[0-9]+(?:\.[0-9]+)?\s*(?:B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 _ENV_VAR_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -104,7 +105,7 @@ class NodeLimits:
     def __post_init__(self) -> None:
         _check_int("limits", "max_request_bytes", self.max_request_bytes, KIB, 4 * MIB)
         _check_float("limits", "query_timeout_s", self.query_timeout_s, 0.01, 3600.0)
-        if not _MEMORY_RE.match(self.memory_limit):
+        if not _MEMORY_RE.fullmatch(self.memory_limit):
             raise ConfigError(
                 f"[limits] memory_limit must be a size such as '512MB' or '2GB', "
                 f"got {self.memory_limit!r}"
@@ -167,15 +168,17 @@ class NodeConfig:
     trusted: tuple[TrustedKey, ...] = ()
 
     def __post_init__(self) -> None:
-        if not _CITY_RE.match(self.city):
+        if not _CITY_RE.fullmatch(self.city):
             raise ConfigError(
                 f"[node] city must be a lower-case id like 'melbourne' or 'cape-town', "
                 f"got {self.city!r}"
             )
-        if not _HOST_RE.match(self.host):
+        if not _HOST_RE.fullmatch(self.host):
             raise ConfigError(f"[node] host must be a host name or IP address, got {self.host!r}")
         _check_int("node", "port", self.port, 0, 65535)
-        if self.key_passphrase_env is not None and not _ENV_VAR_RE.match(self.key_passphrase_env):
+        if self.key_passphrase_env is not None and not _ENV_VAR_RE.fullmatch(
+            self.key_passphrase_env
+        ):
             raise ConfigError(
                 f"[node] key_passphrase_env must be an environment variable name, "
                 f"got {self.key_passphrase_env!r}"
@@ -339,7 +342,7 @@ def _trusted_key(index: int, entry: object) -> TrustedKey:
     if "principal" not in entry or "key" not in entry:
         raise ConfigError(f"{where} needs both 'principal' and 'key'")
     principal = _typed("trusted", "principal", entry["principal"], str)
-    if not _PRINCIPAL_RE.match(principal):
+    if not _PRINCIPAL_RE.fullmatch(principal):
         raise ConfigError(
             f"{where}: principal must look like 'ana@melbourne' (lower-case), got {principal!r}"
         )

@@ -198,3 +198,13 @@ def test_integer_limits_are_range_checked(value: int, name: str) -> None:
     else:
         assert getattr(limits, name) == value
         assert value >= 0
+
+
+def test_ids_with_a_trailing_newline_are_refused(tmp_path: Path) -> None:
+    # ``$`` matches before a final newline; ids must match whole (spec §5.3).
+    text = render_config(city="melbourne")
+    with pytest.raises(ConfigError, match="city"):
+        parse_config(text.replace('city = "melbourne"', 'city = "melbourne\\n"', 1), tmp_path)
+    entry = f'\n[[trusted]]\nprincipal = "ana@melbourne\\n"\nkey = "{KEY_HEX}"\n'
+    with pytest.raises(ConfigError, match="principal"):
+        parse_config(text + entry, tmp_path)
