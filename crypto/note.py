@@ -363,7 +363,33 @@ class NoteVerifier:
         return f"NoteVerifier({self.vkey!r})"
 
 
-class NoteSigner:
+class _Signer:
+    """What both note signers share: a validated name, a key and its verifier."""
+
+    __slots__ = ("_key", "name", "verifier")
+
+    sig_type: SignatureType
+
+    def __init__(self, name: str, key: SigningKey) -> None:
+        self.name: str = validate_key_name(name)
+        self._key = key
+        self.verifier: NoteVerifier = NoteVerifier(name, key.public_key, self.sig_type)
+
+    @property
+    def key_id(self) -> bytes:
+        """The 4-byte note key ID (computed with this signer's type byte)."""
+        return self.verifier.key_id
+
+    @property
+    def vkey(self) -> str:
+        """The verifier key string for this signer."""
+        return self.verifier.vkey
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.vkey!r})"
+
+
+class NoteSigner(_Signer):
     """An Ed25519 (type ``0x01``) note signer (signed-note §Ed25519 signatures).
 
     Args:
@@ -374,24 +400,9 @@ class NoteSigner:
         NoteError: invalid key name.
     """
 
-    __slots__ = ("_key", "name", "verifier")
+    __slots__ = ()
 
-    sig_type: Final = SignatureType.ED25519
-
-    def __init__(self, name: str, key: SigningKey) -> None:
-        self.name: str = validate_key_name(name)
-        self._key = key
-        self.verifier: NoteVerifier = NoteVerifier(name, key.public_key, SignatureType.ED25519)
-
-    @property
-    def key_id(self) -> bytes:
-        """The 4-byte note key ID."""
-        return self.verifier.key_id
-
-    @property
-    def vkey(self) -> str:
-        """The verifier key string for this signer."""
-        return self.verifier.vkey
+    sig_type = SignatureType.ED25519
 
     @property
     def signing_key(self) -> SigningKey:
@@ -413,11 +424,8 @@ class NoteSigner:
         _check_text(text)
         return NoteSignature(self.name, self.key_id, self._key.sign(text.encode("utf-8")))
 
-    def __repr__(self) -> str:
-        return f"NoteSigner({self.vkey!r})"
 
-
-class CosignatureSigner:
+class CosignatureSigner(_Signer):
     """An Ed25519 cosignature/v1 (type ``0x04``) signer for witnesses (tlog-cosignature).
 
     Args:
@@ -429,26 +437,9 @@ class CosignatureSigner:
         NoteError: invalid key name.
     """
 
-    __slots__ = ("_key", "name", "verifier")
+    __slots__ = ()
 
-    sig_type: Final = SignatureType.COSIGNATURE_V1
-
-    def __init__(self, name: str, key: SigningKey) -> None:
-        self.name: str = validate_key_name(name)
-        self._key = key
-        self.verifier: NoteVerifier = NoteVerifier(
-            name, key.public_key, SignatureType.COSIGNATURE_V1
-        )
-
-    @property
-    def key_id(self) -> bytes:
-        """The 4-byte note key ID (computed with type byte ``0x04``)."""
-        return self.verifier.key_id
-
-    @property
-    def vkey(self) -> str:
-        """The verifier key string for this cosigner."""
-        return self.verifier.vkey
+    sig_type = SignatureType.COSIGNATURE_V1
 
     def sign(self, text: str, timestamp: int) -> NoteSignature:
         """Cosign a note text at ``timestamp``.
@@ -467,9 +458,6 @@ class CosignatureSigner:
         _check_text(text)
         signature = self._key.sign(cosignature_message(text, timestamp))
         return NoteSignature(self.name, self.key_id, struct.pack(">Q", timestamp) + signature)
-
-    def __repr__(self) -> str:
-        return f"CosignatureSigner({self.vkey!r})"
 
 
 def parse_signer_key(text: str) -> NoteSigner:
