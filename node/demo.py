@@ -7,93 +7,119 @@ What it does, end to end, in well under a minute:
    short-term-rental listings. With the repository's sibling checkout
    ``../shared/data/airbnb_listings/`` present it uses the six real cities
    (Inside Airbnb, CC BY 4.0); otherwise it generates listings of the same
-   shape for three cities (``hansa.node.synthetic``);
-2. creates an analyst key and trusts it on every node (``[[trusted]]``);
-3. starts every node as a real ``hansa node serve`` subprocess on a free
-   port of 127.0.0.1;
-4. fetches each node's signed capability document and sends each city one
-   signed aggregate query (count, median and p90 nightly price, mean
-   availability, grouped by room type);
-5. verifies every reply (strict Ed25519 under the node's key, the reply
-   cites our request's message id, names the right city and requester), and
-   prints the per-city answers;
-6. stops the nodes with SIGTERM and checks that they exit cleanly.
+   shape for the same six cities (``hansa.node.synthetic``);
+2. founds an alliance: every city gets a governance (root) key, and version 1
+   of the alliance roster (:mod:`hansa.federation.roster`) names the six
+   member cities (node key, endpoint, roles), one analyst with her allowed
+   purposes, and a signing threshold. A threshold of the member cities sign
+   it; it is verified as a first, pinned roster (TUF-style, spec §15);
+3. configures the nodes with the roster when the node supports it
+   (``[alliance]`` in ``node.toml``), and trusts the analyst's key on every
+   node, then starts every node as a real ``hansa node serve`` subprocess on
+   127.0.0.1;
+4. fans one signed query with a purpose out to every member city with
+   :func:`hansa.federation.fanout.fan_out` (a live per-city status line):
+   listings, how many are available more than 180 days a year, mean
+   availability and median nightly price, by room type;
+5. combines the verified answers from their mergeable states and prints the
+   alliance-wide table (counts, shares and availability only: prices are in
+   local currencies, so they are shown per city and never added up) and the
+   per-city rows;
+6. writes the evidence bundle (:mod:`hansa.federation.evidence`) beside the
+   nodes, re-verifies it offline against the pinned roster and prints the
+   verdict city by city;
+7. stops the nodes with SIGTERM and checks that they exit cleanly.
 
-Prices are in each city's local currency. For a rough comparison the table
-also shows the median converted to US dollars with the fixed, approximate
-exchange rates of :data:`USD_PER_UNIT` (mid-market, November 2021, the month
-the listings were scraped); they are not exact and not current.
+For a rough comparison the per-city table also shows the median converted to
+US dollars with the fixed, approximate exchange rates of :data:`USD_PER_UNIT`
+(mid-market, November 2021, the month the listings were scraped); they are
+not exact and not current.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import importlib
 import os
-import secrets
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import aiohttp
 from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 import hansa
-from hansa.crypto import PublicKey, SigningKey, open_envelope, seal
+from hansa.crypto import PublicKey, SigningKey
 from hansa.crypto.keyfile import read_public_key
-from hansa.federation.combine import finalize
+from hansa.federation.combine import CombinedResult, CombinedRow, HistogramCounts, finalize
+from hansa.federation.evidence import Verdict, build_bundle, verify_bundle
+from hansa.federation.fanout import CityResult, CityStatus, FanOutResult, Target, fan_out
+from hansa.federation.roster import (
+    Analyst,
+    Member,
+    Role,
+    RootKey,
+    Roster,
+    SignedRoster,
+    encode_signed_roster,
+    roster_digest,
+    sign_roster,
+    unsigned,
+    verify_roster,
+)
 from hansa.node._cli_node import init_node
-from hansa.node.app import ENVELOPE_MEDIA_TYPE
 from hansa.node.config import add_trusted_key
-from hansa.protocol.codec import decode_as
-from hansa.protocol.envelope import PayloadType, decode_envelope, message_id
-from hansa.protocol.errors import HansaError, ProtocolError
+from hansa.protocol.errors import HansaError
 from hansa.protocol.messages import (
     AggregateState,
-    Capabilities,
     Count,
     CountState,
     Dimension,
-    ErrorMessage,
+    Histogram,
+    HistogramState,
     Mean,
     PolicyTags,
     Quantiles,
     Query,
     QueryAnswer,
-    QueryRefusal,
-    QueryRequest,
     ResultScope,
 )
 
-__all__ = ["REAL_CITIES", "USD_PER_UNIT", "find_listings", "main"]
+__all__ = ["QUERY", "REAL_CITIES", "USD_PER_UNIT", "find_listings", "main"]
 
 DATASET: Final = "listings"
-ANALYST: Final = "ana@alliance"
+ALLIANCE: Final = "Hansa demo alliance"
+ANALYST: Final = "ana@melbourne"
+ANALYST_HOME: Final = "melbourne"
+PURPOSE: Final = "research"
+PURPOSES: Final = ("planning", "research", "statistics")
+ROSTER_DAYS: Final = 30
+DEADLINE_S: Final = 20.0
+BUNDLE_NAME: Final = "evidence.bundle"
+ROSTER_NAME: Final = "roster.v1.bin"
 
-REAL_CITIES: Final[dict[str, tuple[str, str]]] = {
-    # file stem -> (city id, currency)
-    "austin": ("austin", "USD"),
-    "bangkok": ("bangkok", "THB"),
-    "buenos_aires": ("buenos-aires", "ARS"),
-    "cape_town": ("cape-town", "ZAR"),
-    "istanbul": ("istanbul", "TRY"),
-    "melbourne": ("melbourne", "AUD"),
+REAL_CITIES: Final[dict[str, tuple[str, str, str]]] = {
+    # file stem -> (city id, display name, currency)
+    "austin": ("austin", "Austin", "USD"),
+    "bangkok": ("bangkok", "Bangkok", "THB"),
+    "buenos_aires": ("buenos-aires", "Buenos Aires", "ARS"),
+    "cape_town": ("cape-town", "Cape Town", "ZAR"),
+    "istanbul": ("istanbul", "Istanbul", "TRY"),
+    "melbourne": ("melbourne", "Melbourne", "AUD"),
 }
-SYNTHETIC_CITIES: Final[tuple[tuple[str, str], ...]] = (
-    # The generator knows these cities' price levels, so the generated prices
-    # look like their local currencies.
-    ("austin", "USD"),
-    ("bangkok", "THB"),
-    ("melbourne", "AUD"),
-)
 USD_PER_UNIT: Final[dict[str, float]] = {
     # Approximate mid-market rates, November 2021 (US dollars per unit of currency).
     "USD": 1.0,
@@ -104,11 +130,22 @@ USD_PER_UNIT: Final[dict[str, float]] = {
     "AUD": 1 / 1.37,
 }
 
+LONG_STAY_DAYS: Final = 180
+"""A listing available more than this many days a year is (nearly) a full-time rental."""
+
 QUERY: Final = Query(
     dataset=DATASET,
-    aggregates=(Count(), Quantiles("price", (0.5, 0.9)), Mean("availability_365")),
+    aggregates=(
+        Count(),
+        # availability_365 is an integer 0..365: the bins are [0, 181) and [181, 365],
+        # so the second bin counts the listings available more than 180 days.
+        Histogram("availability_365", (0.0, LONG_STAY_DAYS + 1.0, 365.0)),
+        Mean("availability_365"),
+        Quantiles("price", (0.5,)),
+    ),
     group_by=(Dimension("room_type"),),
 )
+_COUNT, _HIST, _AVAIL, _PRICE = range(4)
 
 
 @dataclass
@@ -116,23 +153,20 @@ class City:
     """One demo node."""
 
     city: str
+    name: str
     currency: str
     data_dir: Path
     source: Path
+    port: int = 0
     node_key: PublicKey | None = None
+    root_key: SigningKey | None = None
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
 
-
-@dataclass
-class Outcome:
-    """What one city replied, after verification."""
-
-    city: City
-    capabilities_ok: bool
-    reply: QueryAnswer | QueryRefusal | ErrorMessage
-    checks: tuple[str, ...]
-    elapsed_ms: float
+    @property
+    def endpoint(self) -> str:
+        """The URL the roster names for this city's node."""
+        return f"http://127.0.0.1:{self.port}"
 
 
 def find_listings() -> Path | None:
@@ -141,6 +175,9 @@ def find_listings() -> Path | None:
     The package is installed editable from the repository, so the checkout is
     found from the package's location; the current directory and
     ``$HANSA_SHARED`` are tried too.
+
+    Returns:
+        The directory holding all six ``listings_<city>.csv`` files, or None.
     """
     candidates: list[Path] = []
     if env := os.environ.get("HANSA_SHARED"):
@@ -155,18 +192,29 @@ def find_listings() -> Path | None:
     return None
 
 
+def _free_port() -> int:
+    # The roster names each node's endpoint before the node starts, so ports
+    # are chosen up front (the OS picks a free one; we release it at once).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _prepare(root: Path, *, synthetic: bool, rows: int) -> tuple[list[City], bool]:
     listings = None if synthetic else find_listings()
     cities: list[City] = []
     if listings is not None:
-        for stem, (city, currency) in REAL_CITIES.items():
-            cities.append(City(city, currency, root / city, listings / f"listings_{stem}.csv"))
+        for stem, (city, name, currency) in REAL_CITIES.items():
+            source = listings / f"listings_{stem}.csv"
+            cities.append(City(city, name, currency, root / city, source))
         return cities, True
     from hansa.node.synthetic import write_listings_csv
 
-    for i, (city, currency) in enumerate(SYNTHETIC_CITIES):
+    for i, (city, name, currency) in enumerate(REAL_CITIES.values()):
+        # The generator knows these six cities' price levels, so the generated
+        # prices look like their local currencies.
         csv = write_listings_csv(root / f"{city}.csv", city=city, rows=rows, seed=100 + i)
-        cities.append(City(city, currency, root / city, csv))
+        cities.append(City(city, name, currency, root / city, csv))
     return cities, False
 
 
@@ -174,11 +222,100 @@ def _load(city: City, analyst: SigningKey) -> None:
     from hansa.node.catalog import Catalog
     from hansa.node.synthetic import default_listing_roles
 
-    config = init_node(city.data_dir, city=city.city, port=0)
+    city.port = _free_port()
+    config = init_node(city.data_dir, city=city.city, port=city.port)
+    # Belt and braces while the node may not yet read the roster: the analyst
+    # is also a [[trusted]] requester of every node.
     add_trusted_key(city.data_dir, ANALYST, analyst.public_key.raw.hex())
     with Catalog(city.data_dir) as catalog:
         catalog.add(DATASET, city.source, roles=default_listing_roles())
     city.node_key = read_public_key(config.key_file)
+    city.root_key = SigningKey.generate()
+
+
+# --- the alliance roster -------------------------------------------------------------------
+
+
+def _threshold(members: int) -> int:
+    """A two-thirds majority of the member cities' root keys."""
+    return max(1, -(-2 * members // 3))
+
+
+def _found_alliance(
+    cities: Sequence[City], analyst: SigningKey, now_ms: int
+) -> tuple[SignedRoster, Roster, list[str]]:
+    """Write version 1 of the roster and have a threshold of its cities sign it.
+
+    Returns:
+        The signed roster, its verified body, and the cities that signed.
+    """
+    members = []
+    root_keys = []
+    for city in cities:
+        assert city.node_key is not None and city.root_key is not None
+        members.append(
+            Member(
+                city=city.city,
+                name=city.name,
+                public_key=city.node_key.raw,
+                endpoint=city.endpoint,
+                roles=(Role.MEMBER, Role.WITNESS),
+            )
+        )
+        root_keys.append(RootKey(city=city.city, public_key=city.root_key.public_key.raw))
+    threshold = _threshold(len(cities))
+    draft = Roster(
+        alliance=ALLIANCE,
+        version=1,
+        expires_ms=now_ms + ROSTER_DAYS * 86_400_000,
+        threshold=threshold,
+        root_keys=tuple(root_keys),
+        members=tuple(members),
+        analysts=(
+            Analyst(
+                principal=ANALYST,
+                public_key=analyst.public_key.raw,
+                home_city=ANALYST_HOME,
+                purposes=(PURPOSE,),
+            ),
+        ),
+        purposes=PURPOSES,
+    )
+    signed = unsigned(draft)
+    # Exactly a threshold of the cities sign: enough, and the rest could not
+    # have added anything the verifier needs.
+    signers = [c for c in cities if c.city != "istanbul"][:threshold]
+    for city in signers:
+        assert city.root_key is not None
+        signed = sign_roster(signed, city.root_key)
+    roster = verify_roster(signed, None, now_ms, pin=roster_digest(signed))
+    return signed, roster, [c.city for c in signers]
+
+
+def _configure_alliance(
+    cities: Sequence[City], signed: SignedRoster, now_ms: int, min_participants: int
+) -> bool:
+    """Have every node trust the roster (pinned), if the node supports it.
+
+    The node's roster enforcement (``[alliance]`` in ``node.toml``,
+    ``hansa.node.config.configure_alliance``) is newer than this demo's first
+    version; the demo configures it only when the installed node offers it.
+
+    Returns:
+        Whether the nodes now enforce the roster.
+    """
+    config = importlib.import_module("hansa.node.config")
+    configure = getattr(config, "configure_alliance", None)
+    if not callable(configure):
+        return False
+    data = encode_signed_roster(signed)
+    pin = roster_digest(signed)
+    for city in cities:
+        configure(city.data_dir, data, pin, now_ms, min_participants=min_participants)
+    return True
+
+
+# --- node processes ------------------------------------------------------------------------
 
 
 def _start(city: City) -> None:
@@ -227,101 +364,194 @@ def _stop(cities: Sequence[City]) -> list[str]:
         for stream in (city.proc.stdout, city.proc.stderr):
             if stream is not None:
                 stream.close()
+        city.proc = None
         if code != 0:
             problems.append(f"{city.city} exited with {code}")
     return problems
 
 
-def _request(city: str) -> QueryRequest:
-    now = time.time_ns() // 1_000_000
-    return QueryRequest(
-        requester=ANALYST,
-        audience=city,
-        issued_at=now,
-        expires_at=now + 60_000,
-        nonce=secrets.token_bytes(16),
-        roster_version=0,
-        policy=PolicyTags(
-            purpose="research",
-            legal_basis="alliance housing study (demo)",
-            scope=ResultScope.ALLIANCE,
-            analyst=ANALYST,
-        ),
-        query=QUERY,
-        targets=(city,),
-        quorum=1,
-    )
+# --- the fan-out ---------------------------------------------------------------------------
+
+_STATUS_STYLE: Final[dict[CityStatus, str]] = {
+    CityStatus.ANSWERED: "green",
+    CityStatus.REFUSED: "yellow",
+    CityStatus.TIMEOUT: "red",
+    CityStatus.UNREACHABLE: "red",
+    CityStatus.BAD_SIGNATURE: "bold red",
+    CityStatus.PROTOCOL_ERROR: "red",
+}
 
 
-async def _ask(session: aiohttp.ClientSession, city: City, analyst: SigningKey) -> Outcome:
-    assert city.node_key is not None
-    keys = {city.node_key.key_id: city.node_key}
+def _status_line(cities: Sequence[City], seen: Mapping[str, CityResult], elapsed: float) -> Text:
+    line = Text(f"  fan-out {elapsed:4.1f} s  ")
+    for city in cities:
+        result = seen.get(city.city)
+        if result is None:
+            line.append(f"{city.city} …  ", style="dim")
+        else:
+            mark = "✓" if result.status is CityStatus.ANSWERED else "✗"
+            line.append(
+                f"{city.city} {mark} {result.latency_ms:.0f} ms  ",
+                style=_STATUS_STYLE[result.status],
+            )
+    return line
+
+
+async def _ask_all(
+    console: Console, cities: Sequence[City], analyst: SigningKey, roster: Roster
+) -> FanOutResult:
+    targets = []
+    for city in cities:
+        member = roster.member(city.city)
+        assert member is not None
+        # Endpoint and node key come from the verified roster, nothing else.
+        targets.append(Target(member.city, member.endpoint, PublicKey(member.public_key)))
+    seen: dict[str, CityResult] = {}
     started = time.perf_counter()
-    async with session.get(city.url + "/v1/capabilities") as resp:
-        caps_body = await resp.read()
-    caps = open_envelope(caps_body, keys, Capabilities).message
-    capabilities_ok = caps.city == city.city and caps.node_key == city.node_key.raw
-    envelope = seal(_request(city.city), analyst)
-    async with session.post(
-        city.url + "/v1/query", data=envelope, headers={"Content-Type": ENVELOPE_MEDIA_TYPE}
-    ) as resp:
-        status, body = resp.status, await resp.read()
-    elapsed = (time.perf_counter() - started) * 1000
-    if status != 200:
-        return Outcome(city, capabilities_ok, decode_as(body, ErrorMessage), (), elapsed)
-    reply: QueryAnswer | QueryRefusal
-    if decode_envelope(body).payload_type == PayloadType.QUERY_ANSWER:
-        reply = open_envelope(body, keys, QueryAnswer).message
-    else:
-        reply = open_envelope(body, keys, QueryRefusal).message
-    checks = ["sig"]
-    if reply.request_id == message_id(envelope):
-        checks.append("request-id")
-    if reply.responder == city.city and reply.requester == ANALYST:
-        checks.append("parties")
-    return Outcome(city, capabilities_ok, reply, tuple(checks), elapsed)
+    policy = PolicyTags(
+        purpose=PURPOSE,
+        legal_basis="alliance study of short-term rentals and housing supply (demo)",
+        scope=ResultScope.ALLIANCE,
+        analyst=ANALYST,
+    )
+    displays: list[Live] = []  # the live display, once it is up (terminals only)
+
+    def on_status(result: CityResult) -> None:
+        seen[result.city] = result
+        for live in displays:
+            live.update(_status_line(cities, seen, time.perf_counter() - started))
+
+    async def ask() -> FanOutResult:
+        return await fan_out(
+            QUERY,
+            policy,
+            targets,
+            signer=analyst,
+            requester=ANALYST,
+            quorum=max(1, len(targets) // 2 + 1),
+            deadline_s=DEADLINE_S,
+            roster_version=roster.version,
+            on_status=on_status,
+        )
+
+    if not console.is_terminal:
+        # A pipe or a log gets the final status line once, not redraws.
+        result = await ask()
+        console.print(_status_line(cities, seen, time.perf_counter() - started))
+        return result
+    with Live(_status_line(cities, seen, 0.0), console=console, refresh_per_second=12) as live:
+        displays.append(live)
+        result = await ask()
+        live.update(_status_line(cities, seen, time.perf_counter() - started))
+    return result
 
 
-async def _ask_all(cities: Sequence[City], analyst: SigningKey) -> list[Outcome]:
-    timeout = aiohttp.ClientTimeout(total=20)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        return list(await asyncio.gather(*(_ask(session, c, analyst) for c in cities)))
+# --- rendering -----------------------------------------------------------------------------
 
 
-def _count(state: AggregateState) -> int:
-    if not isinstance(state, CountState):
-        raise ProtocolError("the first aggregate of the demo query is a count")
-    return state.n
+def _n(state: AggregateState) -> int:
+    return state.n if isinstance(state, CountState) else 0
+
+
+def _long_stay(counts: HistogramCounts | HistogramState | None) -> int | None:
+    # Bins [0, 181) and [181, 365]; "above" would be > 365 (none in the data).
+    if counts is None:
+        return None
+    return counts.counts[1] + counts.above
+
+
+def _pct(part: int | None, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if part is not None and whole else "—"
+
+
+def _days(value: object) -> str:
+    return f"{value:.0f}" if isinstance(value, float) else "—"
 
 
 def _price(value: object) -> str:
     return f"{value:,.0f}" if isinstance(value, int | float) else "—"
 
 
-def _render(console: Console, outcomes: Sequence[Outcome]) -> None:
-    table = Table(title="One signed query, answered by each city's own node")
+def _combined_count(row: CombinedRow) -> int:
+    n = row.values[_COUNT]
+    return n if isinstance(n, int) else 0
+
+
+def _render_combined(console: Console, result: FanOutResult, combined: CombinedResult) -> None:
+    rows = sorted(combined.rows, key=lambda r: -_combined_count(r))
+    total = sum(v for r in rows if isinstance(v := r.values[_COUNT], int))
+    answered = len(combined.cities)
+    table = Table(
+        title=f"The alliance's answer: {answered} of {len(result.targets)} cities combined "
+        "from their signed, mergeable states",
+        title_justify="left",
+    )
+    table.add_column("room type")
+    table.add_column("listings", justify="right")
+    table.add_column("share of listings", justify="right")
+    table.add_column(f"available > {LONG_STAY_DAYS} d/yr", justify="right")
+    table.add_column("mean availability (days)", justify="right")
+    table.add_column("cities", justify="right")
+    for row in rows:
+        n = row.values[_COUNT]
+        count = n if isinstance(n, int) else 0
+        hist = row.values[_HIST]
+        long_stay = _long_stay(hist if isinstance(hist, HistogramCounts) else None)
+        cities = f"{len(row.contributors)}"
+        if row.suppressed:
+            cities += f" [dim](+{len(row.suppressed)} suppressed)[/dim]"
+        table.add_row(
+            escape(str(row.key[0])),
+            f"{count:,}" if row.released else "—",
+            _pct(count, total) if row.released else "—",
+            f"{_pct(long_stay, count)} ({long_stay:,})" if long_stay is not None else "—",
+            _days(row.values[_AVAIL]),
+            cities,
+        )
+    table.add_section()
+    all_long = sum(
+        _long_stay(h) or 0 for r in rows if isinstance(h := r.values[_HIST], HistogramCounts)
+    )
+    table.add_row(
+        "[bold]all room types[/bold]",
+        f"[bold]{total:,}[/bold]",
+        "100%",
+        f"[bold]{_pct(all_long, total)}[/bold] ({all_long:,})",
+        "",
+        f"{answered}",
+    )
+    console.print(table)
+
+
+def _render_cities(console: Console, cities: Sequence[City], result: FanOutResult) -> None:
+    table = Table(
+        title="Per city (each row from that city's own signed answer; prices in local currency)",
+        title_justify="left",
+    )
     table.add_column("city (currency)")
     table.add_column("room type")
     table.add_column("listings", justify="right")
     table.add_column("share", justify="right")
-    table.add_column("median / p90 price", justify="right")
-    table.add_column("≈ USD median", justify="right")
-    table.add_column("avail. days", justify="right")
-    for o in outcomes:
-        city = o.city
-        reply = o.reply
-        label = f"{city.city} ({city.currency})"
-        if not isinstance(reply, QueryAnswer):
-            table.add_row(label, f"[red]{type(reply).__name__} {reply.code.name}[/red]")
+    table.add_column(f"> {LONG_STAY_DAYS} d/yr", justify="right")
+    table.add_column("median price", justify="right")
+    table.add_column("≈ USD", justify="right")
+    for city in cities:
+        outcome = result.city(city.city)
+        label = f"{city.name} ({city.currency})"
+        answer = outcome.answer
+        if not isinstance(answer, QueryAnswer):
+            style = _STATUS_STYLE[outcome.status]
+            table.add_row(label, f"[{style}]{outcome.status.value}: {escape(outcome.detail)}[/]")
             table.add_section()
             continue
-        counts = [_count(g.states[0]) for g in reply.groups]
-        total = sum(counts)
-        ordered = sorted(zip(counts, reply.groups, strict=True), key=lambda p: -p[0])
-        for i, (n, group) in enumerate(ordered):
-            quantiles = finalize(QUERY.aggregates[1], group.states[1])
-            median, p90 = quantiles if isinstance(quantiles, tuple) else (None, None)
-            avail = finalize(QUERY.aggregates[2], group.states[2])
+        groups = sorted(answer.groups, key=lambda g: -_n(g.states[_COUNT]))
+        total = sum(_n(g.states[_COUNT]) for g in groups)
+        for i, group in enumerate(groups):
+            n = _n(group.states[_COUNT])
+            hist = group.states[_HIST]
+            long_stay = _long_stay(hist if isinstance(hist, HistogramState) else None)
+            quantiles = finalize(QUERY.aggregates[_PRICE], group.states[_PRICE])
+            median = quantiles[0] if isinstance(quantiles, tuple) else None
             usd = (
                 f"${median * USD_PER_UNIT[city.currency]:,.0f}"
                 if isinstance(median, int | float)
@@ -329,44 +559,76 @@ def _render(console: Console, outcomes: Sequence[Outcome]) -> None:
             )
             table.add_row(
                 label if i == 0 else "",
-                str(group.key[0]),
+                escape(str(group.key[0])),
                 f"{n:,}",
-                f"{100 * n / total:.0f}%" if total else "—",
-                f"{_price(median)} / {_price(p90)}",
+                _pct(n, total),
+                _pct(long_stay, n),
+                _price(median),
                 usd,
-                f"{avail:.0f}" if isinstance(avail, float) else "—",
             )
-        for cell in reply.suppressed:
-            table.add_row("", str(cell.key[0]), f"[dim]suppressed: {cell.reason.value}[/dim]")
+        for cell in answer.suppressed:
+            table.add_row(
+                "" if groups else label,
+                escape(str(cell.key[0])),
+                f"[dim]suppressed ({cell.reason.value})[/dim]",
+            )
         table.add_section()
     console.print(table)
 
-    proof = Table(title="What each city signed, and what we checked", title_justify="left")
-    proof.add_column("city")
-    proof.add_column("node key id")
-    proof.add_column("reply")
-    proof.add_column("dataset version")
-    proof.add_column("checks")
-    proof.add_column("ms", justify="right")
-    for o in outcomes:
-        key_id = o.city.node_key.key_id.hex()[:16] if o.city.node_key is not None else "?"
-        reply = o.reply
-        what = (
-            f"answer ({reply.decision.value})"
-            if isinstance(reply, QueryAnswer)
-            else f"{type(reply).__name__} {reply.code.name}"
+
+_SHOWN_CHECKS: Final = (
+    "request signature",
+    "purpose",
+    "reply signature",
+    "reply cites request",
+    "answer fits query",
+)
+"""The checks named on each city's verdict line (all are counted)."""
+
+
+def _render_verdict(console: Console, verdict: Verdict, path: Path, size: int) -> None:
+    mark = "[bold green]VALID[/bold green]" if verdict.ok else "[bold red]INVALID[/bold red]"
+    console.print(
+        f"Evidence bundle [bold]{escape(str(path))}[/bold] ({size:,} bytes), verified offline "
+        f"against the pinned roster: {mark} — roster v{verdict.roster_version} of "
+        f"{escape(verdict.alliance or '?')}, {verdict.answered} answers re-verified and "
+        "recombined, the claimed combination matches"
+        if verdict.ok
+        else f"Evidence bundle {escape(str(path))}: {mark}"
+    )
+    table = Table(show_header=True, box=None, pad_edge=False)
+    table.add_column("  city")
+    table.add_column("status")
+    table.add_column("checks")
+    for line in verdict.cities:
+        passed = sum(c.ok for c in line.checks)
+        ok = "[green]✓[/green]" if line.ok else "[red]✗[/red]"
+        what = "signed" if line.signed else "unsigned claim"
+        shown = [c.name for c in line.checks if c.ok and c.name in _SHOWN_CHECKS]
+        table.add_row(
+            f"  {line.city}",
+            f"{line.status} ({what})",
+            f"{ok} {passed}/{len(line.checks)} checks: " + ", ".join(shown),
         )
-        version = reply.dataset_version if isinstance(reply, QueryAnswer) else "—"
-        checks = (["caps"] if o.capabilities_ok else []) + list(o.checks)
-        mark = "[green]✓[/green] " if len(checks) == 4 else "[red]✗[/red] "
-        proof.add_row(
-            o.city.city, key_id, what, version, mark + " · ".join(checks), f"{o.elapsed_ms:.0f}"
-        )
-    console.print(proof)
+    console.print(table)
+    for failure in verdict.failures:
+        console.print(f"  [red]✗ {escape(failure)}[/red]")
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo; return the process exit status."""
+    """Run the demo.
+
+    Args:
+        argv: command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The process exit status: 0 when every city answered, the bundle
+        verified and every node stopped cleanly.
+    """
     parser = argparse.ArgumentParser(prog="python -m hansa.node.demo", description=__doc__)
     parser.add_argument("--data-dir", type=Path, help="keep the nodes here (default: a temp dir)")
     parser.add_argument("--synthetic", action="store_true", help="use generated listings")
@@ -379,7 +641,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         root: Path = args.data_dir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         if args.data_dir is not None and any(root.iterdir()):
-            console.print(f"[red]{root} is not empty; choose an empty --data-dir[/red]")
+            console.print(
+                f"[red]{escape(str(root))} is not empty; choose an empty --data-dir[/red]"
+            )
             return 1
         cities, real = _prepare(root, synthetic=args.synthetic, rows=args.rows)
         analyst = SigningKey.generate()
@@ -392,8 +656,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         for city in cities:
             _load(city, analyst)
         console.print(
-            f"  nodes initialised and data loaded in {time.perf_counter() - started:.1f} s; "
-            f"analyst {ANALYST} (key {analyst.key_id.hex()[:16]}…) trusted by every node"
+            f"  nodes initialised and data loaded in {time.perf_counter() - started:.1f} s"
+        )
+        now = time.time_ns() // 1_000_000
+        signed, roster, signers = _found_alliance(cities, analyst, now)
+        roster_file = root / ROSTER_NAME
+        roster_file.write_bytes(encode_signed_roster(signed))
+        console.print(
+            f"[bold]Alliance[/bold] {escape(ALLIANCE)!r}: roster v{roster.version}, "
+            f"{len(roster.members)} member cities, threshold {roster.threshold} of "
+            f"{len(roster.root_keys)} root keys, expires {_iso(roster.expires_ms)}\n"
+            f"  signed by {', '.join(signers)} (each with its own governance key) and "
+            f"verified: SHA-256 pin {roster_digest(signed).hex()[:16]}…\n"
+            f"  analyst {ANALYST} (home city {ANALYST_HOME}, key "
+            f"{analyst.key_id.hex()[:16]}…) may query for: {', '.join(PURPOSES[1:2])}"
+        )
+        enforced = _configure_alliance(cities, signed, now, min_participants=2)
+        console.print(
+            "  every node now trusts this roster (pinned in \\[alliance] of node.toml): only keys "
+            "it names may query, for the purposes it allows"
+            if enforced
+            else "  [dim]this node build does not read the roster yet: the analyst is a "
+            + escape("[[trusted]]")
+            + " requester of every node instead[/dim]"
         )
         problems: list[str] = []
         try:
@@ -402,36 +687,62 @@ def main(argv: Sequence[str] | None = None) -> int:
             deadline = time.monotonic() + 30
             for city in cities:
                 _wait_ready(city, deadline)
-            console.print("  nodes serving: " + ", ".join(f"{c.city} {c.url}" for c in cities))
-            outcomes = asyncio.run(_ask_all(cities, analyst))
-        except (HansaError, OSError, TimeoutError, RuntimeError, aiohttp.ClientError) as exc:
-            console.print(f"[red]demo failed: {exc}[/red]")
+            console.print(
+                f"  {len(cities)} nodes serving on 127.0.0.1 ports "
+                + ", ".join(str(c.port) for c in cities)
+            )
+            console.print(
+                f"[bold]Query[/bold] (purpose {PURPOSE!r}, deadline {DEADLINE_S:.0f} s, one "
+                f"signed request per city): listings, share available > {LONG_STAY_DAYS} days "
+                "a year, mean availability and median price, by room type"
+            )
+            result = asyncio.run(_ask_all(console, cities, analyst, roster))
+        except (HansaError, OSError, TimeoutError, RuntimeError) as exc:
+            console.print(f"[red]demo failed: {escape(str(exc))}[/red]")
             _stop(cities)
             return 1
         finally:
             problems = _stop(cities)
-    _render(console, outcomes)
-    verified = sum(1 for o in outcomes if o.capabilities_ok and len(o.checks) == 3)
+
+        if result.combined is not None:
+            _render_combined(console, result, result.combined)
+        else:
+            console.print(f"[red]no combined answer: {escape(result.reason or '?')}[/red]")
+        _render_cities(console, cities, result)
+
+        bundle = build_bundle(result, signed)
+        bundle_path = root / BUNDLE_NAME
+        bundle_path.write_bytes(bundle)
+        verdict = verify_bundle(bundle_path.read_bytes(), pin=roster_digest(signed))
+        _render_verdict(console, verdict, bundle_path, len(bundle))
+        if args.data_dir is not None:
+            console.print(
+                f"  check it yourself: hansa verify {escape(str(bundle_path))} "
+                f"--roster {escape(str(roster_file))}"
+            )
+        else:
+            console.print(
+                "  [dim](the demo directory is temporary; run with --data-dir DIR to keep the "
+                "bundle and check it with `hansa verify DIR/evidence.bundle`)[/dim]"
+            )
+
+    answered = len(result.by_status(CityStatus.ANSWERED))
     console.print(
-        f"Verified {verified}/{len(outcomes)} replies: each node's capability document and "
-        "answer are Ed25519-signed (strict, libsodium) by that node's key; each answer cites "
-        "the SHA-256 message id of our signed request and names the city and the analyst."
-    )
-    console.print(
-        "Prices are in local currency; the USD column uses fixed approximate rates "
-        "(November 2021). Cells below the node's minimum group size are suppressed by the "
-        "node itself, and no row ever leaves a node."
+        "Prices stay in local currency (USD column: fixed approximate November 2021 rates); "
+        "only counts, shares and availability are combined across cities. Cells below a "
+        "node's minimum group size are suppressed by the node itself; no row leaves a node."
     )
     if real:
         console.print("Data: Inside Airbnb (insideairbnb.com), licensed CC BY 4.0.")
     if problems:
-        console.print("[red]shutdown problems: " + "; ".join(problems) + "[/red]")
+        console.print("[red]shutdown problems: " + escape("; ".join(problems)) + "[/red]")
     else:
         console.print(
             f"All {len(cities)} nodes stopped cleanly (SIGTERM). "
             f"Total {time.perf_counter() - started:.1f} s."
         )
-    return 0 if verified == len(outcomes) and not problems else 1
+    ok = answered == len(cities) and verdict.ok and not problems
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
