@@ -85,6 +85,7 @@ __all__ = [
     "CombinedRow",
     "FinalValue",
     "HistogramCounts",
+    "check_answer",
     "combine_answers",
     "empty_state",
     "expected_state_type",
@@ -604,6 +605,64 @@ def _check_key(key: tuple[CellValue, ...], arity: int, city: str) -> _TypedKey:
         return tuple(_typed(v) for v in key)
     except ProtocolError as exc:
         raise _invalid(f"city {city!r}: {exc.message}") from exc
+
+
+def check_answer(query: Query, answer: QueryAnswer) -> None:
+    """Check that one answer fits ``query``, as :func:`combine_answers` would, without merging.
+
+    The per-answer rules of :func:`combine_answers`, and nothing else: the
+    dataset, each key's arity and value types, no key listed twice (released
+    or suppressed), exactly one state per aggregate and of the aggregate's
+    kind, the histogram bin count, and each state's own validity. An answer
+    that passes is accepted by :func:`combine_answers` alone or together with
+    others (barring a merged state too large for the wire, or sketches of
+    different ``alpha``, which only the merge can find). The fan-out runs this
+    once per reply as it arrives, so a misfit answer is that city's protocol
+    error rather than the combination's failure; it costs a few microseconds
+    where a one-answer ``combine_answers`` also merges and finalizes.
+
+    Args:
+        query: the query the answer claims to answer.
+        answer: a decoded (and verified) answer.
+
+    Raises:
+        ProtocolError: ``INVALID_FIELD`` naming the city and the broken rule.
+    """
+    city = answer.responder
+    if answer.dataset != query.dataset:
+        raise _invalid(
+            f"city {city!r} answered for dataset {answer.dataset!r}, "
+            f"the query is over {query.dataset!r}"
+        )
+    arity = len(query.group_by)
+    aggregates = query.aggregates
+    seen: set[_TypedKey] = set()
+    for group in answer.groups:
+        typed = _check_key(group.key, arity, city)
+        if typed in seen:
+            raise _invalid(f"city {city!r}: group key {group.key!r} appears twice")
+        seen.add(typed)
+        if len(group.states) != len(aggregates):
+            raise _invalid(
+                f"city {city!r}: group {group.key!r} has {len(group.states)} states, "
+                f"the query has {len(aggregates)} aggregates"
+            )
+        for position, (aggregate, state) in enumerate(zip(aggregates, group.states, strict=True)):
+            try:
+                _check_state(aggregate, state)
+            except ProtocolError as exc:
+                raise type(exc)(
+                    f"city {city!r}: group {group.key!r}: aggregate #{position}: {exc.message}",
+                    exc.code,
+                ) from exc
+    for withheld in answer.suppressed:
+        typed = _check_key(withheld.key, arity, city)
+        if typed in seen:
+            raise _invalid(
+                f"city {city!r}: group key {withheld.key!r} is listed twice "
+                "(released and suppressed, or suppressed twice)"
+            )
+        seen.add(typed)
 
 
 def combine_answers(query: Query, answers: Iterable[QueryAnswer]) -> CombinedResult:
