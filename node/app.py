@@ -13,10 +13,19 @@ happens before any work of the next (``spec/protocol.md`` §8):
 1. **Size**: a body over ``limits.max_request_bytes`` is refused before it is
    parsed (the declared ``Content-Length``, aiohttp's ``client_max_size``
    and an explicit length check).
-2. **Signature**: the envelope must be signed, strictly, by one of the
-   ``[[trusted]]`` keys, and carry a ``QueryRequest``.
+2. **Signature**: the envelope must be signed, strictly, by a key allowed to
+   query, and carry a ``QueryRequest``. With an alliance roster these are
+   the analyst keys the roster names (its analysts, and member cities with
+   the analyst role); without one, the ``[[trusted]]`` keys of ``node.toml``.
 3. **Principal**: the request's ``requester`` must be the principal that key
-   is bound to (``REQUESTER_NOT_ALLOWED`` otherwise).
+   is bound to (``REQUESTER_NOT_ALLOWED`` otherwise). Then the alliance
+   rules (``spec/protocol.md`` §8.2): with a roster, it must be unexpired
+   (``EXPIRED``), the request's ``roster_version`` must be the node's
+   (``ROSTER_MISMATCH``), this city and every target must be members
+   (``ROSTER_MISMATCH``) and the purpose allowed for the analyst
+   (``PURPOSE_NOT_ALLOWED``); with or without one, ``len(targets)`` and
+   ``quorum`` must reach ``[alliance] min_participants``
+   (``QUORUM_TOO_SMALL``).
 4. **Freshness**: audience, time window and replay (``ReplayGuard``, with the
    current wall-clock time).
 5. **Work**: first ``engine.cached_answer(request)`` on the event loop, when
@@ -41,6 +50,14 @@ What comes back depends on whether the requester could be identified:
   or 400 (everything else). Signing these would let anyone make the node
   sign arbitrary refusals.
 
+The trusted roster is replaced at run time, without a restart, by ``POST
+/v1/roster`` (body: the signed roster file, verified as the successor of the
+current one and persisted atomically before it takes effect) or by SIGHUP
+(the roster files are re-read and the chain verified from the pin). Each
+request is judged against the roster current when it arrived. ``GET
+/v1/roster`` returns the exact signed roster bytes the node trusts, which is
+how a client learns the ``roster_version`` to sign.
+
 ``GET /v1/capabilities`` returns a sealed ``Capabilities`` document, cached
 and re-signed whenever the engine's dataset list changes. ``GET /healthz``
 is a small JSON liveness document and ``GET /metrics`` the Prometheus page.
@@ -51,9 +68,10 @@ states the engine releases after disclosure control.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -62,12 +80,20 @@ from aiohttp import web
 
 from hansa.crypto import PublicKey, SigningKey, open_envelope, seal
 from hansa.crypto.keyfile import read_key_file
-from hansa.node.config import NodeConfig
+from hansa.federation.roster import MAX_ROSTER_SIGNATURES, MAX_ROSTER_SIZE, Role
+from hansa.node.config import NodeConfig, TrustedRoster, install_roster, load_roster_store
 from hansa.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hansa.node.metrics import NodeMetrics
 from hansa.protocol.codec import encode
 from hansa.protocol.envelope import decode_envelope, message_id, pae
-from hansa.protocol.errors import ErrorCode, HansaError, ProtocolError, SignatureError
+from hansa.protocol.errors import (
+    ErrorCode,
+    FreshnessError,
+    HansaError,
+    PolicyDenied,
+    ProtocolError,
+    SignatureError,
+)
 from hansa.protocol.freshness import ReplayGuard
 from hansa.protocol.messages import (
     MAX_TEXT,
@@ -86,10 +112,13 @@ __all__ = [
     "ENVELOPE_MEDIA_TYPE",
     "ERROR_MEDIA_TYPE",
     "NODE",
+    "ROSTER_MEDIA_TYPE",
+    "ROSTER_ROUTE",
     "AnswerEngine",
     "CachedAnswerEngine",
     "EngineOutput",
     "NodeState",
+    "Trust",
     "create_app",
     "unsigned_status",
 ]
@@ -99,7 +128,11 @@ ENVELOPE_MEDIA_TYPE: Final = "application/vnd.hansa.envelope+msgpack"
 ERROR_MEDIA_TYPE: Final = "application/vnd.hansa.error+msgpack"
 """Content type of an unsigned ``ErrorMessage`` (non-200 responses)."""
 
+ROSTER_MEDIA_TYPE: Final = "application/vnd.hansa.roster.v1+msgpack"
+"""Content type of a signed roster file (``GET``/``POST /v1/roster``)."""
+
 QUERY_ROUTE: Final = "/v1/query"
+ROSTER_ROUTE: Final = "/v1/roster"
 CAPABILITIES_ROUTE: Final = "/v1/capabilities"
 HEALTH_ROUTE: Final = "/healthz"
 METRICS_ROUTE: Final = "/metrics"
@@ -108,6 +141,9 @@ _TIMEOUT_GRACE_S: Final = 1.0
 """The engine enforces the query time limit itself; the server waits this much
 longer before giving up on its own, as a backstop (the thread keeps its slot
 until it returns, so the pool stays bounded)."""
+
+_MAX_ROSTER_BODY: Final = MAX_ROSTER_SIZE + 65 * MAX_ROSTER_SIGNATURES + 64
+"""Largest accepted ``POST /v1/roster`` body: the largest signed roster file."""
 
 _NO_STORE: Final = {"Cache-Control": "no-store"}
 """Every reply carries this header (spec §10)."""
@@ -219,7 +255,42 @@ class _Identified(Exception):
 
 
 class _MediaTypeError(ProtocolError):
-    """The request's Content-Type is not the envelope media type (HTTP 415)."""
+    """The request's Content-Type is not the expected media type (HTTP 415)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Trust:
+    """Who may query the node right now: one immutable snapshot.
+
+    A request is judged entirely against the snapshot current when it
+    arrived; a roster update swaps the whole snapshot at once.
+
+    Attributes:
+        keys: requester keys by key id (a ``KeyLookup`` for ``open_envelope``).
+        principals: the principal each of those keys speaks for.
+        roster: the trusted alliance roster, or None for a roster-less node.
+    """
+
+    keys: Mapping[bytes, PublicKey]
+    principals: Mapping[bytes, str]
+    roster: TrustedRoster | None = None
+
+    @classmethod
+    def from_config(cls, config: NodeConfig) -> Trust:
+        """The ``[[trusted]]`` keys of a roster-less node."""
+        return cls(config.key_lookup(), config.principals())
+
+    @classmethod
+    def from_roster(cls, trusted: TrustedRoster) -> Trust:
+        """The analyst keys of an alliance roster (analysts and analyst-role members)."""
+        roster = trusted.roster
+        keys = roster.keys_for_role(Role.ANALYST)
+        principals: dict[bytes, str] = {}
+        for kid in keys:
+            holder = roster.holder(kid)
+            if holder is not None:
+                principals[kid] = holder.principal
+        return cls(keys, principals, trusted)
 
 
 class NodeState:
@@ -234,13 +305,19 @@ class NodeState:
     """
 
     def __init__(
-        self, config: NodeConfig, signing_key: SigningKey, clock_ms: Callable[[], int]
+        self,
+        config: NodeConfig,
+        signing_key: SigningKey,
+        clock_ms: Callable[[], int],
+        roster: TrustedRoster | None = None,
     ) -> None:
         self.config = config
         self.signing_key = signing_key
         self.clock_ms = clock_ms
-        self.keys: dict[bytes, PublicKey] = config.key_lookup()
-        self.principals: dict[bytes, str] = config.principals()
+        if config.alliance.has_roster and roster is None:
+            raise HansaError("a node configured with a roster needs it loaded", ErrorCode.CONFIG)
+        self.trust = Trust.from_roster(roster) if roster is not None else Trust.from_config(config)
+        self._roster_lock = asyncio.Lock()
         self.guard = ReplayGuard(config.city, config.limits.freshness())
         self.pending = 0
         self.metrics = NodeMetrics(
@@ -306,19 +383,20 @@ class NodeState:
 
     async def _answer(self, data: bytes) -> _Reply:
         limit = self.config.limits.max_request_bytes
+        trust = self.trust  # this request is judged against one snapshot (§8.2)
         try:
-            opened = open_envelope(data, self.keys, QueryRequest, max_size=limit)
+            opened = open_envelope(data, trust.keys, QueryRequest, max_size=limit)
         except SignatureError:
             raise
         except ProtocolError as exc:
             # The body may be malformed under a valid signature: then the
             # requester is known and gets a signed refusal.
-            who = self._identify(data)
+            who = self._identify(data, trust)
             if who is None:
                 raise
             raise _Identified(who[0], who[1], exc) from exc
         request_id = opened.message_id
-        principal = self.principals[opened.envelope.key_id]
+        principal = trust.principals[opened.envelope.key_id]
         req = opened.message
         if req.requester != principal:
             raise _Identified(
@@ -330,6 +408,7 @@ class NodeState:
                 ),
             )
         try:
+            self._check_alliance(trust, principal, req)
             self.guard.check(
                 message_id=request_id,
                 requester=principal,
@@ -366,16 +445,64 @@ class NodeState:
             ) from exc
         return _Reply(body, 200, ENVELOPE_MEDIA_TYPE, "answered", "none")
 
-    def _identify(self, data: bytes) -> tuple[bytes, str] | None:
+    def _check_alliance(self, trust: Trust, principal: str, req: QueryRequest) -> None:
+        """Apply the roster and participation rules (spec §8.2) to a bound request.
+
+        Raises:
+            FreshnessError: (``EXPIRED``) the trusted roster has expired.
+            PolicyDenied: ``ROSTER_MISMATCH``, ``PURPOSE_NOT_ALLOWED`` or
+                ``QUORUM_TOO_SMALL``.
+        """
+        trusted = trust.roster
+        if trusted is not None:
+            roster = trusted.roster
+            if self.clock_ms() >= roster.expires_ms:
+                raise FreshnessError(
+                    f"this node's alliance roster (version {roster.version}) has expired; "
+                    "no query is answered until a newer roster is installed",
+                    ErrorCode.EXPIRED,
+                )
+            if req.roster_version != roster.version:
+                raise PolicyDenied(
+                    f"the request names roster version {req.roster_version}; this node "
+                    f"holds version {roster.version} (GET {ROSTER_ROUTE})",
+                    ErrorCode.ROSTER_MISMATCH,
+                )
+            if roster.member(self.config.city) is None:
+                raise PolicyDenied(
+                    f"this node's city {self.config.city!r} is not a member of roster "
+                    f"version {roster.version}",
+                    ErrorCode.ROSTER_MISMATCH,
+                )
+            strangers = [city for city in req.targets if roster.member(city) is None]
+            if strangers:
+                raise PolicyDenied(
+                    f"target {strangers[0]!r} is not a member of roster version {roster.version}",
+                    ErrorCode.ROSTER_MISMATCH,
+                )
+            if not roster.allows_purpose(principal, req.policy.purpose):
+                raise PolicyDenied(
+                    f"the roster does not allow {principal!r} the purpose {req.policy.purpose!r}",
+                    ErrorCode.PURPOSE_NOT_ALLOWED,
+                )
+        minimum = self.config.alliance.min_participants
+        if len(req.targets) < minimum or req.quorum < minimum:
+            raise PolicyDenied(
+                f"this node takes part only with at least {minimum} participating cities; "
+                f"the request has {len(req.targets)} target(s) and quorum {req.quorum}",
+                ErrorCode.QUORUM_TOO_SMALL,
+            )
+
+    def _identify(self, data: bytes, trust: Trust) -> tuple[bytes, str] | None:
         """Return (message id, principal) if ``data`` is validly signed by a trusted key."""
         try:
             env = decode_envelope(data, max_size=self.config.limits.max_request_bytes)
         except HansaError:
             return None
-        key = self.keys.get(env.key_id)
+        key = trust.keys.get(env.key_id)
         if key is None or not key.verify(pae(env.payload_type, env.payload), env.signature):
             return None
-        return message_id(data), self.principals[env.key_id]
+        return message_id(data), trust.principals[env.key_id]
 
     async def _run(self, req: QueryRequest) -> EngineOutput:
         limits = self.config.limits
@@ -443,6 +570,138 @@ class NodeState:
         body = encode(ErrorMessage(code=code, message=_text(message)))
         return _Reply(body, status, ERROR_MEDIA_TYPE, "rejected", code.name)
 
+    # --- GET and POST /v1/roster ---------------------------------------------
+
+    def roster_reply(self) -> _Reply:
+        """Return the exact signed roster bytes the node trusts (404 without a roster)."""
+        trusted = self.trust.roster
+        if trusted is None:
+            return self._unsigned(
+                ErrorCode.ROSTER_MISMATCH, "this node has no alliance roster configured", 404
+            )
+        return _Reply(trusted.data, 200, ROSTER_MEDIA_TYPE, "ok", "none")
+
+    async def handle_roster_post(self, request: web.Request) -> _Reply:
+        """Take up a newer signed roster at run time (``POST /v1/roster``, never raises).
+
+        The body must verify as the successor of the current roster (spec
+        §15.1); it is persisted atomically and then governs every request
+        that arrives afterwards. Posting the current roster again is a no-op.
+        Refusals are unsigned ``ErrorMessage`` replies: the roster's own
+        signatures carry the authority, the node's signature would add nothing.
+        """
+        try:
+            if self.trust.roster is None:
+                return self._unsigned(
+                    ErrorCode.ROSTER_MISMATCH, "this node has no alliance roster configured", 404
+                )
+            if request.content_type != ROSTER_MEDIA_TYPE:
+                return self._unsigned(
+                    ErrorCode.MALFORMED, f"Content-Type must be {ROSTER_MEDIA_TYPE}", 415
+                )
+            data = await self._read_roster_body(request)
+            async with self._roster_lock:
+                current = self.trust.roster
+                if current is None:  # pragma: no cover — checked above; never unset
+                    raise HansaError("no roster", ErrorCode.INTERNAL)
+                if data == current.data:
+                    return self._roster_ok(current, "unchanged")
+                installed = await asyncio.to_thread(
+                    install_roster,
+                    self.config.data_dir,
+                    self.config.alliance,
+                    data,
+                    current,
+                    self.clock_ms(),
+                )
+                self._take_up(installed)
+            return self._roster_ok(installed, "installed")
+        except HansaError as exc:
+            if not exc.code.on_wire:
+                log.error("roster update failed: %s", exc.message)
+            log.warning("roster update refused: %s", exc.message)
+            status = 413 if exc.code is ErrorCode.TOO_LARGE else 400
+            return self._unsigned(exc.code, exc.message, status)
+        except Exception:
+            log.exception("internal error installing a roster")
+            return self._unsigned(ErrorCode.INTERNAL, "internal error", 500)
+
+    async def _read_roster_body(self, request: web.Request) -> bytes:
+        # Read from the stream: aiohttp's client_max_size is the (smaller)
+        # query limit, and a roster may be larger than any query.
+        declared = request.content_length
+        if declared is not None and declared > _MAX_ROSTER_BODY:
+            raise ProtocolError(
+                f"roster of {declared} bytes exceeds the limit of {_MAX_ROSTER_BODY}",
+                ErrorCode.TOO_LARGE,
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > _MAX_ROSTER_BODY:
+                raise ProtocolError(
+                    f"roster exceeds the limit of {_MAX_ROSTER_BODY} bytes", ErrorCode.TOO_LARGE
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _roster_ok(self, trusted: TrustedRoster, outcome: str) -> _Reply:
+        body = json.dumps(
+            {
+                "outcome": outcome,
+                "alliance": trusted.roster.alliance,
+                "version": trusted.version,
+                "digest": trusted.digest.hex(),
+            }
+        ).encode()
+        return _Reply(body, 200, "application/json", outcome, "none")
+
+    def _take_up(self, trusted: TrustedRoster) -> None:
+        """Make ``trusted`` the roster for every request from now on."""
+        self.trust = Trust.from_roster(trusted)
+        roster = trusted.roster
+        log.info("alliance %r roster version %d in effect", roster.alliance, roster.version)
+        if roster.member(self.config.city) is None:
+            log.warning(
+                "city %r is not a member of roster version %d: every query will be refused",
+                self.config.city,
+                roster.version,
+            )
+
+    async def reload_roster(self) -> bool:
+        """Re-read the roster files (SIGHUP) and take up a newer verified roster.
+
+        Returns:
+            Whether the roster in effect is the one on disk (a failure or an
+            older file is logged; the current roster stays in effect).
+        """
+        if not self.config.alliance.has_roster:
+            return True
+        async with self._roster_lock:
+            try:
+                loaded = await asyncio.to_thread(
+                    load_roster_store, self.config.data_dir, self.config.alliance
+                )
+            except HansaError as exc:
+                log.error("roster reload failed, keeping the current roster: %s", exc.message)
+                return False
+            current = self.trust.roster
+            if loaded is None or current is None:  # pragma: no cover — has_roster above
+                return False
+            if loaded.data == current.data:
+                return True
+            if loaded.version <= current.version:
+                log.error(
+                    "roster file holds version %d, not newer than version %d in effect; "
+                    "keeping the current roster (rollback refused)",
+                    loaded.version,
+                    current.version,
+                )
+                return False
+            self._take_up(loaded)
+            return True
+
     # --- GET /v1/capabilities ------------------------------------------------
 
     def capabilities(self) -> bytes:
@@ -462,12 +721,16 @@ class NodeState:
         return body
 
     async def reload(self) -> bool:
-        """Reload the engine's catalog (SIGHUP); the capability cache follows.
+        """Reload the roster and the engine's catalog (SIGHUP); the capability cache follows.
 
         Returns:
-            Whether the reload succeeded (a failure is logged; the previous
-            catalog stays in effect).
+            Whether both reloads succeeded (a failure is logged; the previous
+            roster or catalog stays in effect).
         """
+        roster_ok = await self.reload_roster()
+        return await self._reload_catalog() and roster_ok
+
+    async def _reload_catalog(self) -> bool:
         pool = self._pool
         if pool is None:
             return False
@@ -559,6 +822,20 @@ async def _capabilities(request: web.Request) -> web.Response:
     return _reply_response(reply)
 
 
+async def _roster_get(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    reply = node.roster_reply()
+    node.metrics.requests.inc(ROSTER_ROUTE, reply.outcome, reply.code)
+    return _reply_response(reply)
+
+
+async def _roster_post(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    reply = await node.handle_roster_post(request)
+    node.metrics.requests.inc(ROSTER_ROUTE, reply.outcome, reply.code)
+    return _reply_response(reply)
+
+
 async def _health(request: web.Request) -> web.Response:
     node = request.app[NODE]
     node.metrics.requests.inc(HEALTH_ROUTE, "ok", "none")
@@ -597,11 +874,15 @@ def create_app(
 
     Raises:
         KeyFileError: the key file cannot be read.
-        ConfigError: the key passphrase variable is configured but not set.
+        ConfigError: the key passphrase variable is configured but not set, or
+            the configured roster cannot be read or does not verify from its pin.
     """
     if signing_key is None:
         signing_key = read_key_file(config.key_file, passphrase=config.passphrase())
-    state = NodeState(config, signing_key, clock_ms)
+    roster = load_roster_store(config.data_dir, config.alliance)
+    if roster is not None and roster.roster.member(config.city) is None:
+        log.warning("city %r is not a member of the trusted roster", config.city)
+    state = NodeState(config, signing_key, clock_ms, roster)
     app = web.Application(client_max_size=config.limits.max_request_bytes)
     app[NODE] = state
 
@@ -612,6 +893,8 @@ def create_app(
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post(QUERY_ROUTE, _query)
     app.router.add_get(CAPABILITIES_ROUTE, _capabilities)
+    app.router.add_get(ROSTER_ROUTE, _roster_get)
+    app.router.add_post(ROSTER_ROUTE, _roster_post)
     app.router.add_get(HEALTH_ROUTE, _health)
     app.router.add_get(METRICS_ROUTE, _metrics)
     return app

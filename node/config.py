@@ -13,10 +13,28 @@ a typo never silently falls back to a default), and the result is a
 the file, the field and what was expected.
 
 Every resource limit is an explicit field of :class:`NodeLimits`
-(aesthetics anchors §9.12). Until the alliance roster exists, the
-``[[trusted]]`` tables are the authority on who may query this node: each
-binds one Ed25519 public key to one requester principal, and a request
-signed by that key must name that principal (``spec/protocol.md`` §8).
+(aesthetics anchors §9.12).
+
+Who may query the node (``spec/protocol.md`` §8.2) comes from one of two
+places. With an ``[alliance]`` table naming a ``roster`` file and its
+``pin``, the alliance roster is the authority and the ``[[trusted]]`` list is
+ignored: only analyst keys the roster names may query, for the purposes it
+allows them. Without a roster, the ``[[trusted]]`` tables are the authority
+(roster-less, single-node use): each binds one Ed25519 public key to one
+requester principal, and a request signed by that key must name that
+principal.
+
+The roster store
+----------------
+The trusted roster lives in the data directory: ``roster.bin`` (the
+configured name) holds the current signed roster, and ``rosters/<N>.bin``
+every version the node has accepted, so that at start-up the chain can be
+walked from the pinned first roster to the current one with the TUF rules
+(:func:`hansa.federation.roster.update_chain`, spec §15.1). Every write is
+atomic (temporary file, fsync, rename): a crash leaves either the old or the
+new roster, never a torn one. Expiry is not judged when the store is loaded:
+a node with an expired roster starts, and refuses every query with
+``EXPIRED`` until a newer roster is installed (:func:`install_roster`).
 """
 
 from __future__ import annotations
@@ -30,7 +48,16 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from hansa.crypto.keys import PublicKey
-from hansa.protocol.errors import ConfigError, HansaError
+from hansa.federation.roster import (
+    Roster,
+    SignedRoster,
+    decode_roster,
+    decode_signed_roster,
+    roster_digest,
+    update_chain,
+    verify_roster,
+)
+from hansa.protocol.errors import ConfigError, ErrorCode, HansaError
 from hansa.protocol.freshness import FreshnessLimits
 from hansa.protocol.messages import CITY_ID_PATTERN, MAX_TEXT, PRINCIPAL_ID_PATTERN
 
@@ -38,12 +65,19 @@ __all__ = [
     "CONFIG_FILE",
     "DEFAULT_PORT",
     "KEY_FILE",
+    "ROSTER_FILE",
+    "ROSTER_HISTORY_DIR",
+    "AllianceConfig",
     "NodeConfig",
     "NodeLimits",
     "TrustedKey",
+    "TrustedRoster",
     "add_trusted_key",
     "config_path",
+    "configure_alliance",
+    "install_roster",
     "load_config",
+    "load_roster_store",
     "parse_config",
     "render_config",
 ]
@@ -54,6 +88,11 @@ KEY_FILE: Final = "node.key"
 """Default name of the node's signing key file inside the data directory."""
 DEFAULT_PORT: Final = 8470
 """Default TCP port of a node (unassigned by IANA)."""
+ROSTER_FILE: Final = "roster.bin"
+"""Default name of the current alliance roster file inside the data directory."""
+ROSTER_HISTORY_DIR: Final = "rosters"
+"""Directory (inside the data directory) keeping every accepted roster version."""
+MAX_MIN_PARTICIPANTS: Final = 1000
 
 _T = TypeVar("_T")
 
@@ -141,6 +180,36 @@ class TrustedKey:
 
 
 @dataclass(frozen=True, slots=True)
+class AllianceConfig:
+    """The ``[alliance]`` table: roster trust and the node's own quorum minimum.
+
+    Attributes:
+        roster_file: the current roster file (absolute), or None for a
+            roster-less node (the ``[[trusted]]`` keys are then the authority).
+        pin: SHA-256 of the body of the first roster this node trusts
+            (required with ``roster_file``).
+        min_participants: the fewest cities a request may target, and the
+            smallest quorum it may ask for (spec §8.2); 1 accepts any request.
+    """
+
+    roster_file: Path | None = None
+    pin: bytes | None = None
+    min_participants: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.roster_file is None) != (self.pin is None):
+            raise ConfigError("[alliance] roster and pin must be given together")
+        if self.pin is not None and len(self.pin) != 32:
+            raise ConfigError("[alliance] pin must be a SHA-256 digest (64 hex digits)")
+        _check_int("alliance", "min_participants", self.min_participants, 1, MAX_MIN_PARTICIPANTS)
+
+    @property
+    def has_roster(self) -> bool:
+        """Whether the alliance roster (not ``[[trusted]]``) is the authority."""
+        return self.roster_file is not None
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A node's whole configuration.
 
@@ -154,7 +223,9 @@ class NodeConfig:
             file's passphrase, or ``None`` for an unencrypted key file.
         access_log: whether to write one log line per HTTP request.
         limits: resource limits.
-        trusted: requester keys allowed to query this node.
+        trusted: requester keys allowed to query this node when no alliance
+            roster is configured (ignored when one is).
+        alliance: roster trust and the node's minimum of participating cities.
     """
 
     data_dir: Path
@@ -166,6 +237,7 @@ class NodeConfig:
     access_log: bool = False
     limits: NodeLimits = field(default_factory=NodeLimits)
     trusted: tuple[TrustedKey, ...] = ()
+    alliance: AllianceConfig = field(default_factory=AllianceConfig)
 
     def __post_init__(self) -> None:
         if not _CITY_RE.fullmatch(self.city):
@@ -274,7 +346,8 @@ def parse_config(text: str, data_dir: Path, *, source: str = CONFIG_FILE) -> Nod
         raise ConfigError(f"{source}: {exc.message}") from exc
 
 
-_TOP_KEYS: Final = frozenset({"node", "limits", "trusted"})
+_TOP_KEYS: Final = frozenset({"node", "limits", "trusted", "alliance"})
+_ALLIANCE_KEYS: Final = frozenset({"roster", "pin", "min_participants"})
 _NODE_KEYS: Final = frozenset(
     {"city", "host", "port", "key_file", "key_passphrase_env", "access_log"}
 )
@@ -319,6 +392,7 @@ def _from_document(doc: dict[str, Any], data_dir: Path) -> NodeConfig:
     if not isinstance(raw_trusted, list):
         raise ConfigError("[[trusted]] must be an array of tables")
     trusted = tuple(_trusted_key(i, entry) for i, entry in enumerate(raw_trusted))
+    alliance = _alliance(_table(doc, "alliance"), data_dir)
 
     key_file = Path(key_file_text)
     return NodeConfig(
@@ -331,7 +405,44 @@ def _from_document(doc: dict[str, Any], data_dir: Path) -> NodeConfig:
         access_log=access_log,
         limits=limits,
         trusted=trusted,
+        alliance=alliance,
     )
+
+
+def _alliance(table: dict[str, Any], data_dir: Path) -> AllianceConfig:
+    _no_unknown("[alliance]", table, _ALLIANCE_KEYS)
+    min_participants = _typed("alliance", "min_participants", table.get("min_participants", 1), int)
+    roster_text = _typed("alliance", "roster", table.get("roster", ""), str)
+    pin_text = _typed("alliance", "pin", table.get("pin", ""), str)
+    if not roster_text and not pin_text:
+        return AllianceConfig(min_participants=min_participants)
+    if not roster_text or not pin_text:
+        raise ConfigError("[alliance] roster and pin must be given together")
+    pin = parse_pin(pin_text, "[alliance] pin")
+    roster = Path(roster_text)
+    return AllianceConfig(
+        roster_file=roster if roster.is_absolute() else data_dir / roster,
+        pin=pin,
+        min_participants=min_participants,
+    )
+
+
+def parse_pin(value: str, where: str = "pin") -> bytes:
+    """Parse a SHA-256 roster pin given as 64 hex digits.
+
+    Args:
+        value: the text.
+        where: a name for the error message.
+
+    Returns:
+        The 32-byte digest.
+
+    Raises:
+        ConfigError: not 64 hex digits.
+    """
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ConfigError(f"{where} must be a SHA-256 digest, 64 hex digits")
+    return bytes.fromhex(value)
 
 
 def _trusted_key(index: int, entry: object) -> TrustedKey:
@@ -428,6 +539,9 @@ def render_config(
     key_file: str = KEY_FILE,
     key_passphrase_env: str | None = None,
     limits: NodeLimits | None = None,
+    roster_file: str | None = None,
+    pin: bytes | None = None,
+    min_participants: int = 1,
 ) -> str:
     """Return a complete, commented ``node.toml``.
 
@@ -441,6 +555,10 @@ def render_config(
         key_file: key file path, relative to the data directory.
         key_passphrase_env: environment variable with the key passphrase, if any.
         limits: resource limits (defaults when ``None``).
+        roster_file: the alliance roster file, relative to the data directory
+            (None: roster-less, ``[[trusted]]`` is the authority).
+        pin: SHA-256 of the first trusted roster's body (with ``roster_file``).
+        min_participants: the node's minimum of participating cities.
 
     Returns:
         The TOML text.
@@ -457,8 +575,17 @@ def render_config(
         port=port,
         key_passphrase_env=key_passphrase_env,
         limits=lim,
+        alliance=AllianceConfig(
+            roster_file=None if roster_file is None else Path(roster_file),
+            pin=pin,
+            min_participants=min_participants,
+        ),
     )
     q = _toml_str
+    if roster_file is not None and pin is not None:
+        roster_lines = f"roster = {q(roster_file)}\npin = {q(pin.hex())}"
+    else:
+        roster_lines = f'# roster = "{ROSTER_FILE}"\n# pin = "<64 hex digits>"'
     return f"""\
 # Hansa node configuration (node.toml), read once when `hansa node serve` starts.
 # Every limit is explicit; units are in the comments. Unknown keys are an error.
@@ -507,10 +634,21 @@ max_validity_ms = {lim.max_validity_ms}
 # of unexpired entries the node refuses with REPLAY_CACHE_FULL rather than forget.
 replay_capacity = {lim.replay_capacity}
 
-# Requester keys allowed to query this node, one [[trusted]] table each. Until the
-# alliance roster exists this list is the authority. `principal` is the requester id
-# the key speaks for (a request signed by the key must name it); `key` is the
-# Ed25519 public key as 64 hex digits. Add entries with `hansa node trust`.
+[alliance]
+# The alliance roster (spec §15.1), relative to this directory, and the SHA-256 (64 hex
+# digits) of the body of the first roster this node trusts, given out of band. When set,
+# the roster is the authority on who may query this node and the [[trusted]] list below
+# is ignored; newer rosters are taken up at run time (POST /v1/roster, SIGHUP, or
+# `hansa node roster install`). Leave both unset for a roster-less node.
+{roster_lines}
+# The fewest participating cities this node accepts: a request must list at least this
+# many targets and ask for at least this quorum, else QUORUM_TOO_SMALL (1 = any).
+min_participants = {min_participants}
+
+# Requester keys allowed to query this node, one [[trusted]] table each. Without an
+# alliance roster (roster-less, single-node use) this list is the authority.
+# `principal` is the requester id the key speaks for (a request signed by the key must
+# name it); `key` is the Ed25519 public key as 64 hex digits. Add entries with `hansa node trust`.
 #
 # [[trusted]]
 # principal = "ana@melbourne"
@@ -559,3 +697,253 @@ def _toml_str(value: str) -> str:
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     escaped = "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in escaped)
     return f'"{escaped}"'
+
+
+# --- the alliance roster store -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedRoster:
+    """The roster a node trusts: exact file bytes, decoded roster and digest.
+
+    Attributes:
+        data: the exact signed-roster bytes (what ``GET /v1/roster`` returns).
+        signed: the decoded signed roster.
+        roster: the verified roster body.
+    """
+
+    data: bytes
+    signed: SignedRoster
+    roster: Roster
+
+    @property
+    def version(self) -> int:
+        """The roster's version."""
+        return self.roster.version
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the roster body (spec §15.1)."""
+        return roster_digest(self.signed)
+
+
+# Expiry is judged per request (a node with an expired roster refuses with
+# EXPIRED, it does not fail to start), so the stored chain is verified at a
+# time before every possible expiry.
+_BEFORE_ANY_EXPIRY_MS: Final = -1
+
+
+def _history_dir(data_dir: Path) -> Path:
+    return data_dir / ROSTER_HISTORY_DIR
+
+
+def _read_roster_file(path: Path) -> tuple[bytes, SignedRoster]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read roster {path}: {exc.strerror or exc}") from exc
+    try:
+        return data, decode_signed_roster(data)
+    except HansaError as exc:
+        raise ConfigError(f"{path} is not a signed roster: {exc.message}") from exc
+
+
+def load_roster_store(data_dir: Path, alliance: AllianceConfig) -> TrustedRoster | None:
+    """Load and verify the node's current roster, walking the chain from the pin.
+
+    The pinned first roster is ``roster.bin`` itself or one of the versions
+    kept in ``rosters/``; every version after it up to the current one must
+    be there, and the chain must verify step by step (spec §15.1). Expiry is
+    not checked here (see the module docstring).
+
+    Args:
+        data_dir: the node's data directory.
+        alliance: the ``[alliance]`` configuration.
+
+    Returns:
+        The trusted roster, or None when no roster is configured.
+
+    Raises:
+        ConfigError: a file is missing or unreadable, no stored version
+            matches the pin, or the chain does not verify.
+    """
+    if alliance.roster_file is None or alliance.pin is None:
+        return None
+    pin = alliance.pin
+    data, current = _read_roster_file(alliance.roster_file)
+    chain: list[SignedRoster]
+    if roster_digest(current) == pin:
+        chain = [current]
+    else:
+        by_version: dict[int, SignedRoster] = {}
+        history = _history_dir(data_dir)
+        paths = sorted(history.glob("*.bin")) if history.is_dir() else []
+        for path in paths:
+            _, signed = _read_roster_file(path)
+            try:
+                by_version[_decode_version(signed)] = signed
+            except HansaError as exc:
+                raise ConfigError(f"{path}: {exc.message}") from exc
+        first = next((v for v, s in by_version.items() if roster_digest(s) == pin), None)
+        if first is None:
+            raise ConfigError(
+                f"neither {alliance.roster_file} nor any roster in {history} matches the "
+                f"pinned SHA-256 {pin.hex()}"
+            )
+        try:
+            last = _decode_version(current)
+        except HansaError as exc:
+            raise ConfigError(f"{alliance.roster_file}: {exc.message}") from exc
+        chain = []
+        for version in range(first, last):
+            step = by_version.get(version)
+            if step is None:
+                raise ConfigError(f"roster version {version} is missing from {history}")
+            chain.append(step)
+        chain.append(current)
+    try:
+        roster = update_chain(None, chain, _BEFORE_ANY_EXPIRY_MS, pin=pin)
+    except HansaError as exc:
+        raise ConfigError(f"{alliance.roster_file}: {exc.message}") from exc
+    return TrustedRoster(data=data, signed=current, roster=roster)
+
+
+def _decode_version(signed: SignedRoster) -> int:
+    return decode_roster(signed.body).version
+
+
+def install_roster(
+    data_dir: Path, alliance: AllianceConfig, data: bytes, current: TrustedRoster, now_ms: int
+) -> TrustedRoster:
+    """Verify ``data`` as the successor of ``current`` and persist it.
+
+    TUF's rules (spec §15.1): same alliance, version exactly one more,
+    thresholds of the current and of its own root keys, not expired. The new
+    roster is written to ``rosters/<version>.bin`` and then replaces the
+    current roster file, each atomically.
+
+    Args:
+        data_dir: the node's data directory.
+        alliance: the ``[alliance]`` configuration (must name a roster file).
+        data: the candidate signed-roster bytes.
+        current: the roster trusted now.
+        now_ms: the current time, milliseconds since the epoch.
+
+    Returns:
+        The newly trusted roster.
+
+    Raises:
+        ProtocolError: the bytes are not a valid signed roster.
+        SignatureError: a threshold is not met, or another alliance
+            (``BAD_SIGNATURE`` / ``ROSTER_MISMATCH``).
+        FreshnessError: rollback or skipped version (``ROSTER_MISMATCH``),
+            expired (``EXPIRED``).
+        ConfigError: no roster is configured, or the files cannot be written.
+    """
+    if alliance.roster_file is None:
+        raise ConfigError("this node has no [alliance] roster configured")
+    signed = decode_signed_roster(data)
+    roster = verify_roster(signed, current.roster, now_ms)
+    # The exact bytes that verified are kept (and served by GET /v1/roster).
+    _write_roster(data_dir, alliance.roster_file, roster.version, data)
+    return TrustedRoster(data=data, signed=signed, roster=roster)
+
+
+def _write_roster(data_dir: Path, roster_file: Path, version: int, data: bytes) -> None:
+    history = _history_dir(data_dir)
+    try:
+        history.mkdir(mode=0o700, exist_ok=True)
+        _atomic_write(history / f"{version:010d}.bin", data)
+        _atomic_write(roster_file, data)
+    except OSError as exc:
+        raise ConfigError(f"cannot write roster {roster_file}: {exc.strerror or exc}") from exc
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename, fsync dir."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def configure_alliance(
+    data_dir: Path,
+    data: bytes,
+    pin: bytes,
+    now_ms: int,
+    *,
+    min_participants: int | None = None,
+) -> NodeConfig:
+    """Make a roster-less node trust an alliance roster (``hansa node init --roster``).
+
+    The roster must match ``pin``, carry its own threshold of signatures, not
+    be expired and name this node's city as a member. It is copied to
+    ``roster.bin`` (and ``rosters/``), and ``node.toml`` gains the
+    ``roster``/``pin`` settings (validated before it replaces the file).
+
+    Args:
+        data_dir: the node's data directory (holding a ``node.toml``).
+        data: the first roster's signed bytes.
+        pin: SHA-256 of its body, obtained out of band.
+        now_ms: the current time, milliseconds since the epoch.
+        min_participants: also set the node's minimum of participating cities.
+
+    Returns:
+        The configuration after the change.
+
+    Raises:
+        ConfigError: a roster is already configured, the roster is invalid,
+            does not match the pin, is expired or does not name this city.
+    """
+    current = load_config(data_dir)
+    if current.alliance.has_roster:
+        raise ConfigError(
+            f"{config_path(data_dir)} already names a roster; "
+            "use 'hansa node roster install' to update it"
+        )
+    try:
+        signed = decode_signed_roster(data)
+        roster = verify_roster(signed, None, now_ms, pin=pin)
+    except HansaError as exc:
+        raise ConfigError(f"roster refused: {exc.message}") from exc
+    if roster.member(current.city) is None:
+        raise ConfigError(
+            f"city {current.city!r} is not a member of alliance {roster.alliance!r} "
+            f"(roster version {roster.version})"
+        )
+    path = config_path(data_dir)
+    text = path.read_text(encoding="utf-8")
+    settings = f"roster = {_toml_str(ROSTER_FILE)}\npin = {_toml_str(pin.hex())}\n"
+    placeholder = f'# roster = "{ROSTER_FILE}"\n# pin = "<64 hex digits>"\n'
+    if placeholder in text:
+        text = text.replace(placeholder, settings, 1)
+    elif re.search(r"(?m)^\[alliance\]\s*$", text):
+        text = re.sub(
+            r"(?m)^\[alliance\]\s*$", "[alliance]\n" + settings.rstrip("\n"), text, count=1
+        )
+    else:
+        text = text.rstrip("\n") + "\n\n[alliance]\n" + settings
+    if min_participants is not None:
+        line = f"min_participants = {min_participants}"
+        text, count = re.subn(r"(?m)^min_participants\s*=.*$", line, text, count=1)
+        if count == 0:
+            text = text.replace(settings, settings + line + "\n", 1)
+    updated = parse_config(text, data_dir, source=str(path))
+    if updated.alliance.roster_file is None:  # pragma: no cover — the edit above sets it
+        raise ConfigError(f"{path}: could not add the roster settings", ErrorCode.INTERNAL)
+    _write_roster(data_dir, updated.alliance.roster_file, roster.version, data)
+    _atomic_write(path, text.encode("utf-8"))
+    return updated
