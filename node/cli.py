@@ -42,10 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
         _cli_keys,
         _cli_node,
         _cli_note,
+        _cli_query,
         _cli_verify,
     )
 
-    for module in (_cli_keys, _cli_note, _cli_dataset, _cli_node, _cli_alliance, _cli_verify):
+    for module in (
+        _cli_keys,
+        _cli_note,
+        _cli_dataset,
+        _cli_node,
+        _cli_alliance,
+        _cli_query,
+        _cli_verify,
+    ):
         module.register(sub)
     return parser
 
