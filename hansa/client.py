@@ -262,7 +262,7 @@ def format_literal(value: Scalar) -> str:
     if isinstance(value, float):
         return repr(value)
     plain = parse_literal_or_none(value)
-    return value if plain == value and type(plain) is str else f"str:{value}"
+    return value if value and plain == value and type(plain) is str else f"str:{value}"
 
 
 def parse_literal_or_none(text: str) -> Scalar | None:
@@ -452,7 +452,10 @@ def format_filter(flt: Filter) -> str:
     """
     op = flt.op
     if op in _OP_SYMBOLS:
-        return f"{flt.column}{_OP_SYMBOLS[op]}{format_literal(flt.values[0])}"
+        text = format_literal(flt.values[0])
+        # "a<" + "=b" would read back as "a<=" + "b": keep such a value apart.
+        gap = " " if text[:1] in ("=", "<", ">", "!") else ""
+        return f"{flt.column}{_OP_SYMBOLS[op]}{gap}{text}"
     if op is FilterOp.IS_NULL:
         return f"{flt.column} is null"
     if op is FilterOp.NOT_NULL:

@@ -541,3 +541,22 @@ def test_any_text_parses_or_fails_cleanly(text: str) -> None:
             parse(text)
         except QueryError:
             pass
+
+
+@pytest.mark.parametrize(
+    "flt",
+    [
+        Filter("a", FilterOp.EQ, ("",)),
+        Filter("a", FilterOp.LT, ("=b",)),
+        Filter("a", FilterOp.GT, ("=",)),
+        Filter("a", FilterOp.NE, ("<x",)),
+        Filter("a", FilterOp.EQ, ("str:x",)),
+        Filter("a", FilterOp.EQ, ("12",)),
+        Filter("a", FilterOp.EQ, ("1e5",)),
+        Filter("a", FilterOp.IN, ("", "in", "between")),
+        Filter("a", FilterOp.BETWEEN, ("x y", "z")),
+    ],
+)
+def test_tricky_values_round_trip(flt: Filter) -> None:
+    back = parse_filter(format_filter(flt))
+    assert back == flt and typed(back.values) == typed(flt.values)
