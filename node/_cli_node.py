@@ -1,10 +1,17 @@
-"""``hansa node`` commands: ``init``, ``serve``, ``trust`` and ``show``.
+"""``hansa node`` commands: ``init``, ``serve``, ``trust``, ``roster`` and ``show``.
 
 * ``hansa node init --data-dir DIR --city CITY [--port N] [--host H]
-  [--passphrase-env VAR]`` creates the data directory (mode 0700), the node's
-  signing key (``node.key``, mode 0600, unencrypted unless
-  ``--passphrase-env`` names a variable holding a passphrase) and a
-  commented ``node.toml``.
+  [--passphrase-env VAR] [--roster FILE --pin HEX] [--min-participants N]``
+  creates the data directory (mode 0700), the node's signing key
+  (``node.key``, mode 0600, unencrypted unless ``--passphrase-env`` names a
+  variable holding a passphrase) and a commented ``node.toml``. With
+  ``--roster`` the node trusts that alliance roster (checked against the
+  SHA-256 ``--pin`` obtained out of band, its own signature threshold, its
+  expiry and this city's membership), which then replaces ``[[trusted]]``
+  as the authority on who may query.
+* ``hansa node roster install --data-dir DIR FILE`` verifies FILE as the
+  successor of the node's current roster and replaces it (offline; a running
+  node takes it up on SIGHUP, or POST the file to ``/v1/roster`` instead).
 * ``hansa node serve --data-dir DIR [--host H] [--port N]`` runs the node
   until SIGTERM/SIGINT (see :mod:`hansa.node.server`).
 * ``hansa node trust --data-dir DIR --principal ana@melbourne (--key HEX |
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import time
 from pathlib import Path
 
 from hansa.crypto.keyfile import read_public_key, write_key_file
@@ -26,13 +34,18 @@ from hansa.node.config import (
     KEY_FILE,
     NodeConfig,
     add_trusted_key,
+    check_first_roster,
     config_path,
+    configure_alliance,
+    install_roster,
     load_config,
+    load_roster_store,
+    parse_pin,
     render_config,
 )
-from hansa.protocol.errors import ConfigError
+from hansa.protocol.errors import ConfigError, HansaError
 
-__all__ = ["init_node", "register"]
+__all__ = ["init_node", "install_roster_file", "register"]
 
 _DATA_DIR_ENV = "HANSA_DATA_DIR"
 
@@ -68,6 +81,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="encrypt the node key with the passphrase in environment variable VAR "
         "(default: unencrypted, protected by file permissions)",
     )
+    init.add_argument(
+        "--roster",
+        type=Path,
+        metavar="FILE",
+        help="trust this signed alliance roster (needs --pin); it replaces [[trusted]]",
+    )
+    init.add_argument(
+        "--pin",
+        metavar="HEX",
+        help="SHA-256 of the roster body (64 hex digits), obtained out of band",
+    )
+    init.add_argument(
+        "--min-participants",
+        type=int,
+        default=1,
+        metavar="N",
+        help="refuse requests targeting fewer than N cities or with a quorum below N (default 1)",
+    )
     init.set_defaults(handler=_init)
 
     serve = node_sub.add_parser("serve", help="run the node until SIGTERM or SIGINT")
@@ -84,6 +115,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     which.add_argument("--key-file", type=Path, metavar="PATH", help="read the public key here")
     trust.set_defaults(handler=_trust)
 
+    roster = node_sub.add_parser("roster", help="manage the node's trusted alliance roster")
+    roster_sub = roster.add_subparsers(dest="roster_command", metavar="ROSTER_COMMAND")
+    roster_sub.required = True
+    install = roster_sub.add_parser(
+        "install", help="verify a newer roster against the current one and replace it"
+    )
+    _data_dir_arg(install)
+    install.add_argument("file", type=Path, metavar="FILE", help="the signed roster file")
+    install.set_defaults(handler=_roster_install)
+
     show = node_sub.add_parser("show", help="print the node's configuration")
     _data_dir_arg(show)
     show.set_defaults(handler=_show)
@@ -97,6 +138,10 @@ def init_node(
     port: int = DEFAULT_PORT,
     passphrase: bytes | None = None,
     passphrase_env: str | None = None,
+    roster: bytes | None = None,
+    pin: bytes | None = None,
+    min_participants: int = 1,
+    now_ms: int | None = None,
 ) -> NodeConfig:
     """Create a node's data directory, signing key and ``node.toml``.
 
@@ -107,18 +152,33 @@ def init_node(
         port: listen port.
         passphrase: encrypt the key file under this passphrase.
         passphrase_env: the environment variable ``serve`` reads the passphrase from.
+        roster: signed bytes of the first alliance roster to trust (with ``pin``).
+        pin: SHA-256 of that roster's body.
+        min_participants: the node's minimum of participating cities.
+        now_ms: the current time for the roster's expiry (default: the wall clock).
 
     Returns:
         The configuration written.
 
     Raises:
-        ConfigError: a value is invalid or the directory already holds a node.
+        ConfigError: a value is invalid, the directory already holds a node,
+            or the roster does not verify (pin, threshold, expiry, membership).
         KeyFileError: the key file exists or cannot be written.
     """
-    # Render (and so validate) before touching the disk.
+    if (roster is None) != (pin is None):
+        raise ConfigError("--roster and --pin must be given together")
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    # Render and check (and so validate) before touching the disk.
     text = render_config(
-        city=city, host=host, port=port, key_file=KEY_FILE, key_passphrase_env=passphrase_env
+        city=city,
+        host=host,
+        port=port,
+        key_file=KEY_FILE,
+        key_passphrase_env=passphrase_env,
+        min_participants=min_participants,
     )
+    if roster is not None and pin is not None:
+        check_first_roster(roster, pin, city, now)
     path = config_path(data_dir)
     if path.exists():
         raise ConfigError(f"{path} already exists; this directory already holds a node")
@@ -127,7 +187,36 @@ def init_node(
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    if roster is not None and pin is not None:
+        return configure_alliance(data_dir, roster, pin, now)
     return load_config(data_dir)
+
+
+def install_roster_file(data_dir: Path, data: bytes, now_ms: int | None = None) -> int:
+    """Verify ``data`` as the successor of the node's roster and make it current (offline).
+
+    Args:
+        data_dir: the node's data directory.
+        data: the new signed roster's bytes.
+        now_ms: the current time (default: the wall clock).
+
+    Returns:
+        The installed roster version.
+
+    Raises:
+        ConfigError: the node has no roster configured, or its stored chain is broken.
+        HansaError: the roster does not verify as the next version (codes as
+            :func:`hansa.federation.roster.verify_roster`).
+    """
+    config = load_config(data_dir)
+    current = load_roster_store(config.data_dir, config.alliance)
+    if current is None:
+        raise ConfigError(
+            f"{config_path(data_dir)} names no [alliance] roster "
+            "(set one up with 'hansa node init --roster FILE --pin HEX')"
+        )
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    return install_roster(config.data_dir, config.alliance, data, current, now).version
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -137,6 +226,16 @@ def _init(args: argparse.Namespace) -> int:
         if not value:
             raise ConfigError(f"environment variable {args.passphrase_env} is not set or empty")
         passphrase = value.encode()
+    roster: bytes | None = None
+    pin: bytes | None = None
+    if (args.roster is None) != (args.pin is None):
+        raise ConfigError("--roster and --pin must be given together")
+    if args.roster is not None:
+        pin = parse_pin(args.pin, "--pin")
+        try:
+            roster = args.roster.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.roster}: {exc.strerror or exc}") from exc
     config = init_node(
         args.data_dir,
         city=args.city,
@@ -144,15 +243,23 @@ def _init(args: argparse.Namespace) -> int:
         port=args.port,
         passphrase=passphrase,
         passphrase_env=args.passphrase_env,
+        roster=roster,
+        pin=pin,
+        min_participants=args.min_participants,
     )
     public = read_public_key(config.key_file)
     print(f"initialised node {config.city!r} in {config.data_dir}")
     print(f"  node key     {public.raw.hex()}")
     print(f"  key id       {public.key_id.hex()}")
     print(f"  config       {config_path(config.data_dir)}")
+    if config.alliance.pin is not None:
+        print(f"  roster pin   {config.alliance.pin.hex()} (only keys it names may query)")
     print("next:")
     print(f"  hansa dataset add NAME FILE.csv --data-dir {args.data_dir}")
-    print(f"  hansa node trust --data-dir {args.data_dir} --principal ana@{config.city} --key HEX")
+    if config.alliance.pin is None:
+        print(
+            f"  hansa node trust --data-dir {args.data_dir} --principal ana@{config.city} --key HEX"
+        )
     print(f"  hansa node serve --data-dir {args.data_dir}")
     return 0
 
@@ -184,6 +291,24 @@ def _trust(args: argparse.Namespace) -> int:
     return 0
 
 
+def _roster_install(args: argparse.Namespace) -> int:
+    try:
+        data = args.file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
+    try:
+        version = install_roster_file(args.data_dir, data)
+    except ConfigError:
+        raise
+    except HansaError as exc:
+        raise ConfigError(f"roster refused ({exc.code.name}): {exc.message}") from exc
+    print(
+        f"installed roster version {version}; a running node takes it up on SIGHUP "
+        "(or POST the file to /v1/roster)"
+    )
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
     config = load_config(args.data_dir)
     public = read_public_key(config.key_file)
@@ -199,6 +324,11 @@ def _show(args: argparse.Namespace) -> int:
     ]
     for f in dataclasses.fields(config.limits):
         lines.append(f"  {f.name:<24}{getattr(config.limits, f.name)}")
+    alliance = config.alliance
+    lines.append(f"min participants {alliance.min_participants}")
+    if alliance.roster_file is not None and alliance.pin is not None:
+        lines.append(f"roster        {alliance.roster_file} (pin {alliance.pin.hex()})")
+        lines.append("trusted       ignored: the alliance roster is the authority")
     lines.append(f"trusted       {len(config.trusted)} key(s)")
     for t in config.trusted:
         lines.append(f"  {t.principal:<24}{t.public_key.raw.hex()}")

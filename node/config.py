@@ -73,12 +73,14 @@ __all__ = [
     "TrustedKey",
     "TrustedRoster",
     "add_trusted_key",
+    "check_first_roster",
     "config_path",
     "configure_alliance",
     "install_roster",
     "load_config",
     "load_roster_store",
     "parse_config",
+    "parse_pin",
     "render_config",
 ]
 
@@ -879,6 +881,33 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def check_first_roster(data: bytes, pin: bytes, city: str, now_ms: int) -> Roster:
+    """Verify a node's first roster: pinned, own threshold, unexpired, names ``city``.
+
+    Args:
+        data: the signed roster bytes.
+        pin: SHA-256 of its body, obtained out of band.
+        city: this node's city id.
+        now_ms: the current time, milliseconds since the epoch.
+
+    Returns:
+        The verified roster.
+
+    Raises:
+        ConfigError: any of these checks fails (the message says which).
+    """
+    try:
+        roster = verify_roster(decode_signed_roster(data), None, now_ms, pin=pin)
+    except HansaError as exc:
+        raise ConfigError(f"roster refused: {exc.message}") from exc
+    if roster.member(city) is None:
+        raise ConfigError(
+            f"city {city!r} is not a member of alliance {roster.alliance!r} "
+            f"(roster version {roster.version})"
+        )
+    return roster
+
+
 def configure_alliance(
     data_dir: Path,
     data: bytes,
@@ -914,16 +943,7 @@ def configure_alliance(
             f"{config_path(data_dir)} already names a roster; "
             "use 'hansa node roster install' to update it"
         )
-    try:
-        signed = decode_signed_roster(data)
-        roster = verify_roster(signed, None, now_ms, pin=pin)
-    except HansaError as exc:
-        raise ConfigError(f"roster refused: {exc.message}") from exc
-    if roster.member(current.city) is None:
-        raise ConfigError(
-            f"city {current.city!r} is not a member of alliance {roster.alliance!r} "
-            f"(roster version {roster.version})"
-        )
+    roster = check_first_roster(data, pin, current.city, now_ms)
     path = config_path(data_dir)
     text = path.read_text(encoding="utf-8")
     settings = f"roster = {_toml_str(ROSTER_FILE)}\npin = {_toml_str(pin.hex())}\n"
