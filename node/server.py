@@ -2,9 +2,12 @@
 
 ``serve(config)`` opens the application (engine, query pool), listens on the
 configured address, prints one ready line to stdout and then waits for
-SIGTERM or SIGINT (SIGHUP reloads the dataset catalog, e.g. after an
-operator edited ``datasets.toml``; the capability document is re-signed on
-the next request). On SIGTERM or SIGINT it stops accepting connections, lets
+SIGTERM or SIGINT. SIGHUP re-reads the alliance roster files (a newer roster
+installed offline with ``hansa node roster install`` takes effect for the
+next request; an older or unverifiable one is logged and ignored, spec
+§15.3) and reloads the dataset catalog, e.g. after an operator edited
+``datasets.toml`` (the capability document is re-signed on the next
+request). On SIGTERM or SIGINT it stops accepting connections, lets
 in-flight requests finish (for up to ``limits.shutdown_timeout_s``), then
 closes the query pool and the engine (aiohttp's ``AppRunner.cleanup`` does
 these steps in this order).
