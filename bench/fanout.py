@@ -16,6 +16,13 @@ median of ``--repeats`` timed runs each (the order rotates every run):
   signing, no verification, no decoding. It gets the same connection limit as
   hansa (``TCPConnector(limit=512, limit_per_host=0)``); aiohttp's default
   limit of 100 would serialise N = 500 into five waves and flatter hansa.
+* **prepared** (for scale): :func:`~hansa.federation.fanout.send_prepared`
+  with requests signed before the clock starts by
+  :func:`~hansa.federation.fanout.prepare_requests`: the coordinator minus
+  signing (everything else as hansa).
+* **old** (only with ``--old PATH``): the ``fan_out`` of another copy of
+  ``federation/fanout.py`` (for example the previous commit's, saved under
+  ``/tmp``), loaded as its own module, for an A/B in the same run.
 * **raw** (for scale, not part of the goal): the same bytes over bare asyncio
   connections with a minimal HTTP/1.1 reader (:class:`RawHttp`), no aiohttp,
   no verification: the transport floor of this machine, which tells how much
@@ -38,24 +45,25 @@ per city, which is exactly the cost a fan-out pays.
 
 Pre-signed answers
 ------------------
-A reply must cite the SHA-256 of the exact request envelope, and ``fan_out``
-draws a fresh 16-byte nonce per request, so no answer could be signed in
-advance. The benchmark therefore makes the requests reproducible: it passes a
-fixed ``now_ms`` (a public parameter) and swaps the module's nonce source
-(``hansa.federation.fanout.secrets``) for a shim handing out known nonces.
-Ed25519 signing is deterministic, so ``fan_out`` then seals byte-identical
-envelopes to those this file sealed beforehand; their ids are known, and every
-city's answer is signed by that city's own key before timing starts. The
-coordinator still does all of its work (one nonce draw is the only thing
-replaced); peers do a dictionary look-up and a sleep. Every hansa run is
-checked afterwards: all N cities must be ``ANSWERED`` with the quorum met, so a
-drift between this file's requests and ``fan_out``'s aborts the benchmark
-rather than measuring errors. (The peers do not run a replay guard, so the
-same requests may be re-sent every run.) ``fan_out`` offers no entry point
-for pre-sealed requests; see the report for the one proposed.
+A reply must cite the SHA-256 of the exact request envelope, and the requests
+carry a fresh 16-byte nonce each, so an answer can only be signed in advance
+when the nonces are known. ``fan_out`` and ``prepare_requests`` take a
+``nonce_source`` and ``now_ms``/``issued_at`` (public parameters): the
+benchmark passes a fixed time and a source handing out known nonces in
+target order. Ed25519 signing is deterministic, so ``fan_out`` then seals
+byte-identical envelopes to those ``prepare_requests`` sealed beforehand;
+their ids are known, and every city's answer is signed by that city's own
+key before timing starts. The coordinator still does all of its work; peers
+do a dictionary look-up and a sleep. Every hansa run is checked afterwards:
+all N cities must be ``ANSWERED`` with the quorum met, so a drift between the
+pre-signed requests and ``fan_out``'s aborts the benchmark rather than
+measuring errors. (The peers do not run a replay guard, so the same requests
+may be re-sent every run.) An ``--old`` module without ``nonce_source`` gets
+the known nonces by swapping its module's ``secrets`` for the same source.
 
 Run: ``.venv/bin/python bench/fanout.py [--n 10 100 500] [--repeats 11]
-[--peer-procs 2] [--mode cold warm] [--profile]``.
+[--peer-procs 2] [--mode cold warm] [--old /tmp/fanout_old.py]
+[--verify-threads K] [--profile]``.
 """
 
 from __future__ import annotations
@@ -64,8 +72,10 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import dataclasses
 import gc
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -80,6 +90,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import cast
 from unittest import mock
 
@@ -87,17 +98,19 @@ import aiohttp
 import msgspec
 
 from hansa.crypto import SigningKey, seal
-from hansa.federation import fanout
 from hansa.federation.fanout import (
     DEFAULT_CONNECTION_LIMIT,
     ENVELOPE_MEDIA_TYPE,
     QUERY_PATH,
     CityStatus,
+    FanOutResult,
+    PreparedRequest,
     Target,
     fan_out,
+    prepare_requests,
+    send_prepared,
     verify_reply,
 )
-from hansa.protocol.envelope import message_id
 from hansa.protocol.messages import (
     MAX_TARGETS,
     Count,
@@ -108,7 +121,6 @@ from hansa.protocol.messages import (
     PolicyTags,
     Query,
     QueryAnswer,
-    QueryRequest,
     ResultScope,
 )
 
@@ -118,6 +130,8 @@ DEADLINE_S = 30.0
 """Far above any run, so no city times out."""
 ISSUED_AT = 1_767_225_600_000
 """The fixed ``now_ms`` that makes the requests reproducible."""
+EXPIRES_AT = ISSUED_AT + round(DEADLINE_S * 1000)
+"""What ``fan_out`` signs as ``expires_at`` for ``DEADLINE_S``."""
 REQUESTER = "ana@bench"
 ROOM_TYPES = ("Entire home/apt", "Private room", "Shared room")
 GOAL_N = 500
@@ -147,43 +161,43 @@ def nonce(n: int, i: int) -> bytes:
 
 
 class Nonces:
-    """Stands in for ``secrets`` inside ``fanout``: hands out queued nonces in order."""
+    """A ``nonce_source`` handing out the known nonces of one fan-out, in target order.
 
-    def __init__(self) -> None:
-        self.queue: deque[bytes] = deque()
+    Also stands in for ``secrets`` inside an ``--old`` fanout module (its
+    :meth:`token_bytes`), which has no ``nonce_source`` parameter.
+    """
 
-    def load(self, n: int) -> None:
-        """Queue the nonces of the fan-out to ``n`` cities, in target order."""
+    def __init__(self, n: int = 0) -> None:
+        self.queue: deque[bytes] = deque(nonce(n, i) for i in range(n))
+
+    def load(self, n: int) -> Nonces:
+        """Queue the nonces of the fan-out to ``n`` cities; return ``self``."""
         self.queue = deque(nonce(n, i) for i in range(n))
+        return self
 
     def token_bytes(self, nbytes: int) -> bytes:
-        """Return the next queued nonce (``fan_out`` asks for 16 bytes per city)."""
+        """Return the next queued nonce (one fan-out asks for 16 bytes per city)."""
         value = self.queue.popleft()
-        assert len(value) == nbytes, "fan_out changed its nonce size"
+        assert len(value) == nbytes, "the coordinator changed its nonce size"
         return value
 
+    __call__ = token_bytes
 
-def sealed_requests(n: int) -> list[bytes]:
-    """Seal the requests ``fan_out`` will seal for ``n`` cities (same bytes)."""
-    cities = tuple(city_name(i) for i in range(n))
-    return [
-        seal(
-            QueryRequest(
-                requester=REQUESTER,
-                audience=city,
-                issued_at=ISSUED_AT,
-                expires_at=ISSUED_AT + round(DEADLINE_S * 1000),
-                nonce=nonce(n, i),
-                roster_version=0,
-                policy=POLICY,
-                query=QUERY,
-                targets=cities,
-                quorum=n,
-            ),
-            ANALYST,
-        )
-        for i, city in enumerate(cities)
-    ]
+
+def prepared_requests(targets: Sequence[Target]) -> list[PreparedRequest]:
+    """Sign the requests ``fan_out`` will sign for ``targets`` (same bytes)."""
+    return prepare_requests(
+        QUERY,
+        POLICY,
+        targets,
+        signer=ANALYST,
+        requester=REQUESTER,
+        quorum=len(targets),
+        roster_version=0,
+        issued_at=ISSUED_AT,
+        expires_at=EXPIRES_AT,
+        nonce_source=Nonces(len(targets)),
+    )
 
 
 def signed_answer(i: int, key: SigningKey, request_id: bytes) -> bytes:
@@ -207,11 +221,15 @@ def signed_answer(i: int, key: SigningKey, request_id: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Setup:
-    """Per N: the targets and the pre-sealed requests (for the naive client)."""
+    """Per N: the targets, the pre-signed requests and the answers peers send."""
 
     targets: dict[int, list[Target]]
-    requests: dict[int, list[bytes]]
+    prepared: dict[int, list[PreparedRequest]]
     answers: dict[int, list[bytes]]
+
+    def requests(self, n: int) -> list[bytes]:
+        """The request envelopes of the fan-out to ``n`` cities (for naive and raw)."""
+        return [p.envelope for p in self.prepared[n]]
 
 
 @contextlib.contextmanager
@@ -219,15 +237,21 @@ def peers(ns: Sequence[int], procs: int) -> Iterator[Setup]:
     """Sign every answer, start the peer processes, yield the :class:`Setup`."""
     top = max(ns)
     keys = [city_key(i) for i in range(top)]
-    requests = {n: sealed_requests(n) for n in ns}
+    # Endpoints are not signed: placeholders now, the real ports once peers listen.
+    unplaced = {
+        n: prepared_requests(
+            [Target(city_name(i), "http://127.0.0.1:9", keys[i].public_key) for i in range(n)]
+        )
+        for n in ns
+    }
     answers = {
-        n: [signed_answer(i, keys[i], message_id(r)) for i, r in enumerate(reqs)]
-        for n, reqs in requests.items()
+        n: [signed_answer(i, keys[i], p.request_id) for i, p in enumerate(reqs)]
+        for n, reqs in unplaced.items()
     }
     by_city: list[dict[bytes, bytes]] = [{} for _ in range(top)]
     for n in ns:
-        for i, (req, ans) in enumerate(zip(requests[n], answers[n], strict=True)):
-            by_city[i][message_id(req)] = ans
+        for i, (req, ans) in enumerate(zip(unplaced[n], answers[n], strict=True)):
+            by_city[i][req.request_id] = ans
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hansa-bench-")))
         children: list[subprocess.Popen[bytes]] = []
@@ -256,7 +280,14 @@ def peers(ns: Sequence[int], procs: int) -> Iterator[Setup]:
             ]
             for n in ns
         }
-        yield Setup(targets, requests, answers)
+        prepared = {
+            n: [
+                dataclasses.replace(p, target=t)
+                for p, t in zip(unplaced[n], targets[n], strict=True)
+            ]
+            for n in ns
+        }
+        yield Setup(targets, prepared, answers)
 
 
 def _stop(child: subprocess.Popen[bytes]) -> None:
@@ -335,34 +366,69 @@ class RawHttp(asyncio.Protocol):
         return await self.waiter
 
 
-class Clients:
-    """The two clients, in one session mode."""
+def load_old(path: Path) -> ModuleType:
+    """Import another copy of ``federation/fanout.py`` as its own module (for an A/B)."""
+    spec = importlib.util.spec_from_file_location("hansa_bench_old_fanout", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self, setup: Setup, nonces: Nonces, warm: bool) -> None:
+
+Client = Callable[[int], Awaitable[None]]
+
+
+class Clients:
+    """The clients, in one session mode."""
+
+    def __init__(
+        self, setup: Setup, warm: bool, old: ModuleType | None, verify_threads: int | None
+    ) -> None:
         self.setup = setup
-        self.nonces = nonces
         self.warm = warm
-        self.hansa_session: aiohttp.ClientSession | None = None
-        self.naive_session: aiohttp.ClientSession | None = None
+        self.old = old
+        self.verify_threads = verify_threads
+        self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.raw_connections: dict[str, RawHttp] = {}
 
+    def all(self) -> dict[str, Client]:
+        """The clients by name, in table order."""
+        clients: dict[str, Client] = {"hansa": self.hansa, "prepared": self.prepared}
+        if self.old is not None:
+            clients["old"] = self.old_hansa
+        clients["naive"] = self.naive
+        clients["raw"] = self.raw
+        return clients
+
+    def session(self, name: str) -> aiohttp.ClientSession | None:
+        """The client's own warm session (``None`` when cold: it makes its own)."""
+        if not self.warm:
+            return None
+        if name not in self.sessions:
+            self.sessions[name] = new_session()
+        return self.sessions[name]
+
     async def __aenter__(self) -> Clients:
-        if self.warm:
-            self.hansa_session = new_session()
-            self.naive_session = new_session()
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        for session in (self.hansa_session, self.naive_session):
-            if session is not None:
-                await session.close()
+        for session in self.sessions.values():
+            await session.close()
         for connection in self.raw_connections.values():
             if connection.transport is not None:
                 connection.transport.close()
 
+    @staticmethod
+    def check(name: str, n: int, result: FanOutResult) -> None:
+        """Abort unless every city answered and the answers combined."""
+        if not result.quorum_met or result.combined is None:
+            bad = [c for c in result.cities if c.status is not CityStatus.ANSWERED]
+            raise SystemExit(f"{name} fan-out failed at N={n}: {bad[0].city}: {bad[0].detail}")
+
     async def hansa(self, n: int) -> None:
-        """One full fan-out with verification; checks every city answered."""
-        self.nonces.load(n)
+        """One full fan-out (sign, send, verify, combine); checks every city answered."""
         result = await fan_out(
             QUERY,
             POLICY,
@@ -371,18 +437,46 @@ class Clients:
             requester=REQUESTER,
             quorum=n,
             deadline_s=DEADLINE_S,
-            session=self.hansa_session,
+            session=self.session("hansa"),
             now_ms=lambda: ISSUED_AT,
+            nonce_source=Nonces(n),
+            verify_threads=self.verify_threads,
         )
+        self.check("hansa", n, result)
+
+    async def prepared(self, n: int) -> None:
+        """``send_prepared`` of requests signed before the clock started."""
+        result = await send_prepared(
+            self.setup.prepared[n],
+            deadline_s=DEADLINE_S,
+            session=self.session("prepared"),
+            verify_threads=self.verify_threads,
+        )
+        self.check("prepared", n, result)
+
+    async def old_hansa(self, n: int) -> None:
+        """The ``--old`` module's ``fan_out`` (its ``secrets`` swapped for known nonces)."""
+        assert self.old is not None
+        with mock.patch.object(self.old, "secrets", Nonces(n)):
+            result = await self.old.fan_out(
+                QUERY,
+                POLICY,
+                self.setup.targets[n],
+                signer=ANALYST,
+                requester=REQUESTER,
+                quorum=n,
+                deadline_s=DEADLINE_S,
+                session=self.session("old"),
+                now_ms=lambda: ISSUED_AT,
+            )
         if not result.quorum_met or result.combined is None:
-            bad = [c for c in result.cities if c.status is not CityStatus.ANSWERED]
-            raise SystemExit(f"hansa fan-out failed at N={n}: {bad[0].city}: {bad[0].detail}")
+            raise SystemExit(f"old fan-out failed at N={n}")
 
     async def naive(self, n: int) -> None:
         """Post the same bytes with ``asyncio.gather``; read the bodies; verify nothing."""
         posts = [
             (t.endpoint + QUERY_PATH, body)
-            for t, body in zip(self.setup.targets[n], self.setup.requests[n], strict=True)
+            for t, body in zip(self.setup.targets[n], self.setup.requests(n), strict=True)
         ]
         headers = {"Content-Type": ENVELOPE_MEDIA_TYPE}
 
@@ -393,8 +487,9 @@ class Clients:
         async def run(session: aiohttp.ClientSession) -> list[bytes]:
             return await asyncio.gather(*(one(session, url, body) for url, body in posts))
 
-        if self.naive_session is not None:
-            bodies = await run(self.naive_session)
+        warm = self.session("naive")
+        if warm is not None:
+            bodies = await run(warm)
         else:
             async with new_session() as session:
                 bodies = await run(session)
@@ -423,13 +518,13 @@ class Clients:
                     connection.transport.close()
 
         bodies = await asyncio.gather(
-            *(one(t, b) for t, b in zip(self.setup.targets[n], self.setup.requests[n], strict=True))
+            *(one(t, b) for t, b in zip(self.setup.targets[n], self.setup.requests(n), strict=True))
         )
         if bodies != self.setup.answers[n]:
             raise SystemExit(f"raw client got wrong bodies at N={n}")
 
 
-async def timed(fn: Callable[[int], Awaitable[None]], n: int) -> float:
+async def timed(fn: Client, n: int) -> float:
     """Return the wall seconds of ``await fn(n)``."""
     gc.collect()
     t0 = time.perf_counter()
@@ -439,63 +534,80 @@ async def timed(fn: Callable[[int], Awaitable[None]], n: int) -> float:
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the table (medians, in ms)."""
+    """One line of the table: median overhead in ms per client."""
 
     mode: str
     n: int
-    hansa_ms: float
-    naive_ms: float
-    raw_ms: float
+    ms: dict[str, float]
 
-    @property
-    def ratio(self) -> float:
-        """Hansa's overhead over the naive client's (= the per-peer ratio)."""
-        return self.hansa_ms / self.naive_ms if self.naive_ms > 0 else float("inf")
+    def ratio(self, name: str = "hansa") -> float:
+        """A client's overhead over the naive client's (= the per-peer ratio)."""
+        naive = self.ms["naive"]
+        return self.ms[name] / naive if naive > 0 else float("inf")
 
 
-async def measure(setup: Setup, ns: Sequence[int], modes: Sequence[str], repeats: int) -> list[Row]:
+async def measure(
+    setup: Setup,
+    ns: Sequence[int],
+    modes: Sequence[str],
+    repeats: int,
+    old: ModuleType | None,
+    verify_threads: int | None,
+) -> list[Row]:
     """Time the clients per mode and N, rotating which goes first."""
-    nonces = Nonces()
     rows = []
-    with mock.patch.object(fanout, "secrets", nonces):
-        for mode in modes:
-            async with Clients(setup, nonces, warm=mode == "warm") as clients:
-                for n in ns:
-                    order = [clients.hansa, clients.naive, clients.raw]
-                    times: list[list[float]] = [[], [], []]
-                    for fn in order:  # warm-up, checks, and (warm) opens the connections
-                        await fn(n)
-                    for r in range(repeats):
-                        for k in range(3):
-                            i = (k + r) % 3
-                            times[i].append(await timed(order[i], n))
-                    hansa, naive, raw = ((statistics.median(t) - DELAY_S) * 1000 for t in times)
-                    rows.append(Row(mode, n, hansa, naive, raw))
+    for mode in modes:
+        async with Clients(setup, mode == "warm", old, verify_threads) as clients:
+            named = clients.all()
+            order = list(named.values())
+            for n in ns:
+                times: list[list[float]] = [[] for _ in order]
+                for fn in order:  # warm-up, checks, and (warm) opens the connections
+                    await fn(n)
+                for r in range(repeats):
+                    for k in range(len(order)):
+                        i = (k + r) % len(order)
+                        times[i].append(await timed(order[i], n))
+                rows.append(
+                    Row(
+                        mode,
+                        n,
+                        {
+                            name: (statistics.median(t) - DELAY_S) * 1000
+                            for name, t in zip(named, times, strict=True)
+                        },
+                    )
+                )
     return rows
 
 
 def print_table(rows: Sequence[Row]) -> None:
     """Print the overhead table and the goal line."""
+    names = list(rows[0].ms)
     print(
         f"Fan-out overhead over the slowest peer ({DELAY_S * 1000:.0f} ms), median, ms and"
-        " us per peer; hansa verifies every reply, naive and raw verify nothing"
+        " us per peer; hansa, prepared and old verify every reply, naive and raw verify nothing"
     )
-    print(
-        f"  {'mode':<6}{'N':>5}{'hansa':>8}{'naive':>8}{'raw':>8}"
-        f"{'hansa/peer':>12}{'naive/peer':>12}{'raw/peer':>10}{'hansa/naive':>13}"
-    )
+    head = "".join(f"{name:>10}" for name in names)
+    per_peer = "".join(f"{name[:6] + '/pr':>10}" for name in names)
+    ratios = "".join(f"{name[:5] + '/nai':>10}" for name in names if name != "naive")
+    print(f"  {'mode':<6}{'N':>5}{head}{per_peer}{ratios}")
     for row in rows:
-        print(
-            f"  {row.mode:<6}{row.n:>5}{row.hansa_ms:>8.1f}{row.naive_ms:>8.1f}{row.raw_ms:>8.1f}"
-            f"{row.hansa_ms * 1000 / row.n:>12.0f}{row.naive_ms * 1000 / row.n:>12.0f}"
-            f"{row.raw_ms * 1000 / row.n:>10.0f}{row.ratio:>13.2f}"
-        )
+        ms = "".join(f"{row.ms[name]:>10.1f}" for name in names)
+        us = "".join(f"{row.ms[name] * 1000 / row.n:>10.0f}" for name in names)
+        rs = "".join(f"{row.ratio(name):>10.2f}" for name in names if name != "naive")
+        print(f"  {row.mode:<6}{row.n:>5}{ms}{us}{rs}")
     for row in rows:
         if row.n == GOAL_N:
-            verdict = "met" if row.ratio <= GOAL_RATIO else "NOT met"
+            verdict = "met" if row.ratio() <= GOAL_RATIO else "NOT met"
+            extra = ""
+            if "old" in row.ms:
+                extra = (
+                    f"; old {row.ratio('old'):.2f}, hansa/old {row.ms['hansa'] / row.ms['old']:.2f}"
+                )
             print(
                 f"  goal ({row.mode}): hansa per-peer overhead <= {GOAL_RATIO}x naive at"
-                f" N = {GOAL_N}: ratio {row.ratio:.2f}, {verdict}"
+                f" N = {GOAL_N}: ratio {row.ratio():.2f}, {verdict}{extra}"
             )
 
 
@@ -503,34 +615,31 @@ def coordinator_work(setup: Setup, n: int) -> None:
     """Print the CPU cost of the coordinator's own steps for ``n`` cities, inline."""
     targets = setup.targets[n]
     t0 = time.perf_counter()
-    sealed_requests(n)
+    prepared_requests(targets)
     seal_ms = (time.perf_counter() - t0) * 1000
-    ids = [message_id(r) for r in setup.requests[n]]
     t0 = time.perf_counter()
-    for target, rid, body in zip(targets, ids, setup.answers[n], strict=True):
+    for p, body in zip(setup.prepared[n], setup.answers[n], strict=True):
         verdict = verify_reply(
-            200, body, target=target, request_id=rid, requester=REQUESTER, query=QUERY
+            200, body, target=p.target, request_id=p.request_id, requester=REQUESTER, query=QUERY
         )
         assert verdict.status is CityStatus.ANSWERED, verdict.detail
     verify_ms = (time.perf_counter() - t0) * 1000
     print(
-        f"  N = {n}: on one thread, sealing the {n} requests takes {seal_ms:.1f} ms"
-        f" ({seal_ms * 1000 / n:.0f} us each), verify_reply of the {n} answers"
-        f" {verify_ms:.1f} ms ({verify_ms * 1000 / n:.0f} us each)"
+        f"  N = {n}: on one thread, preparing (building, sealing) the {n} requests takes"
+        f" {seal_ms:.1f} ms ({seal_ms * 1000 / n:.0f} us each), verify_reply of the {n}"
+        f" answers {verify_ms:.1f} ms ({verify_ms * 1000 / n:.0f} us each)"
     )
 
 
-async def profile(setup: Setup, n: int, mode: str) -> None:
+async def profile(setup: Setup, n: int, mode: str, verify_threads: int | None) -> None:
     """Print the top functions of one hansa fan-out to ``n`` cities (event-loop thread)."""
-    nonces = Nonces()
-    with mock.patch.object(fanout, "secrets", nonces):
-        async with Clients(setup, nonces, warm=mode == "warm") as clients:
+    async with Clients(setup, mode == "warm", None, verify_threads) as clients:
+        await clients.hansa(n)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(3):
             await clients.hansa(n)
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(3):
-                await clients.hansa(n)
-            prof.disable()
+        prof.disable()
     out = io.StringIO()
     stats = pstats.Stats(prof, stream=out)
     stats.sort_stats("tottime").print_stats(25)
@@ -564,23 +673,35 @@ def main() -> None:
     parser.add_argument(
         "--mode", nargs="+", choices=("cold", "warm"), default=["cold", "warm"], help="sessions"
     )
+    parser.add_argument(
+        "--old", type=Path, help="another fanout.py to time as 'old' in the same run (A/B)"
+    )
+    parser.add_argument(
+        "--verify-threads",
+        type=int,
+        default=None,
+        help="fan_out's verify_threads (default: one per core; 0: on the event loop)",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile hansa at the largest N")
     args = parser.parse_args()
     ns = sorted(set(args.n))
     if not ns or ns[0] < 1 or ns[-1] > MAX_TARGETS:
         parser.error(f"N must be between 1 and {MAX_TARGETS}")
+    old = load_old(args.old) if args.old is not None else None
     raise_fd_limit()
     started = time.perf_counter()
     with peers(ns, max(1, args.peer_procs)) as setup:
 
         async def go() -> None:
-            rows = await measure(setup, ns, args.mode, max(1, args.repeats))
+            rows = await measure(
+                setup, ns, args.mode, max(1, args.repeats), old, args.verify_threads
+            )
             print_table(rows)
             print("Coordinator CPU work, for scale (no network):")
             for n in ns:
                 coordinator_work(setup, n)
             if args.profile:
-                await profile(setup, ns[-1], args.mode[0])
+                await profile(setup, ns[-1], args.mode[0], args.verify_threads)
 
         run(go)
     print(f"  ({time.perf_counter() - started:.0f} s, {args.peer_procs} peer processes)")

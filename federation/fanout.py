@@ -46,13 +46,12 @@ import asyncio
 import concurrent.futures
 import enum
 import functools
-import itertools
 import logging
 import os
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final
@@ -442,36 +441,39 @@ def build_request(
         raise ProtocolError(str(exc), ErrorCode.INVALID_FIELD) from exc
 
 
-def _prepare_each(
-    query: Query,
-    policy: PolicyTags,
-    targets: Sequence[Target],
-    *,
-    signer: SigningKey,
-    requester: str,
-    quorum: int,
-    roster_version: int,
-    issued_at: int,
-    expires_at: int,
-    nonce_source: Callable[[int], bytes],
-) -> Iterator[PreparedRequest]:
-    """Build, seal and yield one request per target, lazily (the fan-out interleaves them)."""
-    cities = tuple(t.city for t in targets)
-    for target in targets:
-        request = build_request(
-            query,
-            policy,
-            requester=requester,
-            audience=target.city,
-            issued_at=issued_at,
-            expires_at=expires_at,
-            targets=cities,
-            quorum=quorum,
-            roster_version=roster_version,
-            nonce=nonce_source(16),
-        )
-        envelope = seal(request, signer)
-        yield PreparedRequest(target, request, envelope, message_id(envelope))
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """What every request of one fan-out shares; seals slices of it (pure, thread-safe)."""
+
+    query: Query
+    policy: PolicyTags
+    signer: SigningKey
+    requester: str
+    cities: tuple[str, ...]
+    quorum: int
+    roster_version: int
+    issued_at: int
+    expires_at: int
+
+    def prepare(self, targets: Sequence[Target], nonces: Sequence[bytes]) -> list[PreparedRequest]:
+        """Build and seal the requests to ``targets`` with their ``nonces``."""
+        out = []
+        for target, nonce in zip(targets, nonces, strict=True):
+            request = build_request(
+                self.query,
+                self.policy,
+                requester=self.requester,
+                audience=target.city,
+                issued_at=self.issued_at,
+                expires_at=self.expires_at,
+                targets=self.cities,
+                quorum=self.quorum,
+                roster_version=self.roster_version,
+                nonce=nonce,
+            )
+            envelope = seal(request, self.signer)
+            out.append(PreparedRequest(target, request, envelope, message_id(envelope)))
+        return out
 
 
 def prepare_requests(
@@ -516,20 +518,18 @@ def prepare_requests(
             a quorum outside ``1..len(targets)``, or expiry not after issue.
     """
     _check_targets(targets, quorum)
-    return list(
-        _prepare_each(
-            query,
-            policy,
-            targets,
-            signer=signer,
-            requester=requester,
-            quorum=quorum,
-            roster_version=roster_version,
-            issued_at=issued_at,
-            expires_at=expires_at,
-            nonce_source=nonce_source,
-        )
+    template = _Template(
+        query,
+        policy,
+        signer,
+        requester,
+        tuple(t.city for t in targets),
+        quorum,
+        roster_version,
+        issued_at,
+        expires_at,
     )
+    return template.prepare(targets, [nonce_source(16) for _ in targets])
 
 
 _HEADERS: Final = {"Content-Type": ENVELOPE_MEDIA_TYPE}
@@ -752,12 +752,12 @@ class _Coordinator:
                 verdict.answer,
             )
 
-    async def run(self, chunks: Iterable[Sequence[PreparedRequest]]) -> list[CityResult]:
+    async def run(self, chunks: AsyncIterator[Sequence[PreparedRequest]]) -> list[CityResult]:
         """Send every chunk as soon as it is prepared; collect results until the deadline."""
         loop = self.loop
         attempts: list[_Attempt] = []
         tasks: list[asyncio.Task[CityResult]] = []
-        for chunk in chunks:
+        async for chunk in chunks:
             started = loop.time()
             for prepared in chunk:
                 attempt = _Attempt(prepared, started)
@@ -805,13 +805,12 @@ def _check_run(deadline_s: float, max_attempts: int) -> None:
         raise ProtocolError("max_attempts must be >= 1", ErrorCode.INVALID_FIELD)
 
 
-def _chunks(items: Iterator[PreparedRequest], size: int) -> Iterator[list[PreparedRequest]]:
-    while chunk := list(itertools.islice(items, size)):
-        yield chunk
+_Source = Callable[[ThreadPoolExecutor | None], AsyncIterator[Sequence[PreparedRequest]]]
+"""Yields the requests to send, chunk by chunk; may sign them in the given pool."""
 
 
 async def _send(
-    chunks: Iterable[Sequence[PreparedRequest]],
+    source: _Source,
     *,
     count: int,
     query: Query,
@@ -845,7 +844,7 @@ async def _send(
             max_attempts=max_attempts,
             on_status=on_status,
         )
-        return await coordinator.run(chunks)
+        return await coordinator.run(source(executor))
     finally:
         if own_session:
             await session.close()
@@ -944,8 +943,12 @@ async def send_prepared(
             ErrorCode.INVALID_FIELD,
         )
     deadline = asyncio.get_running_loop().time() + deadline_s
+
+    async def source(_: ThreadPoolExecutor | None) -> AsyncIterator[Sequence[PreparedRequest]]:
+        yield prepared
+
     results = await _send(
-        (prepared,),
+        source,
         count=len(prepared),
         query=first.query,
         requester=first.requester,
@@ -1021,24 +1024,53 @@ async def fan_out(
     deadline = asyncio.get_running_loop().time() + deadline_s
     issued_at = now_ms()
     expires_at = issued_at + max(1, round(deadline_s * 1000))
-    each = _prepare_each(
+    template = _Template(
         query,
         policy,
-        targets,
-        signer=signer,
-        requester=requester,
-        quorum=quorum,
-        roster_version=roster_version,
-        issued_at=issued_at,
-        expires_at=expires_at,
-        nonce_source=nonce_source,
+        signer,
+        requester,
+        tuple(t.city for t in targets),
+        quorum,
+        roster_version,
+        issued_at,
+        expires_at,
     )
-    # The first request is built before anything is sent, so a request that
+    # Drawn here, in target order, whichever thread then signs.
+    nonces = [nonce_source(16) for _ in targets]
+    size = _PREPARE_CHUNK
+    # The first chunk is signed before anything is sent, so a request that
     # breaks a rule is refused with nothing on the wire (the rules checked on
     # construction are the same for every city).
-    first = next(each)
+    first = template.prepare(targets[:size], nonces[:size])
+
+    async def source(
+        executor: ThreadPoolExecutor | None,
+    ) -> AsyncIterator[Sequence[PreparedRequest]]:
+        yield first
+        slices = [
+            (targets[i : i + size], nonces[i : i + size]) for i in range(size, len(targets), size)
+        ]
+        if executor is None:
+            for chunk_targets, chunk_nonces in slices:
+                yield template.prepare(chunk_targets, chunk_nonces)
+            return
+        # In the pool, off the event loop: libsodium signs without the GIL
+        # while the loop writes the chunks already signed (all are queued at
+        # once; verification batches queue behind them).
+        loop = asyncio.get_running_loop()
+        pending = [
+            loop.run_in_executor(executor, template.prepare, chunk_targets, chunk_nonces)
+            for chunk_targets, chunk_nonces in slices
+        ]
+        try:
+            for future in pending:
+                yield await future
+        finally:
+            for future in pending:
+                future.cancel()
+
     results = await _send(
-        _chunks(itertools.chain((first,), each), _PREPARE_CHUNK),
+        source,
         count=len(targets),
         query=query,
         requester=requester,
