@@ -49,7 +49,6 @@ import argparse
 import asyncio
 import itertools
 import os
-import secrets
 import selectors
 import subprocess
 import sys
@@ -66,6 +65,7 @@ import aiohttp
 from aiohttp import web
 
 from hansa.crypto import SigningKey, seal
+from hansa.federation.fanout import build_request
 from hansa.node._cli_node import init_node
 from hansa.node.app import ENVELOPE_MEDIA_TYPE
 from hansa.node.config import NodeLimits, add_trusted_key, config_path, load_config, render_config
@@ -116,22 +116,18 @@ class Phase:
 
 
 def _request(analyst: SigningKey, now: int, query: Query = QUERY) -> QueryRequest:
-    return QueryRequest(
-        requester=ANALYST,
-        audience=CITY,
-        issued_at=now,
-        expires_at=now + 240_000,
-        nonce=secrets.token_bytes(16),
-        roster_version=0,
-        policy=PolicyTags(
+    return build_request(
+        query,
+        PolicyTags(
             purpose="research",
             legal_basis="benchmark",
             scope=ResultScope.ALLIANCE,
             analyst=ANALYST,
         ),
-        query=query,
-        targets=(CITY,),
-        quorum=1,
+        requester=ANALYST,
+        audience=CITY,
+        issued_at=now,
+        expires_at=now + 240_000,
     )
 
 

@@ -21,7 +21,6 @@ import concurrent.futures
 import contextlib
 import os
 import re
-import secrets
 import selectors
 import signal
 import subprocess
@@ -40,6 +39,7 @@ from aiohttp import web
 
 from hansa.crypto import PublicKey, SigningKey, open_envelope, seal
 from hansa.crypto.keyfile import read_public_key
+from hansa.federation.fanout import build_request
 from hansa.node._cli_node import init_node
 from hansa.node.app import ENVELOPE_MEDIA_TYPE, NODE, NodeState, create_app
 from hansa.node.config import NodeConfig, add_trusted_key, load_config
@@ -120,24 +120,26 @@ class Analyst:
         requester: str | None = None,
         purpose: str = PURPOSE,
     ) -> QueryRequest:
-        """Build a fresh request addressed to ``city`` (valid for ``validity_ms``)."""
+        """Build a fresh request addressed to ``city`` (valid for ``validity_ms``).
+
+        Built by :func:`hansa.federation.fanout.build_request`, as the fan-out
+        builds its requests.
+        """
         issued = now_ms() if issued_at is None else issued_at
-        return QueryRequest(
-            requester=self.principal if requester is None else requester,
-            audience=city,
-            issued_at=issued,
-            expires_at=issued + validity_ms,
-            nonce=secrets.token_bytes(16) if nonce is None else nonce,
-            roster_version=0,
-            policy=PolicyTags(
+        return build_request(
+            query,
+            PolicyTags(
                 purpose=purpose,
                 legal_basis="test suite",
                 scope=ResultScope.ALLIANCE,
                 analyst=self.principal,
             ),
-            query=query,
-            targets=tuple(targets) if targets is not None else (city,),
-            quorum=1,
+            requester=self.principal if requester is None else requester,
+            audience=city,
+            issued_at=issued,
+            expires_at=issued + validity_ms,
+            targets=targets,
+            nonce=nonce,
         )
 
     def seal(self, request: QueryRequest) -> bytes:
