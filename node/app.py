@@ -617,9 +617,10 @@ class NodeState:
                 self._take_up(installed)
             return self._roster_ok(installed, "installed")
         except HansaError as exc:
-            if not exc.code.on_wire:
+            if exc.code.on_wire:
+                log.warning("roster update refused: %s", exc.message)
+            else:  # local (e.g. the disk): _unsigned reports INTERNAL, details stay here
                 log.error("roster update failed: %s", exc.message)
-            log.warning("roster update refused: %s", exc.message)
             status = 413 if exc.code is ErrorCode.TOO_LARGE else 400
             return self._unsigned(exc.code, exc.message, status)
         except Exception:
