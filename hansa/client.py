@@ -770,7 +770,10 @@ class QueryResult:
                 ys = [math.nan if v is None else v for v in series[city][: len(labels)]]
                 ax.bar(xs, ys, width=width, label=city)
             ax.set_xticks(range(len(labels)))
-            ax.set_xticklabels(labels, rotation=30 if len(labels) > 4 else 0, ha="right")
+            tilted = len(labels) > 4
+            ax.set_xticklabels(
+                labels, rotation=30 if tilted else 0, ha="right" if tilted else "center"
+            )
             group = self.query.group_by[0] if self.query.group_by else None
             ax.set_xlabel(format_group_key(group) if group is not None else "")
             ax.set_ylabel(format_aggregate(self.query.aggregates[0]))

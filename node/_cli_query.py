@@ -254,8 +254,9 @@ class _LiveStatus:
     def table(self) -> Table:
         done = sum(r is not None for r in self.results.values())
         table = Table(title=f"asking {len(self.results)} cities: {done} done")
-        for column in ("city", "status", "latency", "detail"):
+        for column in ("city", "status", "latency"):
             table.add_column(column)
+        table.add_column("detail", no_wrap=True, overflow="ellipsis", max_width=60)
         for city, result in self.results.items():
             if result is None:
                 table.add_row(escape(city), "[dim]waiting…[/dim]", "", "")
@@ -294,8 +295,9 @@ def _print_tables(console: Console, result: QueryResult) -> None:
             combined.add_row(*(escape(_cell(v)) for v in record.values()))
         console.print(combined)
     cities = Table(title="cities")
-    for column in ("city", "status", "code", "latency", "cells", "suppressed", "detail"):
+    for column in ("city", "status", "code", "latency", "cells", "suppressed"):
         cities.add_column(column)
+    cities.add_column("detail", no_wrap=True, overflow="ellipsis", max_width=60)
     for line in result.city_summary():
         status = CityStatus(str(line["status"]))
         style = _STATUS_STYLE.get(status, "")
