@@ -462,32 +462,36 @@ def decode_entry(leaf: bytes) -> AuditEntry:
         raise ProtocolError("audit leaf is truncated (incomplete data)")
     if len(leaf) > end:
         raise ProtocolError("audit leaf has trailing bytes")
-    body = body_layout.unpack_from(leaf, _HEADER.size)
     data = leaf[data_at + _DATA_LEN.size :]
     try:
-        return _build(kind, log_time_ms, body, data)
+        return _build(kind, log_time_ms, leaf, data)
     except ValueError as exc:  # an enum byte with no member
         raise _field_error(f"audit leaf has an invalid field: {exc}") from exc
 
 
-def _build(kind: EntryType, t: int, body: tuple[object, ...], data: bytes) -> AuditEntry:
-    """Build the entry from unpacked fields (types are fixed by the struct layouts)."""
-    b: tuple[bytes, ...] = tuple(x for x in body if isinstance(x, bytes))
-    n: tuple[int, ...] = tuple(x for x in body if isinstance(x, int))
+def _build(kind: EntryType, t: int, leaf: bytes, data: bytes) -> AuditEntry:
+    """Build the entry of type ``kind`` from its body (at offset 24) and data."""
+    at = _HEADER.size
     if kind is EntryType.REQUEST_RECEIVED:
         _no_data(data, kind)
-        return RequestReceived(t, b[0], b[1])
+        mid, requester = _REQUEST.unpack_from(leaf, at)
+        return RequestReceived(t, mid, requester)
     if kind is EntryType.DECISION:
-        return Decision(t, b[0], Outcome(n[0]), n[1], n[2], _text(data, "data version"))
+        mid, outcome, reason, disclosure = _DECISION.unpack_from(leaf, at)
+        return Decision(t, mid, Outcome(outcome), reason, disclosure, _text(data, "data version"))
     if kind is EntryType.ANSWER_SENT:
         _no_data(data, kind)
-        return AnswerSent(t, b[0], b[1])
+        request_id, answer_id = _ANSWER.unpack_from(leaf, at)
+        return AnswerSent(t, request_id, answer_id)
     if kind is EntryType.ROSTER_INSTALLED:
         _no_data(data, kind)
-        return RosterInstalled(t, b[0], n[0])
+        digest, version = _ROSTER.unpack_from(leaf, at)
+        return RosterInstalled(t, digest, version)
     if kind is EntryType.KEY_ROTATED:
-        return KeyRotated(t, b[0], b[1], _text(data, "key role"))
-    return SettingsChanged(t, SettingsScope(n[0]), b[0], n[1], _text(data, "subject"))
+        old, new = _KEY.unpack_from(leaf, at)
+        return KeyRotated(t, old, new, _text(data, "key role"))
+    scope, digest, version = _SETTINGS.unpack_from(leaf, at)
+    return SettingsChanged(t, SettingsScope(scope), digest, version, _text(data, "subject"))
 
 
 # --------------------------------------------------------------------------------------
@@ -579,6 +583,7 @@ class _Job:
 
     entries: Sequence[AuditEntry]
     leaves: list[bytes]
+    hashes: list[bytes]
     envelopes: list[tuple[bytes, bytes]]
     indices: list[int] = field(default_factory=list)
     error: str | None = None
@@ -617,6 +622,8 @@ class AuditLog:
         durable: whether commits are fsynced (``synchronous=FULL``); False only for
             benchmarks and tests.
         repaired: how many undecodable or out-of-order tail rows the last open removed.
+        commits: append transactions committed since open (appends / commits is the
+            mean group-commit batch).
     """
 
     def __init__(
@@ -634,6 +641,7 @@ class AuditLog:
         self.origin = origin
         self.durable = durable
         self.repaired = 0
+        self.commits = 0
         self._conn = conn
         self._reader = reader
         self._max_batch = max_batch
@@ -679,8 +687,11 @@ class AuditLog:
             AuditLogError: the file cannot be opened, is not an audit store, or belongs
                 to another origin.
             NoteError: ``origin`` is not a valid checkpoint origin.
+            ConfigError: ``max_batch`` is below 1.
         """
         Checkpoint(origin, 0, bytes(HASH_SIZE))  # validates the origin early
+        if max_batch < 1:
+            raise ConfigError("max_batch must be at least 1")
         path = Path(path)
         try:
             conn = _connect(path, durable)
@@ -838,13 +849,16 @@ class AuditLog:
         envs = [(message_id(bytes(b)), bytes(b)) for b in envelopes]
         if not leaves and not envs:
             return []
-        job = _Job(list(entries), leaves, envs)
+        # Hashing happens here, in the caller's thread, not under the write lock.
+        job = _Job(list(entries), leaves, [leaf_hash(b) for b in leaves], envs)
         with self._queue_lock:
             if self._closed:
                 raise AuditLogError("the audit log is closed")
             self._queue.append(job)
         with self._write_lock:
-            if not job.done:
+            # Whoever holds the lock commits the queue head; a job beyond ``max_batch``
+            # waits for a later round, possibly run by its own caller.
+            while not job.done:
                 self._commit_queued()
         if job.error is not None:
             raise AuditLogError(job.error)
@@ -870,6 +884,7 @@ class AuditLog:
             self._conn.executemany("INSERT INTO leaves VALUES (?, ?)", rows)
             self._conn.executemany("INSERT OR IGNORE INTO envelopes VALUES (?, ?)", envs)
             self._conn.execute("COMMIT")
+            self.commits += 1
         except sqlite3.Error as exc:
             # The outcome of a failed commit is unknown until the next open: fail closed.
             self._broken = f"audit log write failed: {exc}"
@@ -882,8 +897,8 @@ class AuditLog:
             return
         with self._state_lock:
             for job in batch:
-                for index, leaf, entry in zip(job.indices, job.leaves, job.entries, strict=True):
-                    self._tree.append_leaf_hash(leaf_hash(leaf))
+                for index, h, entry in zip(job.indices, job.hashes, job.entries, strict=True):
+                    self._tree.append_leaf_hash(h)
                     key = _indexed_id(entry)
                     if key is not None:
                         self._by_id.setdefault(key, index)
@@ -912,6 +927,9 @@ class AuditLog:
             ConfigError: the signer's name is not the origin.
             AuditLogError: the store is closed or the write failed.
         """
+        return self._checkpoint(signer).note
+
+    def _checkpoint(self, signer: NoteSigner) -> StoredCheckpoint:
         if signer.name != self.origin:
             raise ConfigError(f"log key {signer.name!r} does not match origin {self.origin!r}")
         with self._write_lock:
@@ -928,9 +946,10 @@ class AuditLog:
             except sqlite3.Error as exc:
                 self._broken = f"audit checkpoint write failed: {exc}"
                 raise AuditLogError(self._broken) from exc
+            stored = StoredCheckpoint(size, root, note)
             with self._state_lock:
-                self._checkpoints[size] = StoredCheckpoint(size, root, note)
-        return note
+                self._checkpoints[size] = stored
+        return stored
 
     def checkpoint_if_due(
         self, signer: NoteSigner, policy: CheckpointPolicy, now: float
@@ -952,9 +971,9 @@ class AuditLog:
         size = self.size
         if not policy.due(now, size):
             return None
-        note = self.checkpoint(signer)
-        policy.record(now, Checkpoint.from_text(Note.from_bytes(note).text).size)
-        return note
+        stored = self._checkpoint(signer)
+        policy.record(now, stored.size)
+        return stored.note
 
     def _check_usable(self) -> None:
         with self._queue_lock:

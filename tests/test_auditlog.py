@@ -37,6 +37,7 @@ from hansa.node.auditlog import (
     RosterInstalled,
     SettingsChanged,
     SettingsScope,
+    _Job,
     decode_entry,
     encode_entry,
 )
@@ -256,6 +257,64 @@ def test_group_commit_gives_contiguous_unique_indices(tmp_path: Path) -> None:
             for index, entry in items:
                 assert log.entry(index) == entry
                 assert log.leaf_hash_at(index) == leaf_hash(encode_entry(entry))
+
+
+def test_jobs_beyond_max_batch_are_still_committed(tmp_path: Path) -> None:
+    threads, per_thread = 4, 20
+    results: list[int] = []
+    lock = threading.Lock()
+    with AuditLog.open(tmp_path / "a.db", ORIGIN, durable=False, max_batch=1) as log:
+
+        def worker(t: int) -> None:
+            for i in range(per_thread):
+                index = log.append(_request(t * 1000 + i)[0])
+                with lock:
+                    results.append(index)
+
+        pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join(timeout=60)
+        assert sorted(results) == list(range(threads * per_thread))
+        assert log.commits == threads * per_thread  # max_batch=1: one job per commit
+
+
+def test_committer_loops_until_its_own_job_is_done(tmp_path: Path) -> None:
+    with AuditLog.open(tmp_path / "a.db", ORIGIN, max_batch=1) as log:
+        # White-box: another caller's job is already at the head of the queue, and a
+        # round commits one job, so the caller must run a second round for its own.
+        first = _request(0)[0]
+        leaf = encode_entry(first)
+        other = _Job([first], [leaf], [leaf_hash(leaf)], [])
+        log._queue.append(other)
+        assert log.append(_request(1)[0]) == 1
+        assert other.done and other.indices == [0] and other.error is None
+        assert log.entry(0) == first and log.commits == 2
+
+
+def test_queued_callers_share_one_commit(tmp_path: Path) -> None:
+    threads = 6
+    with AuditLog.open(tmp_path / "a.db", ORIGIN) as log:
+        results: list[int] = []
+        # Hold the committer's lock (white-box) so every caller queues, then release it:
+        # the first caller to get the lock must commit all of them in one transaction.
+        log._write_lock.acquire()
+        pool = [
+            threading.Thread(target=lambda t=t: results.append(log.append(_request(t)[0])))
+            for t in range(threads)
+        ]
+        for th in pool:
+            th.start()
+        for _ in range(2000):
+            if len(log._queue) == threads:
+                break
+            threading.Event().wait(0.005)
+        log._write_lock.release()
+        for th in pool:
+            th.join(timeout=60)
+        assert sorted(results) == list(range(threads))
+        assert log.commits == 1
 
 
 # ------------------------------------------------------------------ checkpoints and proofs
