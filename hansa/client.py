@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
 import itertools
 import json
@@ -551,11 +552,15 @@ class QueryResult:
     Attributes:
         fanout: the fan-out's full result (requests, signed replies, statuses).
         signed_roster: the roster the targets came from (kept for the bundle).
+        roster: that roster, verified.
+        requester: the analyst principal the query was signed for.
         per_city: each answering city's own finalized rows, by city id.
     """
 
     fanout: FanOutResult
     signed_roster: SignedRoster
+    roster: Roster
+    requester: str
     per_city: Mapping[str, CombinedResult] = field(default_factory=dict)
 
     @property
@@ -671,6 +676,10 @@ class QueryResult:
         """Return everything as JSON-ready data: query, quorum, rows, cities, per-city rows."""
         query = self.query
         return {
+            "alliance": self.roster.alliance,
+            "roster_version": self.roster.version,
+            "roster_digest": roster_digest(self.signed_roster).hex(),
+            "requester": self.requester,
             "dataset": query.dataset,
             "aggregates": [format_aggregate(a) for a in query.aggregates],
             "group_by": [format_group_key(k) for k in query.group_by],
@@ -975,11 +984,12 @@ class Alliance:
         """The member cities that answer queries (role ``member``), in roster order."""
         return tuple(m.city for m in self.roster.members if Role.MEMBER in m.roles)
 
-    def targets(self, cities: Iterable[str] | None = None) -> list[Target]:
+    def targets(self, cities: Iterable[str] | str | None = None) -> list[Target]:
         """Return fan-out targets (endpoint and node key) from the roster.
 
         Args:
-            cities: the cities to ask; ``None``: every member with the member role.
+            cities: the cities to ask (a string: comma-separated city ids);
+                ``None``: every member with the member role.
 
         Returns:
             One target per city, in the order given.
@@ -987,6 +997,8 @@ class Alliance:
         Raises:
             ConfigError: a city is not a member, lacks the member role, or repeats.
         """
+        if isinstance(cities, str):
+            cities = [c.strip() for c in cities.split(",") if c.strip()]
         chosen = list(self.cities if cities is None else cities)
         if not chosen:
             raise ConfigError("no target cities: the roster has no answering member")
@@ -1014,7 +1026,7 @@ class Alliance:
         filters: Sequence[Filter | str] | Filter | str = (),
         legal_basis: str = DEFAULT_LEGAL_BASIS,
         scope: ResultScope | str = ResultScope.ALLIANCE,
-        cities: Iterable[str] | None = None,
+        cities: Iterable[str] | str | None = None,
         quorum: int | None = None,
         deadline_s: float = DEFAULT_DEADLINE_S,
         max_groups: int = 1000,
@@ -1031,7 +1043,8 @@ class Alliance:
             filters: filters or specs (``"price>=100"``).
             legal_basis: the legal basis signed into the policy tags.
             scope: who may see the result, ``alliance`` or ``public``.
-            cities: the cities to ask (``None``: every answering member).
+            cities: the cities to ask, or a comma-separated string (``None``:
+                every answering member).
             quorum: how many must answer (``None``: all targets).
             deadline_s: the whole fan-out's time budget, in seconds.
             max_groups: most groups a city may return.
@@ -1083,30 +1096,54 @@ class Alliance:
         per_city = {
             answer.responder: combine_answers(query, (answer,)) for answer in result.answers
         }
-        return QueryResult(result, self.signed_roster, per_city)
+        return QueryResult(result, self.signed_roster, self.roster, self.principal, per_city)
 
     def query_sync(
         self,
         dataset: str,
         aggregates: Sequence[Aggregate | str] | Aggregate | str,
-        **kwargs: object,
+        *,
+        purpose: str,
+        group_by: Sequence[GroupKey | str] | GroupKey | str = (),
+        filters: Sequence[Filter | str] | Filter | str = (),
+        legal_basis: str = DEFAULT_LEGAL_BASIS,
+        scope: ResultScope | str = ResultScope.ALLIANCE,
+        cities: Iterable[str] | str | None = None,
+        quorum: int | None = None,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        max_groups: int = 1000,
+        on_status: Callable[[CityResult], None] | None = None,
     ) -> QueryResult:
-        """Run :meth:`query` to completion from synchronous code.
+        """Run :meth:`query` to completion from synchronous code (same arguments).
 
         Inside a running event loop (a Jupyter cell) the query runs on a
-        helper thread with its own loop, since a loop cannot be re-entered.
-
-        Args:
-            dataset: as :meth:`query`.
-            aggregates: as :meth:`query`.
-            **kwargs: the keyword arguments of :meth:`query`.
+        helper thread with its own loop, since a loop cannot be re-entered;
+        ``on_status`` is then called on that thread.
 
         Returns:
             The :class:`QueryResult`.
+
+        Raises:
+            HansaError: as :meth:`query`.
         """
+        coroutine = functools.partial(
+            self.query,
+            dataset,
+            aggregates,
+            purpose=purpose,
+            group_by=group_by,
+            filters=filters,
+            legal_basis=legal_basis,
+            scope=scope,
+            cities=cities,
+            quorum=quorum,
+            deadline_s=deadline_s,
+            max_groups=max_groups,
+            on_status=on_status,
+        )
 
         def run() -> QueryResult:
-            return asyncio.run(self.query(dataset, aggregates, **kwargs))  # type: ignore[arg-type]
+            return asyncio.run(coroutine())
 
         try:
             asyncio.get_running_loop()

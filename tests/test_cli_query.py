@@ -14,12 +14,16 @@ from pathlib import Path
 
 import pytest
 from nodeutil import PURPOSE
+from rich.console import Console
 from test_client import ANSWERING, GONE, Fixture, central_counts, running_alliance
 
+from hansa.crypto.keyfile import MIN_MEMLIMIT, MIN_OPSLIMIT, write_key_file
 from hansa.federation.evidence import read_bundle
+from hansa.federation.fanout import CityResult, CityStatus
 from hansa.federation.roster import roster_digest
-from hansa.node._cli_query import EXIT_QUORUM_NOT_MET
+from hansa.node._cli_query import EXIT_QUORUM_NOT_MET, _LiveStatus
 from hansa.node.cli import EXIT_ERROR, build_parser, main
+from hansa.protocol.errors import ErrorCode
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +284,58 @@ def test_every_flag_is_documented() -> None:
     }
     assert expected <= {s for a in flags for s in a.option_strings}
     assert all(a.help for a in flags)
+
+
+def test_sealed_key_file_reads_its_passphrase_from_the_environment(
+    files: Fixture,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sealed = tmp_path / "sealed.key"
+    write_key_file(
+        sealed,
+        files.analyst.key,
+        passphrase=b"open sesame",
+        opslimit=MIN_OPSLIMIT,
+        memlimit=MIN_MEMLIMIT,
+    )
+    argv = base(files, *ANSWERING_ONLY, "--agg", "count", "--json")
+    argv[argv.index(str(files.key_file))] = str(sealed)
+    _, err = run(capsys, argv, EXIT_ERROR)
+    assert "encrypted" in err and err.count("\n") == 1
+    monkeypatch.setenv("HANSA_TEST_PASSPHRASE", "open sesame")
+    out, _ = run(capsys, [*argv, "--passphrase-env", "HANSA_TEST_PASSPHRASE"])
+    data = json.loads(out)
+    assert data["quorum_met"] is True and data["requester"] == "ana@amsterdam"
+    assert data["roster_version"] == 1 and data["alliance"] == "hanse"
+    assert data["roster_digest"] == roster_digest(files.signed_roster).hex()
+    monkeypatch.setenv("HANSA_TEST_PASSPHRASE", "wrong")
+    _, err = run(capsys, [*argv, "--passphrase-env", "HANSA_TEST_PASSPHRASE"], EXIT_ERROR)
+    assert "KEY_FILE" in err
+
+
+def test_live_status_table_shows_each_city_as_it_arrives() -> None:
+    live = _LiveStatus(["amsterdam", "berlin"])
+
+    def render() -> str:
+        console = Console(record=True, width=120)
+        console.print(live.table())
+        return console.export_text()
+
+    first = render()
+    assert "0 done" in first and first.count("waiting") == 2
+    live.update(
+        CityResult(
+            city="berlin",
+            status=CityStatus.REFUSED,
+            code=ErrorCode.PURPOSE_NOT_ALLOWED,
+            reply=None,
+            request=b"x",
+            latency_ms=12.0,
+            detail="PURPOSE_NOT_ALLOWED: no",
+        )
+    )
+    second = render()
+    assert "1 done" in second and second.count("waiting") == 1
+    assert "refused" in second and "12 ms" in second

@@ -560,3 +560,10 @@ def test_any_text_parses_or_fails_cleanly(text: str) -> None:
 def test_tricky_values_round_trip(flt: Filter) -> None:
     back = parse_filter(format_filter(flt))
     assert back == flt and typed(back.values) == typed(flt.values)
+
+
+def test_cities_may_be_one_comma_separated_string(alliance: Alliance) -> None:
+    assert [t.city for t in alliance.targets("berlin, amsterdam")] == ["berlin", "amsterdam"]
+    result = alliance.query_sync("listings", "count", purpose=PURPOSE, cities="berlin")
+    assert result.fanout.targets == ("berlin",) and result.quorum_met
+    assert result.to_dict()["requester"] == ANALYST
