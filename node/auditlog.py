@@ -73,7 +73,9 @@ checkpoint, or a checkpoint whose root differs from the recomputed tree, raises
 from __future__ import annotations
 
 import enum
+import fcntl
 import logging
+import os
 import sqlite3
 import struct
 import threading
@@ -655,6 +657,7 @@ class AuditLog:
         self._read_lock = threading.Lock()  # owns _reader
         self._closed = False
         self._broken: str | None = None
+        self._lock_fd = -1  # the open file holding the single-writer lock
 
     # ---------------------------------------------------------------- opening
 
@@ -684,8 +687,8 @@ class AuditLog:
         Raises:
             InconsistentLogError: a stored checkpoint does not match the recomputed tree,
                 or damaged leaves are covered by a checkpoint.
-            AuditLogError: the file cannot be opened, is not an audit store, or belongs
-                to another origin.
+            AuditLogError: the file cannot be opened, is already open (by any process),
+                is not an audit store, or belongs to another origin.
             NoteError: ``origin`` is not a valid checkpoint origin.
             ConfigError: ``max_batch`` is below 1.
         """
@@ -693,17 +696,19 @@ class AuditLog:
         if max_batch < 1:
             raise ConfigError("max_batch must be at least 1")
         path = Path(path)
+        lock_fd = _lock(path)
         try:
             conn = _connect(path, durable)
             reader = _connect(path, durable)
         except sqlite3.Error as exc:
+            os.close(lock_fd)
             raise AuditLogError(f"cannot open audit log {path}: {exc}") from exc
         log = cls(path, origin, conn, reader, durable=durable, max_batch=max_batch)
+        log._lock_fd = lock_fd
         try:
             log._load(verifier)
         except BaseException:
-            conn.close()
-            reader.close()
+            log.close()
             raise
         return log
 
@@ -799,6 +804,9 @@ class AuditLog:
         with self._write_lock, self._read_lock:
             self._conn.close()
             self._reader.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = -1
 
     def __enter__(self) -> Self:
         return self
@@ -1128,6 +1136,23 @@ class AuditLog:
             except sqlite3.Error as exc:
                 raise AuditLogError(f"cannot read audit envelopes: {exc}") from exc
         return None if row is None else bytes(row[0])
+
+
+def _lock(path: Path) -> int:
+    """Take the single-writer lock ``<path>.lock`` (two writers would fork the log)."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise AuditLogError(f"cannot open the audit log lock {lock_path}: {exc}") from exc
+    try:
+        # flock locks belong to the open file: a second open, even in this process,
+        # fails, and the kernel drops the lock when a killed process's files close.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise AuditLogError(f"audit log {path} is already open elsewhere") from exc
+    return fd
 
 
 def _connect(path: Path, durable: bool) -> sqlite3.Connection:

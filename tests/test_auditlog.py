@@ -226,6 +226,13 @@ def test_wrong_origin_or_foreign_file_is_refused(tmp_path: Path) -> None:
         AuditLog.open(junk, ORIGIN)
 
 
+def test_only_one_writer_at_a_time(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    with AuditLog.open(db, ORIGIN), pytest.raises(AuditLogError, match="already open"):
+        AuditLog.open(db, ORIGIN)
+    AuditLog.open(db, ORIGIN).close()  # released on close
+
+
 def test_closed_log_refuses_appends(tmp_path: Path) -> None:
     log = AuditLog.open(tmp_path / "a.db", ORIGIN)
     log.close()
