@@ -661,14 +661,10 @@ class NodeState:
     def _take_up(self, trusted: TrustedRoster) -> None:
         """Make ``trusted`` the roster for every request from now on."""
         self.trust = Trust.from_roster(trusted)
-        roster = trusted.roster
-        log.info("alliance %r roster version %d in effect", roster.alliance, roster.version)
-        if roster.member(self.config.city) is None:
-            log.warning(
-                "city %r is not a member of roster version %d: every query will be refused",
-                self.config.city,
-                roster.version,
-            )
+        log.info(
+            "alliance %r roster version %d in effect", trusted.roster.alliance, trusted.version
+        )
+        _warn_membership(trusted, self.config.city, self.signing_key)
 
     async def reload_roster(self) -> bool:
         """Re-read the roster files (SIGHUP) and take up a newer verified roster.
@@ -786,6 +782,24 @@ class NodeState:
         return engine
 
 
+def _warn_membership(trusted: TrustedRoster, city: str, signing_key: SigningKey) -> None:
+    """Log what would make every query fail or every answer unverifiable."""
+    member = trusted.roster.member(city)
+    if member is None:
+        log.warning(
+            "city %r is not a member of roster version %d: every query will be refused",
+            city,
+            trusted.version,
+        )
+    elif member.public_key != signing_key.public_key.raw:
+        log.warning(
+            "roster version %d names another node key for %r: clients will reject this "
+            "node's signed replies",
+            trusted.version,
+            city,
+        )
+
+
 NODE: Final = web.AppKey("hansa_node", NodeState)
 """Application key of the :class:`NodeState`."""
 
@@ -881,8 +895,8 @@ def create_app(
     if signing_key is None:
         signing_key = read_key_file(config.key_file, passphrase=config.passphrase())
     roster = load_roster_store(config.data_dir, config.alliance)
-    if roster is not None and roster.roster.member(config.city) is None:
-        log.warning("city %r is not a member of the trusted roster", config.city)
+    if roster is not None:
+        _warn_membership(roster, config.city, signing_key)
     state = NodeState(config, signing_key, clock_ms, roster)
     app = web.Application(client_max_size=config.limits.max_request_bytes)
     app[NODE] = state

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ from hansa.federation.roster import (
 )
 from hansa.node import cli
 from hansa.node._cli_node import init_node, install_roster_file
-from hansa.node.app import ENVELOPE_MEDIA_TYPE, ERROR_MEDIA_TYPE, ROSTER_MEDIA_TYPE
+from hansa.node.app import ENVELOPE_MEDIA_TYPE, ERROR_MEDIA_TYPE, ROSTER_MEDIA_TYPE, create_app
 from hansa.node.config import (
     NodeConfig,
     add_trusted_key,
@@ -492,7 +493,9 @@ def test_cli_init_with_roster_and_roster_install(
     assert cli.main(argv) != 0
 
 
-def test_cli_init_with_a_pinned_roster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_init_with_a_pinned_roster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     # Membership is by city id: a second directory for the same city may pin the
     # roster built around the first one's key (spec §15.1 membership).
     first = tmp_path / "first"
@@ -524,3 +527,7 @@ def test_cli_init_with_a_pinned_roster(tmp_path: Path, capsys: pytest.CaptureFix
     assert stored is not None and stored.data == v1
     assert cli.main(["node", "show", "--data-dir", str(second)]) == 0
     assert "ignored" in capsys.readouterr().out
+    # ... but its operator is warned that its replies will not verify.
+    with caplog.at_level(logging.WARNING, logger="hansa.node"):
+        create_app(config)
+    assert "another node key" in caplog.text
