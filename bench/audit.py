@@ -29,7 +29,7 @@ from hansa.protocol.envelope import message_id
 ORIGIN = "bench.example/audit"
 
 
-def append_rate(db: Path, *, durable: bool, threads: int, seconds: float) -> float:
+def append_rate(db: Path, *, durable: bool, threads: int, seconds: float) -> tuple[float, float]:
     """Append from ``threads`` threads for ``seconds`` and return entries per second.
 
     Each append stores a ~300-byte envelope beside its request leaf, as the node will.
@@ -41,7 +41,7 @@ def append_rate(db: Path, *, durable: bool, threads: int, seconds: float) -> flo
         seconds: how long to run.
 
     Returns:
-        Durable (acknowledged) appends per second.
+        Acknowledged appends per second, and the mean entries per commit.
     """
     counts = [0] * threads
     stop = threading.Event()
@@ -69,7 +69,8 @@ def append_rate(db: Path, *, durable: bool, threads: int, seconds: float) -> flo
             th.join()
         elapsed = time.perf_counter() - began
         assert log.size == sum(counts)
-    return sum(counts) / elapsed
+        batch = log.size / max(log.commits, 1)
+    return sum(counts) / elapsed, batch
 
 
 def main() -> None:
@@ -82,6 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"hansa bench/audit.py — pid {os.getpid()}, {os.cpu_count()} cpus\n")
     rates: dict[str, list[float]] = {"durable": [], "non-durable": [], "durable-1": []}
+    batches: dict[str, list[float]] = {k: [] for k in rates}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         n = 0
         for _ in range(args.repeats):
@@ -92,15 +94,22 @@ def main() -> None:
             ):
                 n += 1
                 db = Path(tmp) / f"{n}.db"
-                rates[name].append(
-                    append_rate(db, durable=durable, threads=threads, seconds=args.seconds)
+                rate, batch = append_rate(
+                    db, durable=durable, threads=threads, seconds=args.seconds
                 )
+                rates[name].append(rate)
+                batches[name].append(batch)
     med = {k: statistics.median(v) for k, v in rates.items()}
+    bat = {k: statistics.median(v) for k, v in batches.items()}
     print(f"append, {args.threads} threads, median of {args.repeats} x {args.seconds:.1f} s:")
-    print(f"  non-durable (synchronous=OFF)        {med['non-durable']:>10,.0f} entries/s")
+    print(
+        f"  non-durable (synchronous=OFF)        {med['non-durable']:>10,.0f} entries/s"
+        f"   {bat['non-durable']:.1f} per commit"
+    )
     print(
         f"  durable (WAL, synchronous=FULL)      {med['durable']:>10,.0f} entries/s"
-        f"   ratio {med['durable'] / med['non-durable']:.2f}x of non-durable"
+        f"   ratio {med['durable'] / med['non-durable']:.2f}x of non-durable,"
+        f" {bat['durable']:.1f} per commit"
     )
     print(
         f"  durable, 1 thread (no batching)      {med['durable-1']:>10,.0f} entries/s"
