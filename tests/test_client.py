@@ -15,6 +15,8 @@ import csv
 import json
 import socket
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ from hansa.crypto import PublicKey, SigningKey
 from hansa.crypto.keyfile import read_public_key, write_key_file
 from hansa.federation.combine import combine_answers
 from hansa.federation.evidence import verify_bundle
-from hansa.federation.fanout import CityStatus
+from hansa.federation.fanout import CityStatus, fan_out
 from hansa.federation.roster import (
     Analyst as RosterAnalyst,
 )
@@ -58,10 +60,13 @@ from hansa.federation.roster import (
     sign_roster,
     unsigned,
 )
+from hansa.node.app import ROSTER_MEDIA_TYPE, ROSTER_ROUTE
+from hansa.node.config import configure_alliance
 from hansa.protocol.codec import decode_as
 from hansa.protocol.envelope import decode_envelope
 from hansa.protocol.errors import (
     ConfigError,
+    ErrorCode,
     FreshnessError,
     HansaError,
     PolicyDenied,
@@ -79,9 +84,11 @@ from hansa.protocol.messages import (
     Max,
     Mean,
     Min,
+    PolicyTags,
     Quantiles,
     QueryAnswer,
     QueryRequest,
+    ResultScope,
     Stddev,
     Sum,
     TimeBucket,
@@ -567,3 +574,65 @@ def test_cities_may_be_one_comma_separated_string(alliance: Alliance) -> None:
     result = alliance.query_sync("listings", "count", purpose=PURPOSE, cities="berlin")
     assert result.fanout.targets == ("berlin",) and result.quorum_met
     assert result.to_dict()["requester"] == ANALYST
+
+
+# --- nodes that enforce the roster (spec §8.2) --------------------------------------------------
+
+
+def post_roster(url: str, data: bytes) -> int:
+    """POST a signed roster to a node's ``/v1/roster``; return the HTTP status."""
+    request = urllib.request.Request(
+        url + ROSTER_ROUTE, data=data, headers={"Content-Type": ROSTER_MEDIA_TYPE}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_nodes_enforcing_the_roster_answer_at_the_clients_roster_version(tmp_path: Path) -> None:
+    # The nodes trust no key of their own: the roster is the only authority, and
+    # each request's roster_version must be the node's current version. Version 1
+    # names placeholder endpoints; once the nodes listen, version 2 names their
+    # real endpoints and is installed at run time through POST /v1/roster.
+    analyst = Analyst.create(ANALYST, seed=b"\x62" * 32)
+    configs = {
+        city: init_test_node(tmp_path, city, rows=ROWS, seed=i + 3) for i, city in enumerate(CITIES)
+    }
+    node_keys = {city: read_public_key(cfg.key_file).raw for city, cfg in configs.items()}
+    placeholder = {city: f"http://127.0.0.1:{closed_port()}" for city in CITIES}
+    v1 = build_roster(placeholder, node_keys, analyst.key.public_key.raw)
+    v1_bytes = encode_signed_roster(v1)
+    for city in ANSWERING:
+        configs[city] = configure_alliance(
+            configs[city].data_dir, v1_bytes, roster_digest(v1), time.time_ns() // 1_000_000
+        )
+    with contextlib.ExitStack() as stack:
+        urls = {city: stack.enter_context(threaded_node(configs[city])).url for city in ANSWERING}
+        v2 = build_roster({**placeholder, **urls}, node_keys, analyst.key.public_key.raw, version=2)
+        for url in urls.values():
+            assert post_roster(url, encode_signed_roster(v2)) == 200
+        client = Alliance.from_roster(v2, analyst.key)
+        result = client.query_sync(
+            "listings", "count", group_by="room_type", purpose=PURPOSE, cities=ANSWERING
+        )
+        assert result.statuses == dict.fromkeys(ANSWERING, CityStatus.ANSWERED)
+        assert result.combined is not None and result.combined.cities == ANSWERING
+        assert verify_bundle(result.bundle(), trusted_roster=v1).ok
+        # The nodes do enforce it: the same request signed for version 1 is refused.
+        stale = asyncio.run(
+            fan_out(
+                result.query,
+                PolicyTags(PURPOSE, "test suite", ResultScope.ALLIANCE, ANALYST),
+                client.targets(ANSWERING[:1]),
+                signer=analyst.key,
+                requester=ANALYST,
+                quorum=1,
+                deadline_s=10,
+                roster_version=1,
+            )
+        )
+        refused = stale.cities[0]
+        assert refused.status is CityStatus.REFUSED, refused
+        assert refused.code is ErrorCode.ROSTER_MISMATCH
