@@ -11,30 +11,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
 from aiohttp import web
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from nodeutil import PURPOSE, Analyst, RunningNode, count_by_room_type, init_test_node, open_reply
 from nodeutil import running_node as _running_node
 
 from hansa.crypto import SigningKey, seal
 from hansa.crypto.keyfile import read_public_key
-from hansa.federation.combine import combine_answers
+from hansa.federation.combine import check_answer, combine_answers
 from hansa.federation.fanout import (
     ENVELOPE_MEDIA_TYPE,
     VERIFY_THREAD_THRESHOLD,
     CityResult,
     CityStatus,
     FanOutResult,
+    PreparedRequest,
     Target,
+    build_request,
     fan_out,
+    prepare_requests,
+    send_prepared,
     verify_reply,
 )
 from hansa.node.app import ENVELOPE_MEDIA_TYPE as NODE_ENVELOPE_MEDIA_TYPE
@@ -42,18 +48,25 @@ from hansa.node.catalog import Catalog
 from hansa.node.config import NodeConfig
 from hansa.protocol.codec import decode_as, encode
 from hansa.protocol.envelope import decode_envelope, message_id
-from hansa.protocol.errors import ErrorCode, ProtocolError
+from hansa.protocol.errors import ErrorCode, HansaError, ProtocolError
 from hansa.protocol.messages import (
+    Count,
     CountState,
     Decision,
+    Dimension,
     ErrorMessage,
     Group,
+    Histogram,
+    HistogramState,
+    Mean,
+    MomentsState,
     PolicyTags,
     Query,
     QueryAnswer,
     QueryRefusal,
     QueryRequest,
     ResultScope,
+    SuppressedCell,
 )
 
 ANSWERING = ("amsterdam", "berlin", "copenhagen", "dublin")
@@ -114,6 +127,7 @@ async def ask(
     query: Query | None = None,
     seen: list[CityResult] | None = None,
     session: aiohttp.ClientSession | None = None,
+    verify_threads: int | None = None,
 ) -> FanOutResult:
     return await fan_out(
         query if query is not None else count_by_room_type(),
@@ -125,6 +139,7 @@ async def ask(
         deadline_s=deadline_s,
         on_status=seen.append if seen is not None else None,
         session=session,
+        verify_threads=verify_threads,
     )
 
 
@@ -489,3 +504,275 @@ def test_any_altered_reply_is_never_answered(data: st.DataObject) -> None:
     status = _classify(altered)
     if altered != _GOOD_REPLY:
         assert status in (CityStatus.BAD_SIGNATURE, CityStatus.PROTOCOL_ERROR)
+
+
+# --- prepared requests ----------------------------------------------------------------------
+
+
+class KnownNonces:
+    """A ``nonce_source`` whose nonces are known: 16 bytes derived from a counter."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, size: int) -> bytes:
+        self.calls.append(size)
+        return hashlib.sha256(b"nonce %d" % len(self.calls)).digest()[:size]
+
+
+def _prepare(
+    analyst: Analyst,
+    targets: Sequence[Target],
+    *,
+    quorum: int | None = None,
+    issued_at: int = 1_767_225_600_000,
+    expires_at: int = 1_767_225_630_000,
+    nonce_source: Callable[[int], bytes] | None = None,
+) -> list[PreparedRequest]:
+    return prepare_requests(
+        count_by_room_type(),
+        policy(analyst),
+        targets,
+        signer=analyst.key,
+        requester=analyst.principal,
+        quorum=len(targets) if quorum is None else quorum,
+        roster_version=3,
+        issued_at=issued_at,
+        expires_at=expires_at,
+        nonce_source=KnownNonces() if nonce_source is None else nonce_source,
+    )
+
+
+def test_prepared_requests_are_reproducible_and_sign_one_fan_out(analyst: Analyst) -> None:
+    key = SigningKey(b"\x07" * 32).public_key
+    targets = [Target(c, "http://127.0.0.1:9", key) for c in ("lisbon", "madrid", "naples")]
+    nonces = KnownNonces()
+    prepared = _prepare(analyst, targets, nonce_source=nonces, quorum=2)
+    assert nonces.calls == [16, 16, 16]
+    assert [p.target for p in prepared] == targets
+    again = _prepare(analyst, targets, quorum=2)
+    assert [p.envelope for p in again] == [p.envelope for p in prepared]  # deterministic
+    for p in prepared:
+        assert p.request_id == message_id(p.envelope)
+        body = decode_as(decode_envelope(p.envelope).payload, QueryRequest)
+        assert body == p.request
+        assert body.targets == ("lisbon", "madrid", "naples") and body.quorum == 2
+        assert body.roster_version == 3 and body.expires_at - body.issued_at == 30_000
+    assert [p.request.audience for p in prepared] == ["lisbon", "madrid", "naples"]
+    assert len({p.request.nonce for p in prepared}) == 3
+    # Any other nonce gives another envelope, so ids cannot be guessed without the source.
+    fresh = _prepare(analyst, targets, quorum=2, nonce_source=secrets.token_bytes)
+    assert not {p.request_id for p in fresh} & {p.request_id for p in prepared}
+
+
+@pytest.mark.parametrize(
+    ("cities", "changes"),
+    [
+        ((), {}),
+        (("a", "a"), {}),
+        (("a", "b"), {"quorum": 3}),
+        (("a", "b"), {"quorum": 0}),
+        (("a",), {"expires_at": 1_767_225_600_000}),
+    ],
+)
+def test_prepare_refuses_bad_inputs(
+    analyst: Analyst, cities: tuple[str, ...], changes: dict[str, Any]
+) -> None:
+    key = SigningKey.generate().public_key
+    targets = [Target(c, "http://127.0.0.1:9", key) for c in cities]
+    with pytest.raises(ProtocolError) as info:
+        _prepare(analyst, targets, **changes)
+    assert info.value.code is ErrorCode.INVALID_FIELD
+
+
+def test_build_request_defaults_and_refusals(analyst: Analyst) -> None:
+    request = build_request(
+        count_by_room_type(),
+        policy(analyst),
+        requester=analyst.principal,
+        audience="lisbon",
+        issued_at=1_000,
+        expires_at=2_000,
+    )
+    assert request.targets == ("lisbon",) and request.quorum == 1
+    assert request.roster_version == 0 and len(request.nonce) == 16
+    bad: list[dict[str, Any]] = [{"targets": ("madrid",)}, {"expires_at": 1_000}, {"quorum": 2}]
+    for changes in bad:
+        fields: dict[str, Any] = {"issued_at": 1_000, "expires_at": 2_000, **changes}
+        with pytest.raises(ProtocolError) as info:
+            build_request(
+                count_by_room_type(),
+                policy(analyst),
+                requester=analyst.principal,
+                audience="lisbon",
+                **fields,
+            )
+        assert info.value.code is ErrorCode.INVALID_FIELD
+
+
+async def test_fan_out_with_a_nonce_source_sends_the_prepared_bytes(analyst: Analyst) -> None:
+    async with peer() as p:
+        targets = [p.target(c, "ok") for c in ("lisbon", "madrid")]
+        prepared = _prepare(
+            analyst, targets, issued_at=1_767_225_600_000, expires_at=1_767_225_603_000
+        )
+        result = await fan_out(
+            count_by_room_type(),
+            policy(analyst),
+            targets,
+            signer=analyst.key,
+            requester=analyst.principal,
+            quorum=2,
+            deadline_s=3.0,
+            roster_version=3,
+            now_ms=lambda: 1_767_225_600_000,
+            nonce_source=KnownNonces(),
+        )
+        sent = await send_prepared(prepared, deadline_s=DEADLINE_S)
+    assert [r.request for r in result.cities] == [q.envelope for q in prepared]
+    assert [r.request for r in sent.cities] == [q.envelope for q in prepared]
+    for outcome in (result, sent):
+        assert outcome.by_status(CityStatus.ANSWERED) == ("lisbon", "madrid")
+        assert outcome.targets == ("lisbon", "madrid") and outcome.quorum == 2
+        assert (outcome.issued_at, outcome.expires_at) == (1_767_225_600_000, 1_767_225_603_000)
+        assert outcome.combined is not None
+    assert sent.combined == result.combined
+
+
+def test_send_prepared_refuses_requests_of_different_fan_outs(analyst: Analyst) -> None:
+    key = SigningKey.generate().public_key
+    targets = [Target(c, "http://127.0.0.1:9", key) for c in ("lisbon", "madrid")]
+    one = _prepare(analyst, targets)
+    other = _prepare(analyst, targets, quorum=1)
+    for bad in ([], [one[1], one[0]], [one[0], other[1]], one[:1], [*one, one[0]]):
+        with pytest.raises(ProtocolError) as info:
+            asyncio.run(send_prepared(bad, deadline_s=1.0))
+        assert info.value.code is ErrorCode.INVALID_FIELD
+    with pytest.raises(ProtocolError):
+        asyncio.run(send_prepared(one, deadline_s=0.0))
+
+
+# --- many targets: threads, the event loop, the deadline -------------------------------------
+
+
+@pytest.mark.parametrize("verify_threads", [0, 2])
+async def test_many_targets_with_a_slow_one_meet_the_deadline(
+    analyst: Analyst, verify_threads: int
+) -> None:
+    n = VERIFY_THREAD_THRESHOLD + 20
+    cities = [f"city{i:03d}" for i in range(n)]
+    deadline = 1.5
+    async with peer() as p:
+        targets = [p.target(c, "ok") for c in cities[:-1]] + [p.target(cities[-1], "sleep")]
+        started = time.monotonic()
+        result = await ask(
+            analyst, targets, quorum=n - 1, deadline_s=deadline, verify_threads=verify_threads
+        )
+        elapsed = time.monotonic() - started
+    assert elapsed < deadline + 10  # returned at the deadline, not the peer's 60 s
+    assert result.by_status(CityStatus.ANSWERED) == tuple(cities[:-1])
+    assert result.city(cities[-1]).status is CityStatus.TIMEOUT
+    assert len({r.request for r in result.cities}) == n
+    requests = [decode_as(decode_envelope(r.request).payload, QueryRequest) for r in result.cities]
+    assert [r.audience for r in requests] == cities  # chunks signed off-loop, still in order
+    assert {r.targets for r in requests} == {tuple(cities)}
+    assert result.combined is not None
+    assert result.combined == combine_answers(result.query, result.answers)
+
+
+# --- the answer shape check ---------------------------------------------------------------
+
+
+_MEAN_HIST = Query(
+    dataset="listings",
+    aggregates=(Count(), Mean("price"), Histogram("price", (0.0, 100.0, 200.0))),
+    group_by=(Dimension("room_type"),),
+)
+
+
+def _fitting(
+    groups: tuple[Group, ...] = (), suppressed: tuple[SuppressedCell, ...] = ()
+) -> QueryAnswer:
+    good = (
+        Group(
+            key=("Private room",),
+            states=(CountState(3), MomentsState(3, 50.0, 8.0), HistogramState((2, 1))),
+        ),
+    )
+    return QueryAnswer(
+        request_id=b"\x00" * 32,
+        responder="lisbon",
+        requester="ana@amsterdam",
+        issued_at=1,
+        dataset="listings",
+        dataset_version="v1",
+        disclosure_version=1,
+        decision=Decision.ANSWERED,
+        groups=groups or good,
+        suppressed=suppressed,
+    )
+
+
+_STATES = (CountState(3), MomentsState(3, 50.0, 8.0), HistogramState((2, 1)))
+_MISFITS: dict[str, QueryAnswer] = {
+    "dataset": msgspec.structs.replace(_fitting(), dataset="calendar"),
+    "key arity": _fitting((Group(key=("Private room", 1), states=_STATES),)),
+    "too few states": _fitting((Group(key=("Private room",), states=_STATES[:2]),)),
+    "wrong kind": _fitting(
+        (Group(key=("a",), states=(CountState(3), CountState(3), HistogramState((2, 1)))),)
+    ),
+    "bin count": _fitting(
+        (Group(key=("a",), states=(CountState(3), _STATES[1], HistogramState((2, 1, 0)))),)
+    ),
+    "negative m2": _fitting(
+        (Group(key=("a",), states=(CountState(3), MomentsState(3, 5.0, -1.0), _STATES[2])),)
+    ),
+}
+
+
+def test_a_fitting_answer_passes_the_shape_check() -> None:
+    check_answer(_MEAN_HIST, _fitting())
+    combine_answers(_MEAN_HIST, (_fitting(),))
+
+
+@pytest.mark.parametrize("name", sorted(_MISFITS))
+def test_misfit_answers_fail_the_shape_check_as_they_fail_combining(name: str) -> None:
+    answer = _MISFITS[name]
+    with pytest.raises(ProtocolError) as shape:
+        check_answer(_MEAN_HIST, answer)
+    with pytest.raises(ProtocolError) as combined:
+        combine_answers(_MEAN_HIST, (answer,))
+    assert shape.value.code is combined.value.code is ErrorCode.INVALID_FIELD
+    assert "lisbon" in shape.value.message
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(-2, 5),
+    mean=st.floats(allow_nan=True, allow_infinity=True),
+    m2=st.floats(-10, 10),
+    bins=st.lists(st.integers(-1, 3), min_size=1, max_size=3),
+    key=st.one_of(st.none(), st.booleans(), st.integers(-2, 2), st.floats(), st.text(max_size=3)),
+)
+def test_the_shape_check_agrees_with_a_one_answer_combination(
+    n: int, mean: float, m2: float, bins: list[int], key: object
+) -> None:
+    # Construction skips the wire's own checks, so invalid states reach both checks.
+    try:
+        states = (CountState(n), MomentsState(max(n, 0), mean, m2), HistogramState(tuple(bins)))
+    except ValueError:  # a rule the wire itself enforces on construction
+        assume(False)
+        raise
+    answer = _fitting((Group(key=(key,), states=states),))  # type: ignore[arg-type]
+    outcomes: list[ErrorCode | None] = []
+    for check in (
+        lambda: check_answer(_MEAN_HIST, answer),
+        lambda: combine_answers(_MEAN_HIST, (answer,)),
+    ):
+        try:
+            check()
+        except HansaError as exc:
+            outcomes.append(exc.code)
+        else:
+            outcomes.append(None)
+    assert outcomes[0] == outcomes[1]
