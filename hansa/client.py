@@ -262,11 +262,11 @@ def format_literal(value: Scalar) -> str:
         return str(value)
     if isinstance(value, float):
         return repr(value)
-    plain = parse_literal_or_none(value)
+    plain = _literal_or_none(value)
     return value if value and plain == value and type(plain) is str else f"str:{value}"
 
 
-def parse_literal_or_none(text: str) -> Scalar | None:
+def _literal_or_none(text: str) -> Scalar | None:
     """Like :func:`parse_literal`, but ``None`` where it would raise."""
     try:
         return parse_literal(text)
