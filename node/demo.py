@@ -13,10 +13,10 @@ What it does, end to end, in well under a minute:
    member cities (node key, endpoint, roles), one analyst with her allowed
    purposes, and a signing threshold. A threshold of the member cities sign
    it; it is verified as a first, pinned roster (TUF-style, spec §15);
-3. configures the nodes with the roster when the node supports it
-   (``[alliance]`` in ``node.toml``), and trusts the analyst's key on every
-   node, then starts every node as a real ``hansa node serve`` subprocess on
-   127.0.0.1;
+3. pins every node to the roster (``[alliance]`` in ``node.toml``; no
+   ``[[trusted]]`` keys, so the roster alone says who may query), starts
+   every node as a real ``hansa node serve`` subprocess on 127.0.0.1 and
+   checks that each reports the same roster (``GET /v1/roster``);
 4. fans one signed query with a purpose out to every member city with
    :func:`hansa.federation.fanout.fan_out` (a live per-city status line):
    listings, how many are available more than 180 days a year, mean
@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import importlib
 import os
 import selectors
 import signal
@@ -55,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import aiohttp
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
@@ -74,6 +74,7 @@ from hansa.federation.roster import (
     RootKey,
     Roster,
     SignedRoster,
+    decode_signed_roster,
     encode_signed_roster,
     roster_digest,
     sign_roster,
@@ -81,7 +82,7 @@ from hansa.federation.roster import (
     verify_roster,
 )
 from hansa.node._cli_node import init_node
-from hansa.node.config import add_trusted_key
+from hansa.node.config import configure_alliance
 from hansa.protocol.errors import HansaError
 from hansa.protocol.messages import (
     AggregateState,
@@ -108,6 +109,7 @@ PURPOSE: Final = "research"
 PURPOSES: Final = ("planning", "research", "statistics")
 ROSTER_DAYS: Final = 30
 DEADLINE_S: Final = 20.0
+MIN_PARTICIPANTS: Final = 2
 BUNDLE_NAME: Final = "evidence.bundle"
 ROSTER_NAME: Final = "roster.v1.bin"
 
@@ -218,15 +220,12 @@ def _prepare(root: Path, *, synthetic: bool, rows: int) -> tuple[list[City], boo
     return cities, False
 
 
-def _load(city: City, analyst: SigningKey) -> None:
+def _load(city: City) -> None:
     from hansa.node.catalog import Catalog
     from hansa.node.synthetic import default_listing_roles
 
     city.port = _free_port()
     config = init_node(city.data_dir, city=city.city, port=city.port)
-    # Belt and braces while the node may not yet read the roster: the analyst
-    # is also a [[trusted]] requester of every node.
-    add_trusted_key(city.data_dir, ANALYST, analyst.public_key.raw.hex())
     with Catalog(city.data_dir) as catalog:
         catalog.add(DATASET, city.source, roles=default_listing_roles())
     city.node_key = read_public_key(config.key_file)
@@ -292,27 +291,30 @@ def _found_alliance(
     return signed, roster, [c.city for c in signers]
 
 
-def _configure_alliance(
+def _pin_nodes(
     cities: Sequence[City], signed: SignedRoster, now_ms: int, min_participants: int
-) -> bool:
-    """Have every node trust the roster (pinned), if the node supports it.
+) -> None:
+    """Pin every node to roster v1 (``[alliance]`` in its ``node.toml``, spec §15.1).
 
-    The node's roster enforcement (``[alliance]`` in ``node.toml``,
-    ``hansa.node.config.configure_alliance``) is newer than this demo's first
-    version; the demo configures it only when the installed node offers it.
-
-    Returns:
-        Whether the nodes now enforce the roster.
+    The nodes have no ``[[trusted]]`` keys: from now on the roster alone says
+    who may query them and for which purposes.
     """
-    config = importlib.import_module("hansa.node.config")
-    configure = getattr(config, "configure_alliance", None)
-    if not callable(configure):
-        return False
     data = encode_signed_roster(signed)
     pin = roster_digest(signed)
     for city in cities:
-        configure(city.data_dir, data, pin, now_ms, min_participants=min_participants)
-    return True
+        configure_alliance(city.data_dir, data, pin, now_ms, min_participants=min_participants)
+
+
+async def _rosters_held(cities: Sequence[City]) -> set[bytes]:
+    """Return the SHA-256 of the roster each node says it trusts (``GET /v1/roster``)."""
+    digests: set[bytes] = set()
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for city in cities:
+            async with session.get(city.url + "/v1/roster") as resp:
+                resp.raise_for_status()
+                digests.add(roster_digest(decode_signed_roster(await resp.read())))
+    return digests
 
 
 # --- node processes ------------------------------------------------------------------------
@@ -576,13 +578,13 @@ def _render_cities(console: Console, cities: Sequence[City], result: FanOutResul
     console.print(table)
 
 
-_SHOWN_CHECKS: Final = (
-    "request signature",
-    "purpose",
-    "reply signature",
-    "reply cites request",
-    "answer fits query",
-)
+_SHOWN_CHECKS: Final = {
+    "request signature": "request sig",
+    "purpose": "purpose",
+    "reply signature": "reply sig",
+    "reply cites request": "cites request",
+    "answer fits query": "fits query",
+}
 """The checks named on each city's verdict line (all are counted)."""
 
 
@@ -604,11 +606,11 @@ def _render_verdict(console: Console, verdict: Verdict, path: Path, size: int) -
         passed = sum(c.ok for c in line.checks)
         ok = "[green]✓[/green]" if line.ok else "[red]✗[/red]"
         what = "signed" if line.signed else "unsigned claim"
-        shown = [c.name for c in line.checks if c.ok and c.name in _SHOWN_CHECKS]
+        shown = [_SHOWN_CHECKS[c.name] for c in line.checks if c.ok and c.name in _SHOWN_CHECKS]
         table.add_row(
             f"  {line.city}",
             f"{line.status} ({what})",
-            f"{ok} {passed}/{len(line.checks)} checks: " + ", ".join(shown),
+            f"{ok} {passed}/{len(line.checks)}: " + ", ".join(shown),
         )
     console.print(table)
     for failure in verdict.failures:
@@ -654,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         console.print(f"[bold]Hansa demo[/bold]: {len(cities)} city nodes, {source}")
         for city in cities:
-            _load(city, analyst)
+            _load(city)
         console.print(
             f"  nodes initialised and data loaded in {time.perf_counter() - started:.1f} s"
         )
@@ -671,14 +673,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  analyst {ANALYST} (home city {ANALYST_HOME}, key "
             f"{analyst.key_id.hex()[:16]}…) may query for: {', '.join(PURPOSES[1:2])}"
         )
-        enforced = _configure_alliance(cities, signed, now, min_participants=2)
+        _pin_nodes(cities, signed, now, min_participants=MIN_PARTICIPANTS)
         console.print(
-            "  every node now trusts this roster (pinned in \\[alliance] of node.toml): only keys "
-            "it names may query, for the purposes it allows"
-            if enforced
-            else "  [dim]this node build does not read the roster yet: the analyst is a "
-            + escape("[[trusted]]")
-            + " requester of every node instead[/dim]"
+            "  every node is pinned to this roster (\\[alliance] in node.toml, no other "
+            "trusted keys): only keys it names may query, for the purposes it allows; "
+            f"each node also wants at least {MIN_PARTICIPANTS} participating cities"
         )
         problems: list[str] = []
         try:
@@ -687,9 +686,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             deadline = time.monotonic() + 30
             for city in cities:
                 _wait_ready(city, deadline)
+            held = asyncio.run(_rosters_held(cities))
+            same = held == {roster_digest(signed)}
             console.print(
                 f"  {len(cities)} nodes serving on 127.0.0.1 ports "
                 + ", ".join(str(c.port) for c in cities)
+                + (
+                    f"; each reports roster v{roster.version} (GET /v1/roster, same SHA-256)"
+                    if same
+                    else "; [red]the nodes report different rosters[/red]"
+                )
             )
             console.print(
                 f"[bold]Query[/bold] (purpose {PURPOSE!r}, deadline {DEADLINE_S:.0f} s, one "
@@ -697,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "a year, mean availability and median price, by room type"
             )
             result = asyncio.run(_ask_all(console, cities, analyst, roster))
-        except (HansaError, OSError, TimeoutError, RuntimeError) as exc:
+        except (HansaError, OSError, TimeoutError, RuntimeError, aiohttp.ClientError) as exc:
             console.print(f"[red]demo failed: {escape(str(exc))}[/red]")
             _stop(cities)
             return 1
@@ -741,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"All {len(cities)} nodes stopped cleanly (SIGTERM). "
             f"Total {time.perf_counter() - started:.1f} s."
         )
-    ok = answered == len(cities) and verdict.ok and not problems
+    ok = answered == len(cities) and verdict.ok and same and not problems
     return 0 if ok else 1
 
 
