@@ -20,6 +20,8 @@ median of ``--repeats`` timed runs each (the order rotates every run):
   with requests signed before the clock starts by
   :func:`~hansa.federation.fanout.prepare_requests`: the coordinator minus
   signing (everything else as hansa).
+* **inline** (only with ``--inline``): hansa with ``verify_threads=0``, all
+  signing and verification on the event loop, for an A/B of the thread pool.
 * **old** (only with ``--old PATH``): the ``fan_out`` of another copy of
   ``federation/fanout.py`` (for example the previous commit's, saved under
   ``/tmp``), loaded as its own module, for an A/B in the same run.
@@ -63,7 +65,7 @@ the known nonces by swapping its module's ``secrets`` for the same source.
 
 Run: ``.venv/bin/python bench/fanout.py [--n 10 100 500] [--repeats 11]
 [--peer-procs 2] [--mode cold warm] [--old /tmp/fanout_old.py]
-[--verify-threads K] [--profile]``.
+[--verify-threads K] [--inline] [--profile]``.
 """
 
 from __future__ import annotations
@@ -384,18 +386,26 @@ class Clients:
     """The clients, in one session mode."""
 
     def __init__(
-        self, setup: Setup, warm: bool, old: ModuleType | None, verify_threads: int | None
+        self,
+        setup: Setup,
+        warm: bool,
+        old: ModuleType | None,
+        verify_threads: int | None,
+        inline: bool = False,
     ) -> None:
         self.setup = setup
         self.warm = warm
         self.old = old
         self.verify_threads = verify_threads
+        self.with_inline = inline
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.raw_connections: dict[str, RawHttp] = {}
 
     def all(self) -> dict[str, Client]:
         """The clients by name, in table order."""
         clients: dict[str, Client] = {"hansa": self.hansa, "prepared": self.prepared}
+        if self.with_inline:
+            clients["inline"] = self.inline
         if self.old is not None:
             clients["old"] = self.old_hansa
         clients["naive"] = self.naive
@@ -443,6 +453,23 @@ class Clients:
             verify_threads=self.verify_threads,
         )
         self.check("hansa", n, result)
+
+    async def inline(self, n: int) -> None:
+        """As :meth:`hansa`, but everything on the event loop (``verify_threads=0``)."""
+        result = await fan_out(
+            QUERY,
+            POLICY,
+            self.setup.targets[n],
+            signer=ANALYST,
+            requester=REQUESTER,
+            quorum=n,
+            deadline_s=DEADLINE_S,
+            session=self.session("inline"),
+            now_ms=lambda: ISSUED_AT,
+            nonce_source=Nonces(n),
+            verify_threads=0,
+        )
+        self.check("inline", n, result)
 
     async def prepared(self, n: int) -> None:
         """``send_prepared`` of requests signed before the clock started."""
@@ -553,11 +580,12 @@ async def measure(
     repeats: int,
     old: ModuleType | None,
     verify_threads: int | None,
+    inline: bool,
 ) -> list[Row]:
     """Time the clients per mode and N, rotating which goes first."""
     rows = []
     for mode in modes:
-        async with Clients(setup, mode == "warm", old, verify_threads) as clients:
+        async with Clients(setup, mode == "warm", old, verify_threads, inline) as clients:
             named = clients.all()
             order = list(named.values())
             for n in ns:
@@ -682,6 +710,11 @@ def main() -> None:
         default=None,
         help="fan_out's verify_threads (default: one per core; 0: on the event loop)",
     )
+    parser.add_argument(
+        "--inline",
+        action="store_true",
+        help="also time fan_out with verify_threads=0 ('inline': no thread pool) for an A/B",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile hansa at the largest N")
     args = parser.parse_args()
     ns = sorted(set(args.n))
@@ -694,7 +727,7 @@ def main() -> None:
 
         async def go() -> None:
             rows = await measure(
-                setup, ns, args.mode, max(1, args.repeats), old, args.verify_threads
+                setup, ns, args.mode, max(1, args.repeats), old, args.verify_threads, args.inline
             )
             print_table(rows)
             print("Coordinator CPU work, for scale (no network):")
