@@ -47,13 +47,10 @@ from hansa.client import (
 )
 from hansa.crypto.keyfile import is_encrypted, read_key_file
 from hansa.federation.fanout import CityResult, CityStatus
+from hansa.node.cli import EXIT_QUORUM_NOT_MET
 from hansa.protocol.errors import ConfigError
 
 __all__ = ["EXIT_QUORUM_NOT_MET", "register"]
-
-EXIT_QUORUM_NOT_MET: Final = 4
-"""The query ran, but fewer than the quorum of cities answered (or the answers
-did not combine). Distinct from 1 (bad input) and 3 (a failed verification)."""
 
 _MAX_PASSPHRASE: Final = 1024
 

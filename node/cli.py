@@ -15,7 +15,14 @@ from collections.abc import Callable, Sequence
 from hansa import __version__
 from hansa.protocol.errors import HansaError
 
-__all__ = ["EXIT_ERROR", "EXIT_USAGE", "EXIT_VERIFY_FAILED", "build_parser", "main"]
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_QUORUM_NOT_MET",
+    "EXIT_USAGE",
+    "EXIT_VERIFY_FAILED",
+    "build_parser",
+    "main",
+]
 
 EXIT_ERROR = 1
 """A command failed (bad input, unreadable file, verification failure)."""
@@ -23,6 +30,8 @@ EXIT_USAGE = 2
 """The command line itself was wrong (argparse's convention)."""
 EXIT_VERIFY_FAILED = 3
 """A verification command ran and the thing verified is not valid."""
+EXIT_QUORUM_NOT_MET = 4
+"""``hansa query`` ran but fewer cities answered than the quorum (evidence is still written)."""
 
 Handler = Callable[[argparse.Namespace], int]
 
