@@ -76,7 +76,7 @@ def append_rate(db: Path, *, durable: bool, threads: int, seconds: float) -> tup
 def main() -> None:
     """Run the benchmark and print rates with same-run ratios."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="directory for the databases")

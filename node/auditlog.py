@@ -56,8 +56,8 @@ after the WAL is fsynced, so :meth:`AuditLog.append` returns only once the entry
 disk. Tables: ``leaves(idx, leaf)``, ``envelopes(hash, envelope)``,
 ``checkpoints(size, root, note)`` and ``meta`` (format and origin).
 
-Group commit: callers queue their entries; whichever caller holds the write lock drains
-the whole queue into one transaction and one fsync, then wakes every caller with its
+Group commit: callers queue their entries; one caller at a time leads and drains the
+whole queue into one transaction and one fsync, then wakes every caller with its
 indices (leader/follower, no background thread). Throughput therefore grows with the
 number of concurrent callers instead of being capped at one fsync per entry.
 
@@ -651,8 +651,10 @@ class AuditLog:
         self._by_id: dict[bytes, int] = {}
         self._checkpoints: dict[int, StoredCheckpoint] = {}
         self._queue: list[_Job] = []
-        self._queue_lock = threading.Lock()  # guards _queue and _closed
-        self._write_lock = threading.Lock()  # one committer at a time; owns _conn
+        # guards _queue, _leading, _closed and the jobs' results
+        self._queue_cond = threading.Condition(threading.Lock())
+        self._leading = False  # a caller is committing rounds
+        self._write_lock = threading.Lock()  # owns _conn: one writer (commit or checkpoint)
         self._state_lock = threading.Lock()  # guards _tree, _by_id, _checkpoints
         self._read_lock = threading.Lock()  # owns _reader
         self._closed = False
@@ -799,7 +801,7 @@ class AuditLog:
 
     def close(self) -> None:
         """Close the store; later calls raise :class:`AuditLogError`."""
-        with self._queue_lock:
+        with self._queue_cond:
             self._closed = True
         with self._write_lock, self._read_lock:
             self._conn.close()
@@ -839,8 +841,9 @@ class AuditLog:
     ) -> list[int]:
         """Append entries in order, contiguously, and return once they are durable.
 
-        Concurrent callers are committed together (group commit): the caller that gets
-        the write lock commits every queued job in one transaction.
+        Concurrent callers are committed together (group commit): one caller at a time
+        leads, committing every queued job in one transaction, while the others sleep
+        until their job is done.
 
         Args:
             entries: the entries, in order.
@@ -859,24 +862,48 @@ class AuditLog:
             return []
         # Hashing happens here, in the caller's thread, not under the write lock.
         job = _Job(list(entries), leaves, [leaf_hash(b) for b in leaves], envs)
-        with self._queue_lock:
+        with self._queue_cond:
             if self._closed:
                 raise AuditLogError("the audit log is closed")
             self._queue.append(job)
-        with self._write_lock:
-            # Whoever holds the lock commits the queue head; a job beyond ``max_batch``
-            # waits for a later round, possibly run by its own caller.
-            while not job.done:
-                self._commit_queued()
+            # Followers sleep until a leader has committed their job. A waiting caller
+            # becomes the leader when none is active.
+            while self._leading and not job.done:
+                self._queue_cond.wait()
+            lead = not job.done
+            if lead:
+                self._leading = True
+        if lead:
+            try:
+                # A round commits the queue head (at most max_batch jobs); a job further
+                # back waits for a later round, run by this leader or the next one.
+                while not job.done:
+                    self._commit_round()
+            finally:
+                with self._queue_cond:
+                    self._leading = False
+                    self._queue_cond.notify_all()
         if job.error is not None:
             raise AuditLogError(job.error)
         return job.indices
 
-    def _commit_queued(self) -> None:
-        """Commit queued jobs in one transaction (caller holds the write lock)."""
-        with self._queue_lock:
+    def _commit_round(self) -> None:
+        """Commit the queued jobs in one transaction; wake their callers."""
+        with self._queue_cond:
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
+        try:
+            with self._write_lock:
+                self._commit(batch)
+        finally:
+            with self._queue_cond:
+                for job in batch:
+                    if not job.done:  # an unexpected exception: never leave a caller waiting
+                        job.indices, job.error, job.done = [], "audit log write failed", True
+                self._queue_cond.notify_all()
+
+    def _commit(self, batch: list[_Job]) -> None:
+        """Write ``batch`` (caller holds the write lock) and mark its jobs done."""
         if self._broken is not None:
             self._fail(batch, self._broken)
             return
@@ -984,7 +1011,7 @@ class AuditLog:
         return stored.note
 
     def _check_usable(self) -> None:
-        with self._queue_lock:
+        with self._queue_cond:
             if self._closed:
                 raise AuditLogError("the audit log is closed")
         if self._broken is not None:

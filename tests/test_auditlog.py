@@ -304,9 +304,10 @@ def test_queued_callers_share_one_commit(tmp_path: Path) -> None:
     threads = 6
     with AuditLog.open(tmp_path / "a.db", ORIGIN) as log:
         results: list[int] = []
-        # Hold the committer's lock (white-box) so every caller queues, then release it:
-        # the first caller to get the lock must commit all of them in one transaction.
-        log._write_lock.acquire()
+        # White-box: pretend a leader is busy so every caller queues, then step down:
+        # the caller that takes over must commit all of them in one transaction.
+        with log._queue_cond:
+            log._leading = True
         pool = [
             threading.Thread(target=lambda t=t: results.append(log.append(_request(t)[0])))
             for t in range(threads)
@@ -317,7 +318,9 @@ def test_queued_callers_share_one_commit(tmp_path: Path) -> None:
             if len(log._queue) == threads:
                 break
             threading.Event().wait(0.005)
-        log._write_lock.release()
+        with log._queue_cond:
+            log._leading = False
+            log._queue_cond.notify_all()
         for th in pool:
             th.join(timeout=60)
         assert sorted(results) == list(range(threads))
