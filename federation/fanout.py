@@ -7,18 +7,25 @@ It is the one module of :mod:`hansa.federation` that does network I/O, so
 nothing else in the package imports it (``hansa.federation`` stays pure).
 
 1. **Requests.** One :class:`~hansa.protocol.messages.QueryRequest` per
-   target city. Every signed body carries the same ``targets`` tuple, the
-   same ``quorum``, ``issued_at`` and ``expires_at = issued_at + deadline``,
-   so each node can check its own minimum of participating cities against
-   the signed list (spec §7); the audience and a fresh 16-byte nonce differ
-   per city. The request ids (SHA-256 of each envelope) are what the replies
-   must cite.
+   target city, built by :func:`build_request`. Every signed body carries the
+   same ``targets`` tuple, the same ``quorum``, ``issued_at`` and
+   ``expires_at = issued_at + deadline``, so each node can check its own
+   minimum of participating cities against the signed list (spec §7); the
+   audience and a fresh 16-byte nonce differ per city. The request ids
+   (SHA-256 of each envelope) are what the replies must cite.
+   :func:`prepare_requests` builds and signs them without sending;
+   :func:`send_prepared` sends such a list; :func:`fan_out` does both, but
+   interleaved: requests are signed in chunks of :data:`_PREPARE_CHUNK`
+   (above :data:`VERIFY_THREAD_THRESHOLD` targets, in the thread pool, where
+   libsodium signs without the GIL), and each chunk goes on the wire as soon
+   as it is signed, so signing overlaps the cities' own time.
 2. **Transport.** All requests go out concurrently over one
    ``aiohttp.ClientSession`` (one keep-alive connection pool,
    ``TCPConnector(limit=...)``). The deadline is enforced for the fan-out as
-   a whole: every per-city task runs under ``asyncio.timeout_at`` of the same
-   loop-clock instant, so a slow city is cut off at the deadline and never
-   holds the others back.
+   a whole: one ``asyncio.wait`` with the time left to the deadline, after
+   which every city still pending is cancelled and gets ``TIMEOUT`` (or
+   ``UNREACHABLE`` when its connection attempts had failed), so a slow city
+   never holds the others back.
 3. **Retries** happen only for connection failures, i.e. the connection was
    refused or reset before any response arrived
    (``aiohttp.ClientConnectionError``), with exponential backoff plus jitter,
@@ -26,14 +33,17 @@ nothing else in the package imports it (``hansa.federation`` stays pure).
    the backoff. The *same* envelope bytes are re-sent: if a reset request did
    reach the node, the node's replay guard answers ``REPLAYED`` rather than
    answering twice, and the evidence holds exactly one request per city.
-4. **Verification** as replies arrive: each reply is opened with
-   :func:`hansa.crypto.open_envelope` against that city's node key only, and
-   must cite the request id sent to that city, name the city as responder
-   and our principal as requester. With more than
+4. **Verification** as replies arrive (:func:`verify_reply`): each reply is
+   opened with :func:`hansa.crypto.open_envelope` against that city's node
+   key only, must cite the request id sent to that city, name the city as
+   responder and our principal as requester, and an answer must fit the
+   query (:func:`hansa.federation.combine.check_answer`). With more than
    :data:`VERIFY_THREAD_THRESHOLD` targets the checks run in a
    ``ThreadPoolExecutor`` (libsodium releases the GIL, so signatures are
-   checked on every core while the event loop keeps reading sockets); below
-   it, a thread hand-off costs more than the check itself (see the constant).
+   checked on every core while the event loop keeps reading sockets); the
+   replies that arrive in one event-loop iteration go to the pool as one
+   batch per thread, not one submit each. Below the threshold a thread
+   hand-off costs more than the check itself (see the constant).
 5. **Result.** Every target appears in :attr:`FanOutResult.cities` with a
    :class:`CityStatus`; never is a city dropped. When at least ``quorum``
    cities answered, their answers are combined with
@@ -57,6 +67,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
+import yarl
 
 from hansa.crypto import PublicKey, SigningKey, open_envelope, seal
 from hansa.federation.combine import CombinedResult, check_answer, combine_answers
@@ -99,17 +110,20 @@ QUERY_PATH: Final = "/v1/query"
 """The node's query route, appended to a target's endpoint."""
 
 VERIFY_THREAD_THRESHOLD: Final = 32
-"""Verify replies in a thread pool only above this many targets.
+"""Sign and verify in a thread pool only above this many targets.
 
 Measured on the shared 2-core development machine (Python 3.11, PyNaCl) with
-``verify_reply`` on a one-cell answer: about 51 µs per reply on the event loop.
-A burst of n checks through a 2-thread ``ThreadPoolExecutor`` against the same
+``verify_reply`` on a one-cell answer: about 51 µs per reply on the event loop
+(of which ~40 µs is the Ed25519 check itself). A burst of n checks through a
+2-thread ``ThreadPoolExecutor``, one submit per check, against the same
 checks inline: n = 8: 0.57 vs 0.42 ms (the hand-off loses); n = 32: 1.44 vs
-1.64 ms (break-even); n = 128: 6.1 vs 6.5 ms; n = 512: 25.7 vs 26.1 ms. On two
-busy cores the pool gains little wall time, but above the break-even it takes
-the signature checks off the event loop (libsodium releases the GIL), so
-sockets keep being read while replies are verified; with more cores it also
-spreads the work. ``bench/fanout.py`` (issue 4) is where this is re-measured.
+1.64 ms (break-even); n = 128: 6.1 vs 6.5 ms; n = 512: 25.7 vs 26.1 ms.
+Batching per event-loop iteration (one submit per batch and thread) moves
+the break-even lower, but on two busy cores the pool gains little wall time:
+it matters because it takes the signature work off the event loop, so
+sockets keep being read. ``bench/fanout.py --inline`` re-measures the pool
+against ``verify_threads=0`` in one run (N = 500, cold sessions: 175 ms with
+the pool vs 221 ms inline; warm: equal, under a load average of 4).
 """
 
 DEFAULT_CONNECTION_LIMIT: Final = 512
@@ -532,14 +546,20 @@ def prepare_requests(
     return template.prepare(targets, [nonce_source(16) for _ in targets])
 
 
+@functools.lru_cache(maxsize=1024)
+def _query_url(endpoint: str) -> yarl.URL:
+    """The parsed query URL of an endpoint, parsed once (aiohttp takes a URL as is)."""
+    return yarl.URL(endpoint.rstrip("/") + QUERY_PATH)
+
+
 _HEADERS: Final = {"Content-Type": ENVELOPE_MEDIA_TYPE}
 """Shared by every request (aiohttp copies it into its own multidict)."""
 
 _PREPARE_CHUNK: Final = 16
-"""Requests signed between two yields to the event loop while the fan-out
-sends: the first requests are on the wire while the rest are still being
-signed (about 35 µs each with 500 targets), so signing overlaps the peers'
-own time instead of preceding it."""
+"""Requests signed per chunk while :func:`fan_out` sends: the first chunk is on
+the wire while the rest are still being signed (about 35 µs each with 500
+targets, ~17 ms in all), so signing overlaps the cities' time instead of
+preceding it; chunks this small keep the event loop free between them."""
 
 
 @dataclass(slots=True)
@@ -695,10 +715,11 @@ class _Coordinator:
 
     async def ask(self, attempt: _Attempt) -> CityResult:
         prepared = attempt.prepared
-        url = prepared.target.endpoint.rstrip("/") + QUERY_PATH
         while True:
             attempt.attempts += 1
             try:
+                # Inside the try: a malformed endpoint is that city's error, not the fan-out's.
+                url = _query_url(prepared.target.endpoint)
                 async with self.session.post(url, data=prepared.envelope, headers=_HEADERS) as resp:
                     status = resp.status
                     body = await _read_limited(resp, MAX_ENVELOPE_SIZE)
@@ -825,7 +846,7 @@ async def _send(
     workers = verify_threads if verify_threads is not None else (os.cpu_count() or 1)
     executor = None
     if count > VERIFY_THREAD_THRESHOLD and workers > 0:
-        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hansa-verify")
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hansa-fanout")
     loop = asyncio.get_running_loop()
     verifier = _Verifier(loop, executor, workers, requester, query)
     own_session = session is None
@@ -1005,9 +1026,9 @@ async def fan_out(
         now_ms: the wall clock in integer ms since the epoch.
         max_attempts: attempts per city on connection failures (>= 1).
         connection_limit: size of the pool created when ``session`` is None.
-        verify_threads: verification threads when there are more than
-            :data:`VERIFY_THREAD_THRESHOLD` targets (``None``: one per core;
-            ``0``: verify on the event loop).
+        verify_threads: signing and verification threads when there are more
+            than :data:`VERIFY_THREAD_THRESHOLD` targets (``None``: one per
+            core; ``0``: sign and verify on the event loop).
         nonce_source: the requests' nonces (see :func:`prepare_requests`).
 
     Returns:
