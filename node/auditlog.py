@@ -603,6 +603,14 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 """
 
 
+def _stored_checkpoint(row: tuple[object, ...]) -> StoredCheckpoint:
+    """A checkpoints row, type-checked (the file may have been edited)."""
+    size, root, note = row
+    if not (isinstance(size, int) and isinstance(root, bytes) and isinstance(note, bytes)):
+        raise InconsistentLogError(f"stored checkpoint row {size!r} has the wrong types")
+    return StoredCheckpoint(size, root, note)
+
+
 def _indexed_id(entry: AuditEntry) -> bytes | None:
     """The message id an entry is found by (request received, answer sent)."""
     if isinstance(entry, RequestReceived):
@@ -733,18 +741,23 @@ class AuditLog:
                     f"{self.path} is the log of {meta.get('origin')!r}, not {self.origin!r}"
                 )
             rows = conn.execute("SELECT size, root, note FROM checkpoints ORDER BY size")
-            checkpoints = [StoredCheckpoint(int(s), bytes(r), bytes(n)) for s, r, n in rows]
+            checkpoints = [_stored_checkpoint(row) for row in rows]
             covered = checkpoints[-1].size if checkpoints else 0
             hashes, bad_at = self._load_leaves(conn)
+            if bad_at is not None and bad_at < covered:
+                raise InconsistentLogError(
+                    f"audit leaf {bad_at} is missing or damaged under a checkpoint of size"
+                    f" {covered}"
+                )
+            self._tree = MerkleTree.from_leaf_hashes(hashes)
+            for cp in checkpoints:
+                self._check_checkpoint(cp, verifier)
+                self._checkpoints[cp.size] = cp
+            # Only once the checkpoints vouch for the prefix is the bad tail removed.
             if bad_at is not None:
-                self._repair_tail(conn, bad_at, covered)
-                hashes = hashes[:bad_at]
+                self._repair_tail(conn, bad_at)
         except sqlite3.Error as exc:
             raise AuditLogError(f"cannot read audit log {self.path}: {exc}") from exc
-        self._tree = MerkleTree.from_leaf_hashes(hashes)
-        for cp in checkpoints:
-            self._check_checkpoint(cp, verifier)
-            self._checkpoints[cp.size] = cp
 
     def _load_leaves(self, conn: sqlite3.Connection) -> tuple[list[bytes], int | None]:
         """Leaf hashes of the good prefix, and the first bad index (None if all good)."""
@@ -762,11 +775,7 @@ class AuditLog:
             hashes.append(leaf_hash(leaf))
         return hashes, None
 
-    def _repair_tail(self, conn: sqlite3.Connection, bad_at: int, covered: int) -> None:
-        if bad_at < covered:
-            raise InconsistentLogError(
-                f"audit leaf {bad_at} is missing or damaged under a checkpoint of size {covered}"
-            )
+    def _repair_tail(self, conn: sqlite3.Connection, bad_at: int) -> None:
         conn.execute("BEGIN IMMEDIATE")
         removed = conn.execute("DELETE FROM leaves WHERE idx >= ?", (bad_at,)).rowcount
         conn.execute("COMMIT")

@@ -458,6 +458,26 @@ def test_checkpoint_beyond_stored_leaves_is_detected(tmp_path: Path) -> None:
         AuditLog.open(db, ORIGIN)
 
 
+def test_edited_checkpoint_row_is_detected(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    _filled(db, 4, checkpoint_at=4)
+    _sql(db, "UPDATE checkpoints SET root = 'text'")
+    with pytest.raises(InconsistentLogError, match="types"):
+        AuditLog.open(db, ORIGIN)
+
+
+def test_nothing_is_repaired_when_a_checkpoint_fails(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    _filled(db, 6, checkpoint_at=3)
+    _sql(db, "UPDATE leaves SET leaf = ? WHERE idx = 0", encode_entry(EXAMPLES[0]))
+    _sql(db, "UPDATE leaves SET leaf = ? WHERE idx = 5", b"torn")
+    with pytest.raises(InconsistentLogError):
+        AuditLog.open(db, ORIGIN)
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM leaves").fetchone() == (6,)  # evidence kept
+    conn.close()
+
+
 def test_damaged_tail_beyond_checkpoints_is_repaired_and_reported(tmp_path: Path) -> None:
     db = tmp_path / "a.db"
     _filled(db, 6, checkpoint_at=3)
