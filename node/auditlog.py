@@ -67,7 +67,10 @@ stored checkpoint against it. A bad tail (SQLite's journal already discards torn
 and uncommitted transactions; this catches anything else) is truncated only when no
 checkpoint covers it, and reported in :attr:`AuditLog.repaired`; damage under a
 checkpoint, or a checkpoint whose root differs from the recomputed tree, raises
-:class:`InconsistentLogError`. Nothing is silently accepted.
+:class:`InconsistentLogError`. Nothing is silently accepted. Leaves after the latest
+checkpoint are vouched for by nothing but the disk, so the checkpoint policy bounds how
+much an edit of the file could change undetected; envelopes are checked against their
+hash when read.
 """
 
 from __future__ import annotations
@@ -1162,6 +1165,7 @@ class AuditLog:
         """Return the stored envelope with SHA-256 ``digest``, or None.
 
         Raises:
+            InconsistentLogError: the stored bytes do not hash to ``digest`` (edited).
             AuditLogError: the store cannot be read.
         """
         with self._read_lock:
@@ -1171,7 +1175,12 @@ class AuditLog:
                 ).fetchone()
             except sqlite3.Error as exc:
                 raise AuditLogError(f"cannot read audit envelopes: {exc}") from exc
-        return None if row is None else bytes(row[0])
+        if row is None:
+            return None
+        envelope = row[0]
+        if not isinstance(envelope, bytes) or message_id(envelope) != bytes(digest):
+            raise InconsistentLogError("a stored envelope does not hash to its key")
+        return envelope
 
 
 def _lock(path: Path) -> int:

@@ -138,6 +138,27 @@ def test_trailing_bytes_are_rejected(entry: AuditEntry, extra: bytes) -> None:
         decode_entry(encode_entry(entry) + extra)
 
 
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_crash_the_decoder(data: bytes) -> None:
+    try:
+        decode_entry(data)
+    except ProtocolError:
+        pass
+
+
+@given(entries, st.data())
+def test_flipped_byte_decodes_differently_or_is_rejected(
+    entry: AuditEntry, data: st.DataObject
+) -> None:
+    leaf = bytearray(encode_entry(entry))
+    at = data.draw(st.integers(0, len(leaf) - 1))
+    leaf[at] ^= data.draw(st.integers(1, 255))
+    try:
+        assert decode_entry(bytes(leaf)) != entry
+    except ProtocolError:
+        pass
+
+
 def test_oversize_leaf_is_rejected() -> None:
     with pytest.raises(TooLargeError):
         encode_entry(KeyRotated(1, H1, H2, "x" * MAX_LEAF_SIZE))
@@ -456,6 +477,15 @@ def test_checkpoint_beyond_stored_leaves_is_detected(tmp_path: Path) -> None:
     _sql(db, "UPDATE checkpoints SET root = ?", H1)
     with pytest.raises(InconsistentLogError):
         AuditLog.open(db, ORIGIN)
+
+
+def test_edited_envelope_is_detected_when_read(tmp_path: Path) -> None:
+    with AuditLog.open(tmp_path / "a.db", ORIGIN) as log:
+        entry, env = _request(0)
+        log.append(entry, [env])
+        _sql(tmp_path / "a.db", "UPDATE envelopes SET envelope = ?", b"forged")
+        with pytest.raises(InconsistentLogError):
+            log.envelope(entry.message_id)
 
 
 def test_edited_checkpoint_row_is_detected(tmp_path: Path) -> None:
