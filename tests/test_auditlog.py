@@ -603,3 +603,5 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_entry(tmp_path: Path) -
             size = log.size
             assert log.append(_request(10_000 + round_)[0]) == size  # appends continue
     assert len(acked) >= 20  # the children really did acknowledge entries
+    with AuditLog.open(db, ORIGIN, verifier=signer.verifier) as log:
+        assert len(log.checkpoints()) >= 2  # and signed checkpoints that were re-verified
