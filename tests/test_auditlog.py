@@ -525,6 +525,22 @@ def test_damaged_tail_beyond_checkpoints_is_repaired_and_reported(tmp_path: Path
         assert log.repaired == 1 and log.size == 5
 
 
+def test_torn_last_wal_write_loses_only_the_last_commit(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    torn = tmp_path / "torn.db"
+    with AuditLog.open(db, ORIGIN) as log:
+        for i in range(10):
+            log.append(_request(i)[0])  # ten commits, all still in the WAL
+        root9 = log.root(9)
+        # A crash mid-write of the last commit: the file as it was, minus the WAL's tail.
+        torn.write_bytes(db.read_bytes())
+        wal = Path(str(db) + "-wal").read_bytes()
+        Path(str(torn) + "-wal").write_bytes(wal[:-100])
+    with AuditLog.open(torn, ORIGIN) as log:
+        assert log.size == 9 and log.root() == root9  # SQLite dropped the torn frame
+        assert log.append(_request(10)[0]) == 9
+
+
 # ------------------------------------------------------------------ crash test
 
 CHILD = """
