@@ -78,6 +78,7 @@ import dataclasses
 import gc
 import hashlib
 import importlib.util
+import inspect
 import io
 import json
 import os
@@ -482,9 +483,17 @@ class Clients:
         self.check("prepared", n, result)
 
     async def old_hansa(self, n: int) -> None:
-        """The ``--old`` module's ``fan_out`` (its ``secrets`` swapped for known nonces)."""
+        """The ``--old`` module's ``fan_out`` with the known nonces.
+
+        Passed as ``nonce_source`` when that ``fan_out`` takes one, else by
+        swapping the module's ``secrets`` for the same source.
+        """
         assert self.old is not None
-        with mock.patch.object(self.old, "secrets", Nonces(n)):
+        nonces = Nonces(n)
+        extra: dict[str, object] = {}
+        if "nonce_source" in inspect.signature(self.old.fan_out).parameters:
+            extra["nonce_source"] = nonces
+        with mock.patch.object(self.old, "secrets", nonces):
             result = await self.old.fan_out(
                 QUERY,
                 POLICY,
@@ -495,6 +504,7 @@ class Clients:
                 deadline_s=DEADLINE_S,
                 session=self.session("old"),
                 now_ms=lambda: ISSUED_AT,
+                **extra,
             )
         if not result.quorum_met or result.combined is None:
             raise SystemExit(f"old fan-out failed at N={n}")

@@ -950,7 +950,7 @@ async def send_prepared(
     same = len(prepared) == len(cities) and all(
         p.target.city == city
         and p.request.audience == city
-        and p.request.targets == cities
+        and (p.request.targets is cities or p.request.targets == cities)
         and p.request.query == first.query
         and p.request.quorum == first.quorum
         and p.request.requester == first.requester
