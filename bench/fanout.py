@@ -649,8 +649,13 @@ def print_table(rows: Sequence[Row]) -> None:
             )
 
 
-def coordinator_work(setup: Setup, n: int) -> None:
-    """Print the CPU cost of the coordinator's own steps for ``n`` cities, inline."""
+def coordinator_work(setup: Setup, n: int, rows: Sequence[Row]) -> None:
+    """Print the CPU cost of the coordinator's own steps for ``n`` cities, inline.
+
+    Also what that cost alone (no transport at all) is against the naive
+    client's whole overhead: the floor of the hansa/naive ratio on one core,
+    and on two with perfect parallelism.
+    """
     targets = setup.targets[n]
     t0 = time.perf_counter()
     prepared_requests(targets)
@@ -667,6 +672,14 @@ def coordinator_work(setup: Setup, n: int) -> None:
         f" {seal_ms:.1f} ms ({seal_ms * 1000 / n:.0f} us each), verify_reply of the {n}"
         f" answers {verify_ms:.1f} ms ({verify_ms * 1000 / n:.0f} us each)"
     )
+    crypto = seal_ms + verify_ms
+    for row in rows:
+        if row.n == n and row.ms["naive"] > 0:
+            print(
+                f"    {row.mode}: signing + verifying alone = {crypto / row.ms['naive']:.2f}x"
+                f" naive's whole overhead ({crypto / 2 / row.ms['naive']:.2f}x if split"
+                " perfectly over 2 cores)"
+            )
 
 
 async def profile(setup: Setup, n: int, mode: str, verify_threads: int | None) -> None:
@@ -742,7 +755,7 @@ def main() -> None:
             print_table(rows)
             print("Coordinator CPU work, for scale (no network):")
             for n in ns:
-                coordinator_work(setup, n)
+                coordinator_work(setup, n, rows)
             if args.profile:
                 await profile(setup, ns[-1], args.mode[0], args.verify_threads)
 
