@@ -28,6 +28,9 @@ import msgspec
 from hansa.protocol.envelope import MAX_PAYLOAD_SIZE, PayloadType, _as_protocol_error
 from hansa.protocol.errors import ErrorCode, ProtocolError, TooLargeError
 from hansa.protocol.messages import (
+    AddCheckpoint,
+    AuditRequest,
+    AuditResponse,
     Capabilities,
     ErrorMessage,
     QueryAnswer,
@@ -46,11 +49,13 @@ __all__ = [
     "payload_type_of",
 ]
 
-Message = QueryRequest | QueryAnswer | QueryRefusal | Capabilities | ErrorMessage
-"""Every top-level message body."""
-
-SignedMessage = QueryRequest | QueryAnswer | QueryRefusal | Capabilities
+SignedMessage = (
+    QueryRequest | QueryAnswer | QueryRefusal | Capabilities | AuditRequest | AuditResponse
+)
 """Every body that travels inside a signed envelope."""
+
+Message = SignedMessage | ErrorMessage | AddCheckpoint
+"""Every top-level message body."""
 
 M = TypeVar("M", bound=msgspec.Struct)
 
@@ -59,6 +64,8 @@ MESSAGE_TYPES: Final[dict[PayloadType, type[SignedMessage]]] = {
     PayloadType.QUERY_ANSWER: QueryAnswer,
     PayloadType.QUERY_REFUSAL: QueryRefusal,
     PayloadType.CAPABILITIES: Capabilities,
+    PayloadType.AUDIT_REQUEST: AuditRequest,
+    PayloadType.AUDIT_RESPONSE: AuditResponse,
 }
 _PAYLOAD_TYPES: Final[dict[type[msgspec.Struct], PayloadType]] = {
     cls: pt for pt, cls in MESSAGE_TYPES.items()

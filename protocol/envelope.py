@@ -55,6 +55,8 @@ class PayloadType(enum.StrEnum):
     QUERY_ANSWER = "application/vnd.hansa.query-answer.v1+msgpack"
     QUERY_REFUSAL = "application/vnd.hansa.query-refusal.v1+msgpack"
     CAPABILITIES = "application/vnd.hansa.capabilities.v1+msgpack"
+    AUDIT_REQUEST = "application/vnd.hansa.audit-request.v1+msgpack"
+    AUDIT_RESPONSE = "application/vnd.hansa.audit-response.v1+msgpack"
 
 
 class Envelope(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):

@@ -56,6 +56,7 @@ from typing import Annotated, Any, Final, NamedTuple
 import msgspec
 from msgspec import Meta
 
+from hansa.protocol.envelope import MAX_ENVELOPE_SIZE
 from hansa.protocol.errors import ErrorCode
 
 __all__ = [
@@ -65,14 +66,18 @@ __all__ = [
     "INT_MIN",
     "MAX_AGGREGATES",
     "MAX_AGGREGATE_KINDS",
+    "MAX_AUDIT_PAGE",
     "MAX_BIN_EDGES",
+    "MAX_CHECKPOINT_NOTE",
     "MAX_COLUMNS",
     "MAX_DATASETS",
     "MAX_FILTERS",
     "MAX_GROUPS",
     "MAX_GROUP_BY",
     "MAX_IN_VALUES",
+    "MAX_LEAF_BYTES",
     "MAX_LEGAL_BASIS",
+    "MAX_PROOF_HASHES",
     "MAX_PURPOSES",
     "MAX_QUANTILES",
     "MAX_SKETCH_BUCKETS",
@@ -81,8 +86,12 @@ __all__ = [
     "MAX_VERSION_TEXT",
     "PRINCIPAL_ID_PATTERN",
     "TOKEN_PATTERN",
+    "AddCheckpoint",
     "Aggregate",
     "AggregateState",
+    "AuditOp",
+    "AuditRequest",
+    "AuditResponse",
     "Capabilities",
     "ColumnInfo",
     "ColumnRole",
@@ -144,6 +153,10 @@ MAX_AGGREGATE_KINDS: Final = 16
 MAX_PURPOSES: Final = 256
 MAX_VERSION_TEXT: Final = 128
 MAX_LEGAL_BASIS: Final = 256
+MAX_AUDIT_PAGE: Final = 1000
+MAX_LEAF_BYTES: Final = 65_535
+MAX_PROOF_HASHES: Final = 128
+MAX_CHECKPOINT_NOTE: Final = 65_536
 INT_MIN: Final = -(2**63)
 """Smallest integer MessagePack (and so the wire) can carry."""
 INT_MAX: Final = 2**64 - 1
@@ -811,6 +824,128 @@ class ErrorMessage(_Wire, frozen=True, tag="error"):
         _check_wire_code(self.code)
 
 
+# --- audit log access (spec §16) ---------------------------------------------------------
+
+
+class AuditOp(enum.StrEnum):
+    """What an :class:`AuditRequest` asks the node's audit log for (spec §16.3)."""
+
+    CHECKPOINT = "checkpoint"
+    ENTRIES = "entries"
+    INCLUSION = "inclusion"
+    CONSISTENCY = "consistency"
+    ENVELOPES = "envelopes"
+    RECEIPT = "receipt"
+
+
+Size = Annotated[int, Meta(ge=0, le=2**53)]
+"""A leaf index or tree size."""
+Leaf = Annotated[bytes, Meta(max_length=MAX_LEAF_BYTES)]
+"""One audit-log leaf (``hansa-audit/v1``, at most 65535 bytes)."""
+NoteBytes = Annotated[bytes, Meta(min_length=1, max_length=MAX_CHECKPOINT_NOTE)]
+"""A signed C2SP checkpoint note (§12.3), with any cosignature lines."""
+StoredEnvelope = Annotated[bytes, Meta(max_length=MAX_ENVELOPE_SIZE)]
+"""An envelope kept beside the audit tree (at most ``MAX_ENVELOPE_SIZE`` bytes)."""
+
+
+class AuditRequest(_Wire, frozen=True, tag="audit-request"):
+    """A signed request for part of a city's audit log (spec §16.3).
+
+    The fields an ``op`` does not use must keep their defaults, so one signed
+    request has one meaning.
+    """
+
+    requester: PrincipalId
+    audience: CityId
+    issued_at: Millis
+    expires_at: Millis
+    nonce: Nonce
+    roster_version: Annotated[int, Meta(ge=0, le=2**53)]
+    op: AuditOp
+    start: Size = 0
+    end: Size = 0
+    index: Size = 0
+    message_id: Digest | None = None
+    old_size: Size = 0
+    new_size: Size = 0
+    hashes: Annotated[tuple[Digest, ...], Meta(max_length=MAX_AUDIT_PAGE)] = ()
+
+    def __post_init__(self) -> None:
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be after issued_at")
+        op = self.op
+        used = _AUDIT_FIELDS[op]
+        for name in _AUDIT_OPTIONAL:
+            if name not in used and getattr(self, name) != _AUDIT_DEFAULTS[name]:
+                raise ValueError(f"op {op.value!r} does not take {name}")
+        if op is AuditOp.ENTRIES and not 0 < self.end - self.start <= MAX_AUDIT_PAGE:
+            raise ValueError(f"entries needs start < end <= start + {MAX_AUDIT_PAGE}")
+        if op is AuditOp.CONSISTENCY and not (
+            self.old_size >= 1 and (self.new_size == 0 or self.new_size >= self.old_size)
+        ):
+            raise ValueError("consistency needs 1 <= old_size <= new_size (or new_size 0)")
+        if op is AuditOp.ENVELOPES and not self.hashes:
+            raise ValueError("envelopes needs at least one hash")
+        if op is AuditOp.RECEIPT and self.message_id is None:
+            raise ValueError("receipt needs the message_id of the request")
+
+
+_AUDIT_DEFAULTS: Final[dict[str, object]] = {
+    "start": 0,
+    "end": 0,
+    "index": 0,
+    "message_id": None,
+    "old_size": 0,
+    "new_size": 0,
+    "hashes": (),
+}
+_AUDIT_OPTIONAL: Final = tuple(_AUDIT_DEFAULTS)
+_AUDIT_FIELDS: Final[dict[AuditOp, frozenset[str]]] = {
+    AuditOp.CHECKPOINT: frozenset(),
+    AuditOp.ENTRIES: frozenset({"start", "end"}),
+    # by index, or by message_id (then index must stay 0); at new_size (0: the checkpoint)
+    AuditOp.INCLUSION: frozenset({"index", "message_id", "new_size"}),
+    AuditOp.CONSISTENCY: frozenset({"old_size", "new_size"}),
+    AuditOp.ENVELOPES: frozenset({"hashes"}),
+    AuditOp.RECEIPT: frozenset({"message_id"}),
+}
+
+
+class AuditResponse(_Wire, frozen=True, tag="audit-response"):
+    """A city's signed reply to an :class:`AuditRequest` (spec §16.3).
+
+    ``checkpoint`` is the signed checkpoint the proofs refer to (the latest
+    one, with the cosignatures the node holds); fields an op does not fill
+    keep their defaults.
+    """
+
+    request_id: Digest
+    responder: CityId
+    issued_at: Millis
+    op: AuditOp
+    checkpoint: NoteBytes | None = None
+    entries: Annotated[tuple[Leaf, ...], Meta(max_length=MAX_AUDIT_PAGE)] = ()
+    first_index: Size = 0
+    proof: Annotated[tuple[Digest, ...], Meta(max_length=MAX_PROOF_HASHES)] = ()
+    index: Size = 0
+    tree_size: Size = 0
+    envelopes: Annotated[
+        tuple[tuple[Digest, StoredEnvelope], ...], Meta(max_length=MAX_AUDIT_PAGE)
+    ] = ()
+
+
+class AddCheckpoint(_Wire, frozen=True, tag="add-checkpoint"):
+    """An unsigned witness request (C2SP tlog-witness ``add-checkpoint``, spec §16.5).
+
+    The authority is the log's signature on ``checkpoint``; the body itself
+    is not signed.
+    """
+
+    old_size: Size
+    proof: Annotated[tuple[Digest, ...], Meta(max_length=MAX_PROOF_HASHES)]
+    checkpoint: NoteBytes
+
+
 # --- name checks, run by the codec after decoding ----------------------------------------
 
 
@@ -870,6 +1005,14 @@ def _check_dataset(value: DatasetInfo) -> None:
     _check_profile(value.disclosure, [value.name, *map(_NAME, value.columns)])
 
 
+def _check_audit_request(value: AuditRequest) -> None:
+    _RESPONSE_NAMES.check([value.audience, _GROUP, value.requester])
+
+
+def _check_audit_response(value: AuditResponse) -> None:
+    _CITY_IDS.check([value.responder])
+
+
 def _check_capabilities(value: Capabilities) -> None:
     _CITY_IDS.check([value.city])
     for dataset in value.datasets:
@@ -892,6 +1035,8 @@ _NAME_CHECKS: Final[dict[type[msgspec.Struct], Callable[[Any], None]]] = {
     DisclosureProfile: _check_profile,
     DatasetInfo: _check_dataset,
     Capabilities: _check_capabilities,
+    AuditRequest: _check_audit_request,
+    AuditResponse: _check_audit_response,
 }
 
 

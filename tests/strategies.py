@@ -349,6 +349,67 @@ error_messages: Final[st.SearchStrategy[m.ErrorMessage]] = st.builds(
     m.ErrorMessage, code=wire_error_codes, message=short_text
 )
 
+# --- audit log access ------------------------------------------------------------------------
+
+sizes: Final = st.integers(min_value=0, max_value=2**53)
+
+
+@st.composite
+def audit_requests(draw: st.DrawFn) -> m.AuditRequest:
+    """Valid audit requests of every op (only the fields the op takes are set)."""
+    issued = draw(st.integers(min_value=0, max_value=2**53 - 1))
+    op = draw(st.sampled_from(m.AuditOp))
+    extra: dict[str, Any] = {}
+    if op is m.AuditOp.ENTRIES:
+        start = draw(st.integers(min_value=0, max_value=2**53 - m.MAX_AUDIT_PAGE))
+        extra = {"start": start, "end": start + draw(st.integers(1, m.MAX_AUDIT_PAGE))}
+    elif op is m.AuditOp.INCLUSION:
+        extra = {
+            "index": draw(sizes),
+            "message_id": draw(st.none() | digests),
+            "new_size": draw(sizes),
+        }
+    elif op is m.AuditOp.CONSISTENCY:
+        old = draw(st.integers(min_value=1, max_value=2**52))
+        extra = {"old_size": old, "new_size": draw(st.just(0) | st.integers(old, 2**53))}
+    elif op is m.AuditOp.ENVELOPES:
+        extra = {"hashes": draw(_tuple(digests, min_size=1, max_size=4))}
+    elif op is m.AuditOp.RECEIPT:
+        extra = {"message_id": draw(digests)}
+    return m.AuditRequest(
+        requester=draw(principal_ids),
+        audience=draw(city_ids),
+        issued_at=issued,
+        expires_at=draw(st.integers(min_value=issued + 1, max_value=2**53)),
+        nonce=draw(nonces),
+        roster_version=draw(sizes),
+        op=op,
+        **extra,
+    )
+
+
+audit_responses: Final[st.SearchStrategy[m.AuditResponse]] = st.builds(
+    m.AuditResponse,
+    request_id=digests,
+    responder=city_ids,
+    issued_at=millis,
+    op=st.sampled_from(m.AuditOp),
+    checkpoint=st.none() | st.binary(min_size=1, max_size=80),
+    entries=_tuple(st.binary(max_size=40), max_size=3),
+    first_index=sizes,
+    proof=_tuple(digests, max_size=3),
+    index=sizes,
+    tree_size=sizes,
+    envelopes=_tuple(st.tuples(digests, st.binary(max_size=40)), max_size=2),
+)
+
+add_checkpoints: Final[st.SearchStrategy[m.AddCheckpoint]] = st.builds(
+    m.AddCheckpoint,
+    old_size=sizes,
+    proof=_tuple(digests, max_size=3),
+    checkpoint=st.binary(min_size=1, max_size=80),
+)
+
 # --- unions and the per-type table ------------------------------------------------------------
 
 
@@ -403,6 +464,9 @@ STRUCT_STRATEGIES: Final[dict[type[msgspec.Struct], st.SearchStrategy[Any]]] = {
     m.DatasetInfo: dataset_infos,
     m.Capabilities: capabilities,
     m.ErrorMessage: error_messages,
+    m.AuditRequest: audit_requests(),
+    m.AuditResponse: audit_responses,
+    m.AddCheckpoint: add_checkpoints,
 }
 """One strategy of valid values per wire struct type (every struct in ``messages``)."""
 
