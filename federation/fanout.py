@@ -61,7 +61,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final
@@ -778,17 +778,27 @@ class _Coordinator:
         loop = self.loop
         attempts: list[_Attempt] = []
         tasks: list[asyncio.Task[CityResult]] = []
-        async for chunk in chunks:
-            started = loop.time()
-            for prepared in chunk:
-                attempt = _Attempt(prepared, started)
-                attempts.append(attempt)
-                tasks.append(loop.create_task(self.ask(attempt)))
-            # Let the new requests start on the wire before the next chunk is signed.
-            await asyncio.sleep(0)
-        # One timer for the whole fan-out, not one per city (spec: one deadline).
-        if tasks:
-            await asyncio.wait(tasks, timeout=max(0.0, self.deadline - loop.time()))
+        try:
+            async for chunk in chunks:
+                started = loop.time()
+                for prepared in chunk:
+                    attempt = _Attempt(prepared, started)
+                    attempts.append(attempt)
+                    tasks.append(loop.create_task(self.ask(attempt)))
+                # Let the new requests start on the wire before the next chunk is signed.
+                await asyncio.sleep(0)
+            # One timer for the whole fan-out, not one per city (spec: one deadline).
+            if tasks:
+                await asyncio.wait(tasks, timeout=max(0.0, self.deadline - loop.time()))
+        except BaseException:
+            # The caller cancelled us (or signing failed): leave no request running.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            if isinstance(chunks, AsyncGenerator):
+                await chunks.aclose()
         results = []
         late: list[asyncio.Task[CityResult]] = []
         for attempt, task in zip(attempts, tasks, strict=True):

@@ -776,3 +776,22 @@ def test_the_shape_check_agrees_with_a_one_answer_combination(
         else:
             outcomes.append(None)
     assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("n", [3, VERIFY_THREAD_THRESHOLD + 4])
+async def test_cancelling_the_fan_out_leaves_no_request_running(analyst: Analyst, n: int) -> None:
+    seen: list[CityResult] = []
+    async with peer() as p:
+        targets = [p.target(f"city{i:03d}", "sleep") for i in range(n)]
+        task = asyncio.create_task(ask(analyst, targets, quorum=1, deadline_s=30.0, seen=seen))
+        for _ in range(200):  # bounded: wait until every request reached the peer
+            if p.hits.get("sleep", 0) == n:
+                break
+            await asyncio.sleep(0.02)
+        assert p.hits.get("sleep", 0) == n
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        assert not [t for t in others if "ask" in repr(t.get_coro())]
+    assert seen == []  # no city was reported after the caller gave up
