@@ -10,6 +10,15 @@ sleeping ``delay_s``, and returning those exact bytes: the peer spends no
 signature work per request, so the coordinator is what the benchmark measures.
 An unknown request gets HTTP 400.
 
+Two servers, the same behaviour: ``aiohttp`` (an ``aiohttp.web`` application)
+and ``lean`` (the default: a bare ``asyncio.Protocol`` speaking just enough
+HTTP/1.1 for this benchmark: keep-alive, ``Content-Length`` bodies, one request
+at a time per connection). The peers share the coordinator's cores on a
+development machine, so every cycle a peer spends is taken from the client
+being measured; the lean server spends fewer, which measures the coordinator
+more and the peers less (both clients gain; the parent picks with
+``--peer-server``).
+
 Protocol with the parent: one JSON line ``{city: port}`` on stdout once every
 port listens; the process exits when its stdin closes (the parent ended).
 """
@@ -22,6 +31,7 @@ import json
 import socket
 import sys
 from pathlib import Path
+from typing import cast
 
 import msgspec
 from aiohttp import web
@@ -35,6 +45,71 @@ class Spec(msgspec.Struct, frozen=True):
 
     delay_s: float
     cities: list[tuple[str, dict[bytes, bytes]]]
+    server: str = "lean"
+
+
+class LeanPeer(asyncio.Protocol):
+    """One connection of the lean server: parse a POST, answer after the delay."""
+
+    def __init__(self, answers: dict[bytes, bytes], delay: float) -> None:
+        self.answers = answers
+        self.delay = delay
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport."""
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the transport (a pending reply is dropped)."""
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        """Answer every complete request in the buffer."""
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buffer[:end]).lower()
+            at = head.find(b"\r\ncontent-length:")
+            size = 0
+            if at >= 0:
+                stop = head.find(b"\r\n", at + 2)
+                size = int(head[at + 17 : stop if stop > 0 else len(head)])
+            if len(self.buffer) < end + 4 + size:
+                return
+            body = bytes(self.buffer[end + 4 : end + 4 + size])
+            del self.buffer[: end + 4 + size]
+            answer = self.answers.get(hashlib.sha256(body).digest())
+            asyncio.get_running_loop().call_later(self.delay, self._reply, answer)
+
+    def _reply(self, answer: bytes | None) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if answer is None:
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 15\r\n\r\nunknown request"
+            )
+            return
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (MEDIA_TYPE.encode(), len(answer), answer)
+        )
+
+
+async def serve_lean(spec: Spec, answers: dict[bytes, bytes]) -> dict[str, int]:
+    """Listen with the lean server on one port per city; return the ports."""
+    loop = asyncio.get_running_loop()
+    ports: dict[str, int] = {}
+    for city, _ in spec.cities:
+        server = await loop.create_server(
+            lambda: LeanPeer(answers, spec.delay_s), "127.0.0.1", 0, backlog=1024
+        )
+        ports[city] = server.sockets[0].getsockname()[1]
+    return ports
 
 
 async def serve(spec: Spec) -> None:
@@ -52,23 +127,28 @@ async def serve(spec: Spec) -> None:
             return web.Response(status=400, text="unknown request")
         return web.Response(body=answer, content_type=MEDIA_TYPE)
 
-    app = web.Application()
-    app.router.add_post("/v1/query", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    ports: dict[str, int] = {}
-    for city, _ in spec.cities:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        ports[city] = sock.getsockname()[1]
-        await web.SockSite(runner, sock, backlog=1024).start()
+    runner: web.AppRunner | None = None
+    if spec.server == "lean":
+        ports = await serve_lean(spec, answers)
+    else:
+        app = web.Application()
+        app.router.add_post("/v1/query", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        ports = {}
+        for city, _ in spec.cities:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+            ports[city] = sock.getsockname()[1]
+            await web.SockSite(runner, sock, backlog=1024).start()
     sys.stdout.write(json.dumps(ports) + "\n")
     sys.stdout.flush()
     loop = asyncio.get_running_loop()
     # Block on stdin in a thread: EOF means the parent is gone (or done).
     await loop.run_in_executor(None, sys.stdin.buffer.read)
-    await runner.cleanup()
+    if runner is not None:
+        await runner.cleanup()
 
 
 def main() -> None:

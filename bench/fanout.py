@@ -40,10 +40,14 @@ N = 500.
 Peers
 -----
 ``--peer-procs`` separate processes (default 2, the cores of the development
-machine) run ``bench/_peers.py``: one aiohttp server each on uvloop, with one
+machine) run ``bench/_peers.py``: one server each on uvloop, with one
 127.0.0.1 port per city. Distinct ports, not paths on one port, because real
 cities are distinct hosts: the coordinator must open and keep one connection
-per city, which is exactly the cost a fan-out pays.
+per city, which is exactly the cost a fan-out pays. ``--peer-server lean``
+(the default) is a bare ``asyncio.Protocol`` HTTP/1.1 server and
+``--peer-server aiohttp`` an ``aiohttp.web`` one: the peers run on the
+coordinator's cores, so the cheaper they are the more of the machine the
+clients being measured get (real cities run elsewhere).
 
 Pre-signed answers
 ------------------
@@ -64,7 +68,7 @@ may be re-sent every run.) An ``--old`` module without ``nonce_source`` gets
 the known nonces by swapping its module's ``secrets`` for the same source.
 
 Run: ``.venv/bin/python bench/fanout.py [--n 10 100 500] [--repeats 11]
-[--peer-procs 2] [--mode cold warm] [--old /tmp/fanout_old.py]
+[--peer-procs 2] [--peer-server lean|aiohttp] [--mode cold warm] [--old /tmp/fanout_old.py]
 [--verify-threads K] [--inline] [--profile]``.
 """
 
@@ -236,7 +240,7 @@ class Setup:
 
 
 @contextlib.contextmanager
-def peers(ns: Sequence[int], procs: int) -> Iterator[Setup]:
+def peers(ns: Sequence[int], procs: int, server: str = "lean") -> Iterator[Setup]:
     """Sign every answer, start the peer processes, yield the :class:`Setup`."""
     top = max(ns)
     keys = [city_key(i) for i in range(top)]
@@ -261,7 +265,9 @@ def peers(ns: Sequence[int], procs: int) -> Iterator[Setup]:
         for p in range(procs):
             mine = [(city_name(i), by_city[i]) for i in range(p, top, procs)]
             spec = tmp / f"peers-{p}.msgpack"
-            spec.write_bytes(msgspec.msgpack.encode({"delay_s": DELAY_S, "cities": mine}))
+            spec.write_bytes(
+                msgspec.msgpack.encode({"delay_s": DELAY_S, "cities": mine, "server": server})
+            )
             child = subprocess.Popen(
                 [sys.executable, str(HERE / "_peers.py"), str(spec)],
                 stdin=subprocess.PIPE,
@@ -722,6 +728,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11, help="timed runs per client (median)")
     parser.add_argument("--peer-procs", type=int, default=2, help="peer processes")
     parser.add_argument(
+        "--peer-server",
+        choices=("lean", "aiohttp"),
+        default="lean",
+        help="the peers' HTTP server (see Peers)",
+    )
+    parser.add_argument(
         "--mode", nargs="+", choices=("cold", "warm"), default=["cold", "warm"], help="sessions"
     )
     parser.add_argument(
@@ -746,7 +758,7 @@ def main() -> None:
     old = load_old(args.old) if args.old is not None else None
     raise_fd_limit()
     started = time.perf_counter()
-    with peers(ns, max(1, args.peer_procs)) as setup:
+    with peers(ns, max(1, args.peer_procs), args.peer_server) as setup:
 
         async def go() -> None:
             rows = await measure(
@@ -760,7 +772,10 @@ def main() -> None:
                 await profile(setup, ns[-1], args.mode[0], args.verify_threads)
 
         run(go)
-    print(f"  ({time.perf_counter() - started:.0f} s, {args.peer_procs} peer processes)")
+    print(
+        f"  ({time.perf_counter() - started:.0f} s, {args.peer_procs} peer processes,"
+        f" {args.peer_server} peer server)"
+    )
 
 
 if __name__ == "__main__":
