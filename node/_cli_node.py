@@ -32,6 +32,8 @@ from hansa.crypto.keys import SigningKey
 from hansa.node.config import (
     DEFAULT_PORT,
     KEY_FILE,
+    LOG_KEY_FILE,
+    WITNESS_KEY_FILE,
     NodeConfig,
     add_trusted_key,
     check_first_roster,
@@ -99,6 +101,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="refuse requests targeting fewer than N cities or with a quorum below N (default 1)",
     )
+    init.add_argument(
+        "--witness",
+        action="store_true",
+        help="this city witnesses other cities' audit logs: also create witness.key",
+    )
     init.set_defaults(handler=_init)
 
     serve = node_sub.add_parser("serve", help="run the node until SIGTERM or SIGINT")
@@ -142,8 +149,12 @@ def init_node(
     pin: bytes | None = None,
     min_participants: int = 1,
     now_ms: int | None = None,
+    witness: bool = False,
 ) -> NodeConfig:
-    """Create a node's data directory, signing key and ``node.toml``.
+    """Create a node's data directory, signing keys and ``node.toml``.
+
+    Besides the node key it writes ``log.key`` (signs the audit log's
+    checkpoints, spec §16.1) and, for a witnessing city, ``witness.key``.
 
     Args:
         data_dir: the directory to create (it may exist, but not hold a node.toml).
@@ -156,6 +167,7 @@ def init_node(
         pin: SHA-256 of that roster's body.
         min_participants: the node's minimum of participating cities.
         now_ms: the current time for the roster's expiry (default: the wall clock).
+        witness: the city witnesses other cities' logs (writes ``witness.key``).
 
     Returns:
         The configuration written.
@@ -176,6 +188,7 @@ def init_node(
         key_file=KEY_FILE,
         key_passphrase_env=passphrase_env,
         min_participants=min_participants,
+        witness=witness,
     )
     if roster is not None and pin is not None:
         check_first_roster(roster, pin, city, now)
@@ -184,6 +197,10 @@ def init_node(
         raise ConfigError(f"{path} already exists; this directory already holds a node")
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_key_file(data_dir / KEY_FILE, SigningKey.generate(), passphrase=passphrase)
+    # The log and witness keys are unencrypted: the node signs checkpoints unattended.
+    write_key_file(data_dir / LOG_KEY_FILE, SigningKey.generate())
+    if witness:
+        write_key_file(data_dir / WITNESS_KEY_FILE, SigningKey.generate())
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
@@ -246,11 +263,16 @@ def _init(args: argparse.Namespace) -> int:
         roster=roster,
         pin=pin,
         min_participants=args.min_participants,
+        witness=args.witness,
     )
     public = read_public_key(config.key_file)
     print(f"initialised node {config.city!r} in {config.data_dir}")
     print(f"  node key     {public.raw.hex()}")
     print(f"  key id       {public.key_id.hex()}")
+    print(f"  log key      {read_public_key(config.path(config.audit.log_key_file)).raw.hex()}")
+    if config.audit.witness_key_file is not None:
+        witness_pk = read_public_key(config.path(config.audit.witness_key_file))
+        print(f"  witness key  {witness_pk.raw.hex()}")
     print(f"  config       {config_path(config.data_dir)}")
     if config.alliance.pin is not None:
         print(f"  roster pin   {config.alliance.pin.hex()} (only keys it names may query)")

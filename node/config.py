@@ -62,12 +62,16 @@ from hansa.protocol.freshness import FreshnessLimits
 from hansa.protocol.messages import CITY_ID_PATTERN, MAX_TEXT, PRINCIPAL_ID_PATTERN
 
 __all__ = [
+    "AUDIT_FILE",
     "CONFIG_FILE",
     "DEFAULT_PORT",
     "KEY_FILE",
+    "LOG_KEY_FILE",
     "ROSTER_FILE",
     "ROSTER_HISTORY_DIR",
+    "WITNESS_KEY_FILE",
     "AllianceConfig",
+    "AuditConfig",
     "NodeConfig",
     "NodeLimits",
     "TrustedKey",
@@ -95,6 +99,12 @@ ROSTER_FILE: Final = "roster.bin"
 ROSTER_HISTORY_DIR: Final = "rosters"
 """Directory (inside the data directory) keeping every accepted roster version."""
 MAX_MIN_PARTICIPANTS: Final = 1000
+LOG_KEY_FILE: Final = "log.key"
+"""Default name of the key that signs the audit log's checkpoints."""
+WITNESS_KEY_FILE: Final = "witness.key"
+"""Default name of the witness cosigning key (only for a witnessing city)."""
+AUDIT_FILE: Final = "audit.sqlite"
+"""Name of the audit log store inside the data directory."""
 
 _T = TypeVar("_T")
 
@@ -212,6 +222,43 @@ class AllianceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The ``[audit]`` table: the tamper-evident log (spec §16).
+
+    Attributes:
+        log_key_file: the log's checkpoint-signing key (relative paths are
+            resolved against the data directory by :meth:`NodeConfig.path`).
+        witness_key_file: the witness cosigning key, or None when this city
+            does not witness other cities' logs.
+        origin: the log's checkpoint origin; empty means ``hansa/<alliance>/<city>``
+            (``hansa/local/<city>`` without a roster). It must never change once
+            the log holds entries.
+        checkpoint_seconds: sign a checkpoint at least this often (seconds)
+            while the log grows.
+        checkpoint_entries: and after at most this many new entries.
+        durable: fsync every append before replying. Only benchmarks turn it off.
+    """
+
+    log_key_file: Path = Path(LOG_KEY_FILE)
+    witness_key_file: Path | None = None
+    origin: str = ""
+    checkpoint_seconds: float = 10.0
+    checkpoint_entries: int = 1000
+    durable: bool = True
+
+    def __post_init__(self) -> None:
+        _check_float("audit", "checkpoint_seconds", self.checkpoint_seconds, 0.01, 86_400.0)
+        _check_int("audit", "checkpoint_entries", self.checkpoint_entries, 1, 100_000_000)
+        if self.origin and not _ORIGIN_RE.fullmatch(self.origin):
+            raise ConfigError(
+                f"[audit] origin must be printable with no spaces or '+', got {self.origin!r}"
+            )
+
+
+_ORIGIN_RE: Final = re.compile(r"[!-*,-~]{1,200}")
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A node's whole configuration.
 
@@ -228,6 +275,7 @@ class NodeConfig:
         trusted: requester keys allowed to query this node when no alliance
             roster is configured (ignored when one is).
         alliance: roster trust and the node's minimum of participating cities.
+        audit: the audit log's keys, origin and checkpoint policy.
     """
 
     data_dir: Path
@@ -240,6 +288,7 @@ class NodeConfig:
     limits: NodeLimits = field(default_factory=NodeLimits)
     trusted: tuple[TrustedKey, ...] = ()
     alliance: AllianceConfig = field(default_factory=AllianceConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         if not _CITY_RE.fullmatch(self.city):
@@ -266,6 +315,25 @@ class NodeConfig:
                     f"{other!r} and {t.principal!r}; a key speaks for one principal"
                 )
             seen[t.public_key.raw] = t.principal
+
+    def path(self, name: Path) -> Path:
+        """Return ``name`` resolved against the data directory (absolute paths stay)."""
+        return name if name.is_absolute() else self.data_dir / name
+
+    def log_origin(self, alliance: str | None) -> str:
+        """Return the audit log's checkpoint origin (spec §16.1).
+
+        Args:
+            alliance: the trusted roster's alliance name, or None without a roster.
+
+        Returns:
+            ``[audit] origin`` when set, else ``hansa/<alliance>/<city>`` with the
+            alliance name's white space and ``+`` replaced by ``-``.
+        """
+        if self.audit.origin:
+            return self.audit.origin
+        name = re.sub(r"[^!-*,-~]", "-", alliance) if alliance else "local"
+        return f"hansa/{name}/{self.city}"
 
     def key_lookup(self) -> dict[bytes, PublicKey]:
         """Return the trusted requester keys by key id (for ``open_envelope``)."""
@@ -348,7 +416,10 @@ def parse_config(text: str, data_dir: Path, *, source: str = CONFIG_FILE) -> Nod
         raise ConfigError(f"{source}: {exc.message}") from exc
 
 
-_TOP_KEYS: Final = frozenset({"node", "limits", "trusted", "alliance"})
+_TOP_KEYS: Final = frozenset({"node", "limits", "trusted", "alliance", "audit"})
+_AUDIT_KEYS: Final = frozenset(
+    {"log_key", "witness_key", "origin", "checkpoint_seconds", "checkpoint_entries", "durable"}
+)
 _ALLIANCE_KEYS: Final = frozenset({"roster", "pin", "min_participants"})
 _NODE_KEYS: Final = frozenset(
     {"city", "host", "port", "key_file", "key_passphrase_env", "access_log"}
@@ -395,6 +466,7 @@ def _from_document(doc: dict[str, Any], data_dir: Path) -> NodeConfig:
         raise ConfigError("[[trusted]] must be an array of tables")
     trusted = tuple(_trusted_key(i, entry) for i, entry in enumerate(raw_trusted))
     alliance = _alliance(_table(doc, "alliance"), data_dir)
+    audit = _audit(_table(doc, "audit"), data_dir)
 
     key_file = Path(key_file_text)
     return NodeConfig(
@@ -408,6 +480,30 @@ def _from_document(doc: dict[str, Any], data_dir: Path) -> NodeConfig:
         limits=limits,
         trusted=trusted,
         alliance=alliance,
+        audit=audit,
+    )
+
+
+def _audit(table: dict[str, Any], data_dir: Path) -> AuditConfig:
+    _no_unknown("[audit]", table, _AUDIT_KEYS)
+    log_key = _typed("audit", "log_key", table.get("log_key", LOG_KEY_FILE), str)
+    if not log_key:
+        raise ConfigError("[audit] log_key must not be empty")
+    witness_key = _typed("audit", "witness_key", table.get("witness_key", ""), str)
+    defaults = AuditConfig()
+    seconds = table.get("checkpoint_seconds", defaults.checkpoint_seconds)
+    return AuditConfig(
+        log_key_file=data_dir / log_key,
+        witness_key_file=data_dir / witness_key if witness_key else None,
+        origin=_typed("audit", "origin", table.get("origin", ""), str),
+        checkpoint_seconds=_typed("audit", "checkpoint_seconds", seconds, float),
+        checkpoint_entries=_typed(
+            "audit",
+            "checkpoint_entries",
+            table.get("checkpoint_entries", defaults.checkpoint_entries),
+            int,
+        ),
+        durable=_typed("audit", "durable", table.get("durable", True), bool),
     )
 
 
@@ -544,6 +640,8 @@ def render_config(
     roster_file: str | None = None,
     pin: bytes | None = None,
     min_participants: int = 1,
+    witness: bool = False,
+    audit: AuditConfig | None = None,
 ) -> str:
     """Return a complete, commented ``node.toml``.
 
@@ -561,6 +659,9 @@ def render_config(
             (None: roster-less, ``[[trusted]]`` is the authority).
         pin: SHA-256 of the first trusted roster's body (with ``roster_file``).
         min_participants: the node's minimum of participating cities.
+        witness: the city witnesses other cities' logs (writes ``witness_key``).
+        audit: the audit-log settings (defaults when ``None``; key paths are
+            written relative to the data directory as given).
 
     Returns:
         The TOML text.
@@ -569,6 +670,7 @@ def render_config(
         ConfigError: a value is invalid.
     """
     lim = limits or NodeLimits()
+    aud = audit or AuditConfig()
     # Validate through the dataclass so init can never write a file load rejects.
     NodeConfig(
         data_dir=Path("."),
@@ -582,8 +684,12 @@ def render_config(
             pin=pin,
             min_participants=min_participants,
         ),
+        audit=aud,
     )
     q = _toml_str
+    witness_key = WITNESS_KEY_FILE if witness else ""
+    if aud.witness_key_file is not None:
+        witness_key = str(aud.witness_key_file)
     if roster_file is not None and pin is not None:
         roster_lines = f"roster = {q(roster_file)}\npin = {q(pin.hex())}"
     else:
@@ -646,6 +752,25 @@ replay_capacity = {lim.replay_capacity}
 # The fewest participating cities this node accepts: a request must list at least this
 # many targets and ask for at least this quorum, else QUORUM_TOO_SMALL (1 = any).
 min_participants = {min_participants}
+
+[audit]
+# The tamper-evident audit log (spec §16), kept in audit.sqlite in this directory. Every
+# verified request, decision and reply is appended (fsynced) before the node replies.
+# The key that signs the log's checkpoints, relative to this directory (written 0600).
+log_key = {q(str(aud.log_key_file))}
+# The key this city cosigns other cities' checkpoints with when it is a witness
+# (`hansa node init --witness`); "" means this city does not witness.
+witness_key = {q(witness_key)}
+# The log's checkpoint origin; "" means hansa/<alliance>/<city>. Never change it once
+# the log holds entries (the store is bound to its origin).
+origin = {q(aud.origin)}
+# Sign a checkpoint at least every this many seconds while the log grows...
+checkpoint_seconds = {aud.checkpoint_seconds!r}
+# ...and after at most this many new entries.
+checkpoint_entries = {aud.checkpoint_entries}
+# fsync every append before the reply is sent. Turn off only for benchmarks: a crash
+# could then lose entries the node had acted on.
+durable = {"true" if aud.durable else "false"}
 
 # Requester keys allowed to query this node, one [[trusted]] table each. Without an
 # alliance roster (roster-less, single-node use) this list is the authority.
