@@ -1,0 +1,1239 @@
+"""The auditor: a local store of a city's audit log, and the checks run over it.
+
+Theory of operation
+-------------------
+An auditor keeps, per city, what it has fetched from that city's node (issue 5, part
+6): the log's leaves by index, the envelopes beside them by hash, every checkpoint it
+has ever been shown (with whatever cosignatures it carried), and the log and witness
+verifier keys it pinned on first fetch (TOFU, crypto-audit-anchors §6). Nothing is
+ever overwritten: a leaf offered again with different bytes is kept beside the stored
+one as a *conflict*, and every checkpoint note ever seen stays, so a node that rewrites
+history between two fetches is caught by the next :func:`verify_log`.
+
+:func:`verify_log` trusts nothing the node said. Given the stored contents and the
+alliance roster(s) it:
+
+1. recomputes the RFC 9162 tree from the leaves (a missing index is a failure);
+2. checks every checkpoint's log signature (pinned log key), its witness cosignature
+   quorum (roster ``witness_quorum``, pinned witness keys of roster witness cities other
+   than the log's own) and that its root equals the recomputed tree at its size. All
+   checkpoints are then consistent with one another exactly when each matches the same
+   leaves; two checkpoints of one size with different roots are an equivocation;
+3. decodes every leaf (``hansa-audit/v1``, parsed here independently of the node's
+   encoder: the auditor does not run the node's code) and counts them by type;
+4. for every ``request_received``: the stored envelope hashes to the logged id, its
+   signature verifies under a key the roster (the version the request cites) names for
+   the requester as an analyst, the leaf's key id is that key's, the audience is this
+   city; the freshness rules (``issued_at - skew <= log_time <= expires_at + skew``) and
+   replay rules (no repeated message id or (requester, nonce)) hold unless the node
+   refused the request;
+5. for every ``decision`` and ``answer_sent``: the request was logged before it; the
+   answer (or refusal) envelope is signed by the city's node key from the roster, cites
+   the request, names this city and the requester; the decision's outcome, reason,
+   disclosure-settings version and data version agree with the signed answer or
+   refusal; and an answer's disclosure version is the one the latest
+   ``settings_changed`` entry for its dataset set before the decision.
+
+Signature checks (step 4 and the answer signatures of step 5) run on every core with a
+:class:`~concurrent.futures.ProcessPoolExecutor` over chunks, inline for small logs.
+:func:`compare_stores` compares two auditors' stores of one city: a node that shows
+each of them a different (forked) history cannot make both agree. :func:`reconcile`
+checks analysts' evidence bundles against cities' logs.
+
+No asyncio or aiohttp here; the store is stdlib ``sqlite3``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import struct
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from hansa.crypto.keys import key_id, verify_signed
+from hansa.crypto.merkle import HASH_SIZE, MerkleTree, leaf_hash
+from hansa.crypto.note import Checkpoint, Note, NoteVerifier, open_checkpoint
+from hansa.federation.evidence import EvidenceBundle
+from hansa.federation.roster import Role, Roster
+from hansa.protocol.codec import decode_as
+from hansa.protocol.envelope import PayloadType, decode_envelope, message_id, pae_prefix
+from hansa.protocol.errors import ConfigError, ErrorCode, HansaError
+from hansa.protocol.messages import Decision, QueryAnswer, QueryRefusal, QueryRequest
+
+__all__ = [
+    "DEFAULT_SKEW_MS",
+    "INLINE_LIMIT",
+    "AuditFailure",
+    "AuditReport",
+    "AuditStoreError",
+    "AuditorStore",
+    "CompareReport",
+    "Leaf",
+    "LogContents",
+    "ReconcileReport",
+    "SeenCheckpoint",
+    "compare_stores",
+    "parse_leaf",
+    "reconcile",
+    "verify_log",
+]
+
+DEFAULT_SKEW_MS: Final = 30_000
+"""Clock skew tolerated around a request's validity window (as the node's ReplayGuard)."""
+INLINE_LIMIT: Final = 2048
+"""Below this many signatures, checking them in this process beats starting workers."""
+
+# --------------------------------------------------------------------------- leaves
+
+# hansa-audit/v1 (node/auditlog.py docstring, spec/): header, fixed body, u16 data.
+_MAGIC: Final = b"hansa-audit/v1\n"
+_HEADER: Final = struct.Struct(">15sBQ")
+_DATA_LEN: Final = struct.Struct(">H")
+_MAX_LEAF: Final = 65_535
+REQUEST_RECEIVED: Final = 0x01
+DECISION: Final = 0x02
+ANSWER_SENT: Final = 0x03
+ROSTER_INSTALLED: Final = 0x04
+KEY_ROTATED: Final = 0x05
+SETTINGS_CHANGED: Final = 0x06
+ENTRY_NAMES: Final = {
+    REQUEST_RECEIVED: "request_received",
+    DECISION: "decision",
+    ANSWER_SENT: "answer_sent",
+    ROSTER_INSTALLED: "roster_installed",
+    KEY_ROTATED: "key_rotated",
+    SETTINGS_CHANGED: "settings_changed",
+}
+_BODIES: Final = {
+    REQUEST_RECEIVED: struct.Struct(">32s32s"),
+    DECISION: struct.Struct(">32sBHQ"),
+    ANSWER_SENT: struct.Struct(">32s32s"),
+    ROSTER_INSTALLED: struct.Struct(">32sQ"),
+    KEY_ROTATED: struct.Struct(">32s32s"),
+    SETTINGS_CHANGED: struct.Struct(">B32sQ"),
+}
+_HAS_TEXT: Final = frozenset({DECISION, KEY_ROTATED, SETTINGS_CHANGED})
+OUTCOME_ANSWERED: Final = 1
+OUTCOME_SUPPRESSED: Final = 2
+OUTCOME_REFUSED: Final = 3
+SCOPE_DISCLOSURE: Final = 2
+
+
+class AuditStoreError(HansaError):
+    """The auditor store cannot be opened, read or written, or a pin conflicts."""
+
+    default_code = ErrorCode.INTERNAL
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """A decoded ``hansa-audit/v1`` leaf, in the auditor's own flat form.
+
+    Attributes:
+        kind: the entry type byte (``REQUEST_RECEIVED`` ... ``SETTINGS_CHANGED``).
+        log_time_ms: when the node says it logged the event.
+        first: the first 32-byte field (message id, request id, roster digest, old key
+            id, or settings digest).
+        second: the second 32-byte field (requester key id, answer id, new key id) or
+            empty.
+        outcome: decision outcome (1, 2, 3), or settings scope; else 0.
+        reason: decision reason code; else 0.
+        version: disclosure, roster or settings version; else 0.
+        text: the trailing UTF-8 data (data version, key role, settings subject).
+    """
+
+    kind: int
+    log_time_ms: int
+    first: bytes
+    second: bytes = b""
+    outcome: int = 0
+    reason: int = 0
+    version: int = 0
+    text: str = ""
+
+
+def parse_leaf(leaf: bytes) -> Leaf:
+    """Decode one leaf strictly (exact length, known type and enums, UTF-8 text).
+
+    Args:
+        leaf: the leaf bytes.
+
+    Returns:
+        The decoded leaf.
+
+    Raises:
+        ValueError: the leaf is not a valid ``hansa-audit/v1`` leaf (the message says why).
+    """
+    if len(leaf) > _MAX_LEAF:
+        raise ValueError(f"leaf of {len(leaf)} bytes exceeds {_MAX_LEAF}")
+    if len(leaf) < _HEADER.size:
+        raise ValueError("leaf is truncated")
+    magic, kind, t = _HEADER.unpack_from(leaf)
+    if magic != _MAGIC:
+        raise ValueError("bad magic")
+    body = _BODIES.get(kind)
+    if body is None:
+        raise ValueError(f"unknown entry type 0x{kind:02x}")
+    at = _HEADER.size + body.size
+    if len(leaf) < at + _DATA_LEN.size:
+        raise ValueError("leaf is truncated")
+    (n,) = _DATA_LEN.unpack_from(leaf, at)
+    if len(leaf) != at + _DATA_LEN.size + n:
+        raise ValueError("leaf length does not match its data length")
+    data = leaf[at + _DATA_LEN.size :]
+    if data and kind not in _HAS_TEXT:
+        raise ValueError(f"{ENTRY_NAMES[kind]} leaf must carry no data")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError("leaf data is not UTF-8") from exc
+    fields = body.unpack_from(leaf, _HEADER.size)
+    if kind == DECISION:
+        mid, outcome, reason, version = fields
+        if outcome not in (OUTCOME_ANSWERED, OUTCOME_SUPPRESSED, OUTCOME_REFUSED):
+            raise ValueError(f"unknown decision outcome {outcome}")
+        if (outcome == OUTCOME_REFUSED) != (reason != 0):
+            raise ValueError("decision reason does not fit its outcome")
+        return Leaf(kind, t, mid, b"", outcome, reason, version, text)
+    if kind == ROSTER_INSTALLED:
+        digest, version = fields
+        return Leaf(kind, t, digest, version=version)
+    if kind == SETTINGS_CHANGED:
+        scope, digest, version = fields
+        if scope not in (1, SCOPE_DISCLOSURE):
+            raise ValueError(f"unknown settings scope {scope}")
+        return Leaf(kind, t, digest, b"", scope, 0, version, text)
+    first, second = fields
+    return Leaf(kind, t, first, second, text=text)
+
+
+# --------------------------------------------------------------------------- store
+
+_FORMAT: Final = "hansa-auditor-store/v1"
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pins (name TEXT PRIMARY KEY, role TEXT NOT NULL, vkey TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS leaves (idx INTEGER PRIMARY KEY, leaf BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS envelopes (hash BLOB PRIMARY KEY, envelope BLOB NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    note BLOB PRIMARY KEY, size INTEGER NOT NULL, root BLOB NOT NULL, seen_ms INTEGER NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS conflicts (
+    idx INTEGER NOT NULL, stored BLOB NOT NULL, offered BLOB NOT NULL, seen_ms INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SeenCheckpoint:
+    """A checkpoint note the auditor was shown (not yet verified).
+
+    Attributes:
+        note: the signed note bytes as received.
+        size: the tree size its text states.
+        root: the root hash its text states.
+        seen_ms: when the auditor first stored it.
+    """
+
+    note: bytes
+    size: int
+    root: bytes
+    seen_ms: int
+
+
+@dataclass(frozen=True)
+class LogContents:
+    """Everything an auditor holds for one city's log: the input of :func:`verify_log`.
+
+    Attributes:
+        city: the city id.
+        origin: the log's checkpoint origin.
+        log_vkey: the pinned log verifier key, or None if none was pinned.
+        witness_vkeys: pinned witness verifier keys by cosigner name.
+        leaves: ``(index, leaf)`` pairs in index order (gaps are failures).
+        envelopes: stored envelopes by SHA-256.
+        checkpoints: every checkpoint note seen, oldest first.
+        conflicts: ``(index, stored leaf, offered leaf)`` for leaves shown differently.
+    """
+
+    city: str
+    origin: str
+    log_vkey: str | None
+    witness_vkeys: Mapping[str, str]
+    leaves: Sequence[tuple[int, bytes]]
+    envelopes: Mapping[bytes, bytes]
+    checkpoints: Sequence[SeenCheckpoint]
+    conflicts: Sequence[tuple[int, bytes, bytes]] = ()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _parse_checkpoint(note: bytes) -> Checkpoint:
+    return Checkpoint.from_text(Note.from_bytes(note).text)
+
+
+class AuditorStore:
+    """One city's log as an auditor holds it: ``<directory>/<city>.sqlite``.
+
+    Use :meth:`open`; close with :meth:`close` or a ``with`` block. Writes are
+    append-only: leaves are never replaced (a different leaf at a stored index is kept
+    as a conflict), checkpoints are never removed, pins never change.
+
+    Attributes:
+        path: the SQLite file.
+        city: the city id.
+        origin: the log's origin.
+    """
+
+    def __init__(self, path: Path, city: str, origin: str, conn: sqlite3.Connection) -> None:
+        """Use :meth:`open`."""
+        self.path = path
+        self.city = city
+        self.origin = origin
+        self._conn = conn
+
+    @classmethod
+    def open(cls, directory: str | Path, city: str, origin: str | None = None) -> AuditorStore:
+        """Open or create the store of ``city`` in ``directory``.
+
+        Args:
+            directory: the auditor's store directory (created if absent).
+            city: the city id (the file name).
+            origin: the log origin; required when creating, checked when given.
+
+        Returns:
+            The open store.
+
+        Raises:
+            AuditStoreError: the file cannot be opened, is not an auditor store, belongs
+                to another origin, or is new and no origin was given.
+        """
+        if not city or "/" in city or city.startswith("."):
+            raise AuditStoreError(f"invalid city id {city!r}")
+        directory = Path(directory)
+        path = directory / f"{city}.sqlite"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except (OSError, sqlite3.Error) as exc:
+            raise AuditStoreError(f"cannot open auditor store {path}: {exc}") from exc
+        try:
+            if not meta:
+                if origin is None:
+                    raise AuditStoreError(f"no auditor store for {city!r} in {directory}")
+                Checkpoint(origin, 0, bytes(HASH_SIZE))  # validates the origin
+                conn.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [("format", _FORMAT), ("city", city), ("origin", origin)],
+                )
+            elif meta.get("format") != _FORMAT or meta.get("city") != city:
+                raise AuditStoreError(f"{path} is not the auditor store of {city!r}")
+            elif origin is not None and meta.get("origin") != origin:
+                raise AuditStoreError(
+                    f"{path} holds the log {meta.get('origin')!r}, not {origin!r}"
+                )
+        except BaseException:
+            conn.close()
+            raise
+        return cls(path, city, str(meta.get("origin", origin)), conn)
+
+    @staticmethod
+    def cities(directory: str | Path) -> list[str]:
+        """Return the cities with a store in ``directory``, sorted."""
+        return sorted(p.stem for p in Path(directory).glob("*.sqlite"))
+
+    def close(self) -> None:
+        """Close the database."""
+        self._conn.close()
+
+    def __enter__(self) -> AuditorStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.executemany(sql, rows)
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise AuditStoreError(f"cannot write auditor store {self.path}: {exc}") from exc
+
+    # ------------------------------------------------------------------ pins
+
+    def pin(self, name: str, vkey: str, role: str) -> None:
+        """Pin a verifier key on first use; a different key later is refused.
+
+        Args:
+            name: the key name (the log origin, or the witness cosigner name).
+            vkey: the C2SP verifier key string.
+            role: ``"log"`` or ``"witness"``.
+
+        Raises:
+            AuditStoreError: a different key is already pinned under this name, or the
+                vkey is not valid or not named ``name``.
+        """
+        try:
+            verifier = NoteVerifier.from_vkey(vkey)
+        except HansaError as exc:
+            raise AuditStoreError(f"invalid verifier key for {name}: {exc}") from exc
+        if verifier.name != name:
+            raise AuditStoreError(f"verifier key is named {verifier.name!r}, not {name!r}")
+        row = self._conn.execute("SELECT vkey FROM pins WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            if row[0] != vkey:
+                raise AuditStoreError(f"{name} offers a key other than the one pinned")
+            return
+        self._write("INSERT INTO pins VALUES (?, ?, ?)", [(name, role, vkey)])
+
+    def pins(self, role: str) -> dict[str, str]:
+        """Return the pinned vkeys with ``role``, by name."""
+        rows = self._conn.execute("SELECT name, vkey FROM pins WHERE role = ?", (role,))
+        return {str(n): str(v) for n, v in rows}
+
+    # ------------------------------------------------------------------ contents
+
+    @property
+    def size(self) -> int:
+        """One past the highest stored leaf index (where an incremental fetch resumes)."""
+        row = self._conn.execute("SELECT MAX(idx) FROM leaves").fetchone()
+        return 0 if row[0] is None else int(row[0]) + 1
+
+    def add_leaves(self, start: int, leaves: Sequence[bytes]) -> int:
+        """Store leaves at ``start, start+1, ...``; a differing re-offer becomes a conflict.
+
+        Args:
+            start: the index of the first leaf.
+            leaves: the leaf bytes.
+
+        Returns:
+            The number of conflicts found.
+        """
+        now = _now_ms()
+        have = dict(
+            self._conn.execute(
+                "SELECT idx, leaf FROM leaves WHERE idx >= ? AND idx < ?",
+                (start, start + len(leaves)),
+            ).fetchall()
+        )
+        new: list[tuple[object, ...]] = []
+        conflicts: list[tuple[object, ...]] = []
+        for i, leaf in enumerate(leaves, start):
+            old = have.get(i)
+            if old is None:
+                new.append((i, bytes(leaf)))
+            elif bytes(old) != bytes(leaf):
+                conflicts.append((i, bytes(old), bytes(leaf), now))
+        self._write("INSERT INTO leaves VALUES (?, ?)", new)
+        if conflicts:
+            self._write("INSERT INTO conflicts VALUES (?, ?, ?, ?)", conflicts)
+        return len(conflicts)
+
+    def add_envelopes(self, envelopes: Iterable[bytes]) -> None:
+        """Store envelopes keyed by their SHA-256 (message id)."""
+        self._write(
+            "INSERT OR IGNORE INTO envelopes VALUES (?, ?)",
+            ((message_id(bytes(e)), bytes(e)) for e in envelopes),
+        )
+
+    def add_checkpoint(self, note: bytes) -> SeenCheckpoint:
+        """Keep a checkpoint note as shown (verification is :func:`verify_log`'s job).
+
+        Args:
+            note: the signed note bytes.
+
+        Returns:
+            The stored checkpoint.
+
+        Raises:
+            NoteError: the note is not a checkpoint note at all.
+            AuditStoreError: it belongs to another origin.
+        """
+        checkpoint = _parse_checkpoint(note)
+        if checkpoint.origin != self.origin:
+            raise AuditStoreError(f"checkpoint of {checkpoint.origin!r}, not {self.origin!r}")
+        seen = SeenCheckpoint(bytes(note), checkpoint.size, checkpoint.root_hash, _now_ms())
+        self._write(
+            "INSERT OR IGNORE INTO checkpoints VALUES (?, ?, ?, ?)",
+            [(seen.note, seen.size, seen.root, seen.seen_ms)],
+        )
+        return seen
+
+    def checkpoints(self) -> list[SeenCheckpoint]:
+        """Every checkpoint seen, oldest first."""
+        rows = self._conn.execute(
+            "SELECT note, size, root, seen_ms FROM checkpoints ORDER BY seen_ms, size"
+        )
+        return [SeenCheckpoint(bytes(n), int(s), bytes(r), int(t)) for n, s, r, t in rows]
+
+    def envelope(self, digest: bytes) -> bytes | None:
+        """Return the stored envelope with this hash, or None."""
+        row = self._conn.execute(
+            "SELECT envelope FROM envelopes WHERE hash = ?", (bytes(digest),)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def contents(self) -> LogContents:
+        """Read everything held for this city (the input of :func:`verify_log`).
+
+        Raises:
+            AuditStoreError: the store cannot be read.
+        """
+        try:
+            leaves = [
+                (int(i), bytes(b))
+                for i, b in self._conn.execute("SELECT idx, leaf FROM leaves ORDER BY idx")
+            ]
+            envelopes = {
+                bytes(h): bytes(e)
+                for h, e in self._conn.execute("SELECT hash, envelope FROM envelopes")
+            }
+            conflicts = [
+                (int(i), bytes(a), bytes(b))
+                for i, a, b in self._conn.execute(
+                    "SELECT idx, stored, offered FROM conflicts ORDER BY idx"
+                )
+            ]
+            checkpoints = self.checkpoints()
+        except (sqlite3.Error, TypeError, ValueError) as exc:
+            raise AuditStoreError(f"cannot read auditor store {self.path}: {exc}") from exc
+        log = self.pins("log").get(self.origin)
+        return LogContents(
+            self.city,
+            self.origin,
+            log,
+            self.pins("witness"),
+            leaves,
+            envelopes,
+            checkpoints,
+            conflicts,
+        )
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+@dataclass(frozen=True, slots=True)
+class _Req:
+    kid: bytes
+    requester: str
+    audience: str
+    issued_at: int
+    expires_at: int
+    nonce: bytes
+    roster_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Ans:
+    kid: bytes
+    request_id: bytes
+    responder: str
+    requester: str
+    decision: str
+    disclosure_version: int
+    dataset: str
+    dataset_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Ref:
+    kid: bytes
+    request_id: bytes
+    responder: str
+    requester: str
+    code: int
+
+
+_Checked = _Req | _Ans | _Ref | str
+"""A checked envelope's summary, or why it failed."""
+
+_PREFIXES: Final = {
+    pt.value: pae_prefix(pt.value)
+    for pt in (PayloadType.QUERY_REQUEST, PayloadType.QUERY_ANSWER, PayloadType.QUERY_REFUSAL)
+}
+_KEYS: dict[bytes, bytes] = {}
+"""Key id -> raw public key, set in each worker by :func:`_init_worker`."""
+
+
+def _init_worker(keys: Mapping[bytes, bytes]) -> None:
+    _KEYS.clear()
+    _KEYS.update(keys)
+
+
+def _check_one(data: bytes, want: str) -> _Checked:
+    """Verify one envelope against :data:`_KEYS` and summarise its body."""
+    try:
+        env = decode_envelope(data)
+    except HansaError as exc:
+        return f"malformed envelope: {exc.message}"
+    prefix = _PREFIXES.get(env.payload_type)
+    is_request = env.payload_type == PayloadType.QUERY_REQUEST
+    if prefix is None or is_request != (want == "request"):
+        return f"unexpected payload type {env.payload_type[:64]!r}"
+    pk = _KEYS.get(env.key_id)
+    if pk is None:
+        return f"signed by key {env.key_id.hex()[:16]}… that no roster names"
+    payload = env.payload
+    if not verify_signed(pk, b"%s%s%d %s" % (env.signature, prefix, len(payload), payload)):
+        return "signature does not verify"
+    try:
+        if is_request:
+            r = decode_as(payload, QueryRequest)
+            return _Req(
+                env.key_id,
+                r.requester,
+                r.audience,
+                r.issued_at,
+                r.expires_at,
+                r.nonce,
+                r.roster_version,
+            )
+        if env.payload_type == PayloadType.QUERY_ANSWER:
+            a = decode_as(payload, QueryAnswer)
+            return _Ans(
+                env.key_id,
+                a.request_id,
+                a.responder,
+                a.requester,
+                str(a.decision),
+                a.disclosure_version,
+                a.dataset,
+                a.dataset_version,
+            )
+        f = decode_as(payload, QueryRefusal)
+        return _Ref(env.key_id, f.request_id, f.responder, f.requester, int(f.code))
+    except HansaError as exc:
+        return f"signed body does not decode: {exc.message}"
+
+
+def _check_chunk(chunk: Sequence[tuple[bytes, str]]) -> list[_Checked]:
+    return [_check_one(data, want) for data, want in chunk]
+
+
+def _check_all(
+    tasks: Sequence[tuple[bytes, str]],
+    keys: Mapping[bytes, bytes],
+    workers: int | None,
+    progress: Callable[[str, int, int], None] | None,
+) -> list[_Checked]:
+    """Check envelopes on every core (inline below :data:`INLINE_LIMIT` or workers=0)."""
+    n_workers = (os.cpu_count() or 1) if workers is None else workers
+    total = len(tasks)
+    if n_workers <= 0 or total < INLINE_LIMIT:
+        _init_worker(keys)
+        out = _check_chunk(tasks)
+        if progress is not None:
+            progress("signatures", total, total)
+        return out
+    # Enough chunks per worker to balance load and report progress; each chunk large
+    # enough that pickling, not signing, is the small cost.
+    size = max(256, min(4096, total // (n_workers * 8) + 1))
+    chunks = [tasks[i : i + size] for i in range(0, total, size)]
+    results: list[_Checked] = []
+    with ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(dict(keys),)) as ex:
+        for part in ex.map(_check_chunk, chunks):
+            results.extend(part)
+            if progress is not None:
+                progress("signatures", len(results), total)
+    return results
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFailure:
+    """One failed check.
+
+    Attributes:
+        index: the leaf index concerned, or None (a checkpoint, the store).
+        check: which check failed (``tree``, ``checkpoint``, ``request``, ...).
+        reason: what is wrong, in words.
+    """
+
+    index: int | None
+    check: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = "" if self.index is None else f"entry {self.index}: "
+        return f"[{self.check}] {where}{self.reason}"
+
+
+@dataclass
+class AuditReport:
+    """The outcome of :func:`verify_log`; true iff nothing failed.
+
+    Attributes:
+        city: the city audited.
+        origin: the log origin.
+        size: leaves held (contiguous from 0).
+        counts: entries by type name.
+        checkpoints: checkpoints checked.
+        largest_checkpoint: the largest checkpoint size that verified (0: none).
+        signatures: envelope signatures checked.
+        failures: every failed check.
+        warnings: what could not be checked (e.g. settings never logged).
+    """
+
+    city: str
+    origin: str
+    size: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    checkpoints: int = 0
+    largest_checkpoint: int = 0
+    signatures: int = 0
+    failures: list[AuditFailure] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return not self.failures
+
+    def fail(self, index: int | None, check: str, reason: str) -> None:
+        """Record a failure."""
+        self.failures.append(AuditFailure(index, check, reason))
+
+
+def _roster_keys(rosters: Sequence[Roster]) -> dict[bytes, bytes]:
+    keys: dict[bytes, bytes] = {}
+    for roster in rosters:
+        for kid, holder in roster.holders.items():
+            keys[kid] = holder.public_key.raw
+    return keys
+
+
+def _check_tree(contents: LogContents, report: AuditReport) -> MerkleTree:
+    hashes: list[bytes] = []
+    for expected, (index, leaf) in enumerate(contents.leaves):
+        if index != expected:
+            report.fail(expected, "tree", f"entries {expected}..{index - 1} are missing")
+            break
+        hashes.append(leaf_hash(leaf))
+    for index, _stored, _offered in contents.conflicts:
+        report.fail(index, "tree", "the log showed different bytes for this entry on a refetch")
+    report.size = len(hashes)
+    return MerkleTree.from_leaf_hashes(hashes)
+
+
+def _check_checkpoints(
+    contents: LogContents, tree: MerkleTree, roster: Roster | None, report: AuditReport
+) -> None:
+    if not contents.checkpoints:
+        report.warnings.append("no checkpoint seen: nothing vouches for the leaves")
+        return
+    if contents.log_vkey is None:
+        report.fail(None, "checkpoint", "no log key pinned: no checkpoint can be verified")
+        return
+    log_verifier = NoteVerifier.from_vkey(contents.log_vkey)
+    witnesses: dict[str, NoteVerifier] = {}
+    for name, vkey in contents.witness_vkeys.items():
+        try:
+            witnesses[name] = NoteVerifier.from_vkey(vkey)
+        except HansaError as exc:
+            report.fail(None, "checkpoint", f"pinned witness key {name} is invalid: {exc}")
+    quorum = None if roster is None else roster.witness_quorum
+    # Witness cities other than the log's own: a city cannot witness itself.
+    roster_witnesses = (
+        set()
+        if roster is None
+        else {f"witness/{m.city}" for m in roster.members if Role.WITNESS in m.roles}
+        - {f"witness/{contents.city}"}
+    )
+    roots: dict[int, bytes] = {}
+    for seen in contents.checkpoints:
+        report.checkpoints += 1
+        label = f"checkpoint of size {seen.size}"
+        try:
+            opened = open_checkpoint(
+                seen.note,
+                log_verifier,
+                origin=contents.origin,
+                witnesses=list(witnesses.values()),
+            )
+        except HansaError as exc:
+            report.fail(None, "checkpoint", f"{label}: {exc}")
+            continue
+        size, root = opened.checkpoint.size, opened.checkpoint.root_hash
+        if roots.setdefault(size, root) != root:
+            report.fail(None, "checkpoint", f"equivocation: two signed checkpoints of size {size}")
+        if size > tree.size:
+            report.fail(None, "checkpoint", f"{label} covers more leaves than the {tree.size} held")
+        elif size > 0 and tree.root_at(size) != root:
+            report.fail(
+                None,
+                "checkpoint",
+                f"{label}: its root differs from the recomputed tree (entries changed, "
+                "removed, reordered or inserted)",
+            )
+        else:
+            report.largest_checkpoint = max(report.largest_checkpoint, size)
+        if quorum is not None:
+            cosigners = opened.cosigners() & roster_witnesses
+            if len(cosigners) < quorum:
+                report.fail(
+                    None,
+                    "quorum",
+                    f"{label} has {len(cosigners)} of the {quorum} witness cosignatures needed",
+                )
+    if report.largest_checkpoint < report.size:
+        report.warnings.append(
+            f"entries {report.largest_checkpoint}..{report.size - 1} are under no verified "
+            "checkpoint yet"
+        )
+
+
+def verify_log(
+    contents: LogContents,
+    rosters: Sequence[Roster],
+    *,
+    skew_ms: int = DEFAULT_SKEW_MS,
+    workers: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> AuditReport:
+    """Verify one city's log as the auditor holds it (module docstring, steps 1-5).
+
+    Args:
+        contents: the stored log (:meth:`AuditorStore.contents`).
+        rosters: the roster versions to check signers against (a request is checked
+            against the version it cites; checkpoints against the newest).
+        skew_ms: clock skew tolerated around a request's validity window.
+        workers: processes for signature checks (None: every core; 0: inline).
+        progress: called as ``progress(phase, done, total)`` while working.
+
+    Returns:
+        The report, with counts and every failure.
+
+    Raises:
+        ConfigError: no roster was given.
+    """
+    if not rosters:
+        raise ConfigError("verify_log needs at least one roster")
+    by_version = {r.version: r for r in rosters}
+    newest = by_version[max(by_version)]
+    report = AuditReport(contents.city, contents.origin)
+    tree = _check_tree(contents, report)
+    if progress is not None:
+        progress("tree", report.size, report.size)
+    _check_checkpoints(contents, tree, newest, report)
+
+    leaves: list[Leaf | None] = []
+    counts: dict[str, int] = defaultdict(int)
+    for index, leaf in contents.leaves[: report.size]:
+        try:
+            parsed = parse_leaf(leaf)
+        except ValueError as exc:
+            report.fail(index, "entry", f"undecodable leaf: {exc}")
+            leaves.append(None)
+            continue
+        counts[ENTRY_NAMES[parsed.kind]] += 1
+        leaves.append(parsed)
+    report.counts = dict(counts)
+
+    # Gather envelopes to check: every logged request and every logged answer.
+    tasks: list[tuple[bytes, str]] = []
+    owners: list[int] = []
+    for index, entry in enumerate(leaves):
+        if entry is None or entry.kind not in (REQUEST_RECEIVED, ANSWER_SENT):
+            continue
+        digest = entry.first if entry.kind == REQUEST_RECEIVED else entry.second
+        what = "request" if entry.kind == REQUEST_RECEIVED else "answer"
+        envelope = contents.envelopes.get(digest)
+        if envelope is None:
+            report.fail(index, what, f"the logged {what} envelope is not held")
+        elif hashlib.sha256(envelope).digest() != digest:
+            report.fail(index, what, f"the stored {what} envelope does not hash to the logged id")
+        else:
+            tasks.append((envelope, what))
+            owners.append(index)
+    checked = dict(
+        zip(owners, _check_all(tasks, _roster_keys(rosters), workers, progress), strict=True)
+    )
+    report.signatures = len(tasks)
+    _check_entries(contents.city, leaves, checked, by_version, newest, skew_ms, report)
+    return report
+
+
+def _check_entries(
+    city: str,
+    leaves: Sequence[Leaf | None],
+    checked: Mapping[int, _Checked],
+    by_version: Mapping[int, Roster],
+    newest: Roster,
+    skew_ms: int,
+    report: AuditReport,
+) -> None:
+    """Steps 4-5: requests, decisions, answers, settings (signatures already checked)."""
+    requests: dict[bytes, list[tuple[int, _Req | None]]] = defaultdict(list)
+    decisions: dict[bytes, list[tuple[int, Leaf]]] = defaultdict(list)
+    settings: dict[str, list[tuple[int, int]]] = defaultdict(list)  # subject -> (idx, ver)
+    answered: dict[bytes, list[tuple[int, _Ans | _Ref | None]]] = defaultdict(list)
+    for index, entry in enumerate(leaves):
+        if entry is None:
+            continue
+        if entry.kind == REQUEST_RECEIVED:
+            summary = checked.get(index)
+            if isinstance(summary, str):
+                report.fail(index, "request", summary)
+            req = summary if isinstance(summary, _Req) else None
+            if req is not None and req.kid != entry.second:
+                report.fail(index, "request", "logged requester key id is not the signer's")
+            requests[entry.first].append((index, req))
+        elif entry.kind == DECISION:
+            if not requests.get(entry.first):
+                report.fail(index, "decision", "decides a request not logged before it")
+            decisions[entry.first].append((index, entry))
+        elif entry.kind == ANSWER_SENT:
+            summary = checked.get(index)
+            if isinstance(summary, str):
+                report.fail(index, "answer", summary)
+            ans = summary if isinstance(summary, _Ans | _Ref) else None
+            if not decisions.get(entry.first):
+                report.fail(index, "answer", "answers a request with no decision logged before it")
+            answered[entry.first].append((index, ans))
+        elif entry.kind == SETTINGS_CHANGED and entry.outcome == SCOPE_DISCLOSURE:
+            settings[entry.text].append((index, entry.version))
+
+    seen_nonces: set[tuple[str, bytes]] = set()
+    for mid, logged in requests.items():
+        decided = decisions.get(mid, [])
+        for k, (index, req) in enumerate(logged):
+            decision = decided[k][1] if k < len(decided) else None
+            refused = decision is not None and decision.outcome == OUTCOME_REFUSED
+            entry = leaves[index]
+            assert entry is not None
+            if req is None:
+                continue
+            roster = by_version.get(req.roster_version)
+            if roster is None:
+                report.fail(
+                    index,
+                    "request",
+                    f"cites roster version {req.roster_version}, which was not supplied",
+                )
+                roster = newest
+            elif not roster.is_allowed(req.requester, req.kid, Role.ANALYST):
+                report.fail(
+                    index,
+                    "request",
+                    f"signer is not analyst {req.requester!r} in roster v{roster.version}",
+                )
+            if req.audience != city:
+                report.fail(index, "request", f"addressed to {req.audience!r}, not {city!r}")
+            problems = []
+            if not req.issued_at - skew_ms <= entry.log_time_ms <= req.expires_at + skew_ms:
+                problems.append("logged outside the request's validity window")
+            if entry.log_time_ms > roster.expires_ms + skew_ms:
+                problems.append(f"logged after roster v{roster.version} expired")
+            if k > 0:
+                problems.append("a replay of a message id logged before")
+            nonce = (req.requester, req.nonce)
+            if k == 0 and nonce in seen_nonces:
+                problems.append("reuses a (requester, nonce) logged before")
+            seen_nonces.add(nonce)
+            for problem in problems:
+                if not refused:
+                    report.fail(index, "freshness", f"{problem}, yet not refused")
+
+    for mid, decided in decisions.items():
+        sent = answered.get(mid, [])
+        for k, (index, decision) in enumerate(decided):
+            if k >= len(sent):
+                continue  # decided, answer not logged (yet): nothing signed to compare
+            ans_index, ans = sent[k]
+            if ans is None:
+                continue
+            _check_answer(
+                city,
+                mid,
+                index,
+                decision,
+                ans_index,
+                ans,
+                requests,
+                by_version,
+                newest,
+                settings,
+                report,
+            )
+
+
+def _check_answer(
+    city: str,
+    mid: bytes,
+    index: int,
+    decision: Leaf,
+    ans_index: int,
+    ans: _Ans | _Ref,
+    requests: Mapping[bytes, list[tuple[int, _Req | None]]],
+    by_version: Mapping[int, Roster],
+    newest: Roster,
+    settings: Mapping[str, list[tuple[int, int]]],
+    report: AuditReport,
+) -> None:
+    logged = requests.get(mid, [])
+    req = logged[0][1] if logged else None
+    roster = newest if req is None else by_version.get(req.roster_version, newest)
+    member = roster.member(city)
+    if member is None or key_id(member.public_key) != ans.kid:
+        report.fail(
+            ans_index, "answer", f"not signed by {city}'s node key in roster v{roster.version}"
+        )
+    if ans.request_id != mid:
+        report.fail(ans_index, "answer", "the signed answer cites another request")
+    if ans.responder != city:
+        report.fail(ans_index, "answer", f"the signed answer names responder {ans.responder!r}")
+    if req is not None and ans.requester != req.requester:
+        report.fail(ans_index, "answer", "the signed answer names another requester")
+    if isinstance(ans, _Ref):
+        if decision.outcome != OUTCOME_REFUSED or decision.reason != ans.code:
+            report.fail(
+                index,
+                "decision",
+                f"logged outcome {decision.outcome}/{decision.reason}"
+                f" but the signed refusal has code {ans.code}",
+            )
+        return
+    want = OUTCOME_SUPPRESSED if ans.decision == Decision.SUPPRESSED else OUTCOME_ANSWERED
+    if decision.outcome != want:
+        report.fail(
+            index,
+            "decision",
+            f"logged outcome {decision.outcome} but the signed answer says {ans.decision}",
+        )
+    if decision.version != ans.disclosure_version:
+        report.fail(
+            index,
+            "decision",
+            f"logged disclosure version {decision.version} but the "
+            f"signed answer applied {ans.disclosure_version}",
+        )
+    if decision.text != ans.dataset_version:
+        report.fail(index, "decision", "logged data version differs from the signed answer's")
+    published = [v for i, v in settings.get(ans.dataset, []) if i < index]
+    if not published:
+        report.warnings.append(
+            f"entry {index}: disclosure settings of {ans.dataset!r} were never logged before"
+            " this decision"
+        )
+    elif published[-1] != ans.disclosure_version:
+        report.fail(
+            index,
+            "settings",
+            f"answered under disclosure version "
+            f"{ans.disclosure_version} of {ans.dataset!r}, but version {published[-1]} "
+            "was in force",
+        )
+
+
+# --------------------------------------------------------------------------- compare
+
+
+@dataclass
+class CompareReport:
+    """The outcome of :func:`compare_stores`; true iff the two views agree.
+
+    Attributes:
+        city: the city compared.
+        first_difference: the first leaf index where the two stores differ, or None.
+        failures: the inconsistencies found (a forked history).
+        checked_pairs: checkpoint pairs compared.
+    """
+
+    city: str
+    first_difference: int | None = None
+    failures: list[str] = field(default_factory=list)
+    checked_pairs: int = 0
+
+    def __bool__(self) -> bool:
+        return not self.failures
+
+
+def _tree(contents: LogContents) -> MerkleTree:
+    hashes = []
+    for expected, (index, leaf) in enumerate(contents.leaves):
+        if index != expected:
+            break
+        hashes.append(leaf_hash(leaf))
+    return MerkleTree.from_leaf_hashes(hashes)
+
+
+def _verified(contents: LogContents, log_vkey: str) -> list[tuple[int, bytes]]:
+    verifier = NoteVerifier.from_vkey(log_vkey)
+    out = []
+    for seen in contents.checkpoints:
+        try:
+            cp = open_checkpoint(seen.note, verifier, origin=contents.origin).checkpoint
+        except HansaError:
+            continue  # verify_log reports it; only signed statements can fork
+        out.append((cp.size, cp.root_hash))
+    return out
+
+
+def compare_stores(a: LogContents, b: LogContents) -> CompareReport:
+    """Compare two auditors' views of one city's log: detect a forked history.
+
+    Each signed checkpoint of one view must be consistent with every signed checkpoint
+    of the other: equal roots at equal sizes, and the larger one's leaves (held by
+    whichever store has them) must give the smaller one's root.
+
+    Args:
+        a: one auditor's store contents.
+        b: another auditor's store contents of the same city.
+
+    Returns:
+        The comparison.
+
+    Raises:
+        ConfigError: the stores are of different logs or pin different log keys.
+    """
+    if a.origin != b.origin:
+        raise ConfigError(f"cannot compare logs {a.origin!r} and {b.origin!r}")
+    report = CompareReport(a.city)
+    if a.log_vkey is None or b.log_vkey is None:
+        report.failures.append("a store has no pinned log key")
+        return report
+    if a.log_vkey != b.log_vkey:
+        report.failures.append("the two auditors were given different log keys")
+        return report
+    trees = (_tree(a), _tree(b))
+    for i in range(min(trees[0].size, trees[1].size)):
+        if trees[0].leaf_hash_at(i) != trees[1].leaf_hash_at(i):
+            report.first_difference = i
+            break
+    ca, cb = _verified(a, a.log_vkey), _verified(b, b.log_vkey)
+    for sa, ra in ca:
+        for sb, rb in cb:
+            report.checked_pairs += 1
+            if sa == sb:
+                if ra != rb:
+                    report.failures.append(f"fork: two signed checkpoints of size {sa}")
+                continue
+            (small, small_root), (big, big_root) = sorted(((sa, ra), (sb, rb)))
+            # Whichever view holds leaves that give the larger root answers for the
+            # prefix: those leaves must also give the smaller root.
+            for tree in trees:
+                if small > 0 and tree.size >= big and tree.root_at(big) == big_root:
+                    if tree.root_at(small) != small_root:
+                        report.failures.append(
+                            f"fork: signed checkpoints of sizes {small} and {big} are inconsistent"
+                        )
+                    break
+    return report
+
+
+# --------------------------------------------------------------------------- reconcile
+
+
+@dataclass
+class ReconcileReport:
+    """The outcome of :func:`reconcile`; true iff every answer is accounted for.
+
+    Attributes:
+        bundle_answers: replies held in the bundles that were looked up.
+        logged_answers: logged answers to listed analysts.
+        failures: every answer missing on one side.
+        unaudited: cities in bundles with no log supplied.
+    """
+
+    bundle_answers: int = 0
+    logged_answers: int = 0
+    failures: list[str] = field(default_factory=list)
+    unaudited: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return not self.failures
+
+
+def _requester_of(envelope: bytes) -> str | None:
+    try:
+        env = decode_envelope(envelope)
+        if env.payload_type == PayloadType.QUERY_ANSWER:
+            return decode_as(env.payload, QueryAnswer).requester
+        if env.payload_type == PayloadType.QUERY_REFUSAL:
+            return decode_as(env.payload, QueryRefusal).requester
+    except HansaError:
+        return None
+    return None
+
+
+def reconcile(
+    logs: Mapping[str, LogContents], bundles: Sequence[EvidenceBundle]
+) -> ReconcileReport:
+    """Reconcile analysts' evidence bundles with cities' logs (issue 5, part 6).
+
+    Every reply (answer or refusal) an analyst holds must be logged as ``answer_sent``
+    (with that answer id, for that request id) by the city that signed it; every
+    ``answer_sent`` of a supplied log whose reply names a listed analyst (the bundles'
+    requesters) must be in one of the bundles. Signatures are :func:`verify_log`'s and
+    ``hansa verify``'s job; this checks completeness on both sides.
+
+    Args:
+        logs: the stored logs by city id.
+        bundles: the analysts' evidence bundles (:func:`evidence.read_bundle`).
+
+    Returns:
+        The reconciliation.
+    """
+    report = ReconcileReport()
+    logged: dict[str, dict[bytes, bytes]] = {}  # city -> answer id -> request id
+    for city, contents in logs.items():
+        table: dict[bytes, bytes] = {}
+        for _index, leaf in contents.leaves:
+            try:
+                entry = parse_leaf(leaf)
+            except ValueError:
+                continue
+            if entry.kind == ANSWER_SENT:
+                table[entry.second] = entry.first
+        logged[city] = table
+    analysts = {b.requester for b in bundles}
+    held: set[bytes] = set()
+    for bundle in bundles:
+        for ev in bundle.cities:
+            if ev.reply is None:
+                continue
+            answer_id, request_id = message_id(ev.reply), message_id(ev.request)
+            held.add(answer_id)
+            if ev.city not in logged:
+                report.unaudited.add(ev.city)
+                continue
+            report.bundle_answers += 1
+            if answer_id not in logged[ev.city]:
+                report.failures.append(
+                    f"{bundle.requester} holds a reply from {ev.city} "
+                    f"({answer_id.hex()[:16]}…) that {ev.city}'s log does not record"
+                )
+            elif logged[ev.city][answer_id] != request_id:
+                report.failures.append(
+                    f"{ev.city} logged reply {answer_id.hex()[:16]}… for another request"
+                )
+    for city, table in logged.items():
+        envelopes = logs[city].envelopes
+        for answer_id in table:
+            envelope = envelopes.get(answer_id)
+            requester = None if envelope is None else _requester_of(envelope)
+            if requester is None or requester not in analysts:
+                continue
+            report.logged_answers += 1
+            if answer_id not in held:
+                report.failures.append(
+                    f"{city} logged a reply to {requester} ({answer_id.hex()[:16]}…) "
+                    "that no bundle holds"
+                )
+    return report
