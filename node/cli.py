@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         _cli_note,
         _cli_query,
         _cli_verify,
+        _cli_witness,
     )
 
     for module in (
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         _cli_alliance,
         _cli_query,
         _cli_verify,
+        _cli_witness,
     ):
         module.register(sub)
     return parser
