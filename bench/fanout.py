@@ -30,7 +30,7 @@ median of ``--repeats`` timed runs each (the order rotates every run):
   no verification: the transport floor of this machine, which tells how much
   of the naive client's time is aiohttp's own.
 
-Both are timed in two session modes: **cold** (each fan-out opens and closes
+Every client is timed in two session modes: **cold** (each fan-out opens and closes
 its own session, so every city costs a TCP connect: the ``hansa query``
 command line) and **warm** (each client reuses one keep-alive session across
 runs, after a warm-up: a notebook or a node fanning out repeatedly).
