@@ -68,35 +68,67 @@ states the engine releases after disclosure control.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import hashlib
 import json
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Final, Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Protocol, TypeVar
 
 from aiohttp import web
 
 from hansa.crypto import PublicKey, SigningKey, open_envelope, seal
-from hansa.crypto.keyfile import read_key_file
+from hansa.crypto.keyfile import read_key_file, write_key_file
+from hansa.crypto.note import CosignatureSigner, NoteSigner, NoteVerifier
 from hansa.federation.roster import MAX_ROSTER_SIGNATURES, MAX_ROSTER_SIZE, Role
-from hansa.node.config import NodeConfig, TrustedRoster, install_roster, load_roster_store
+from hansa.node.auditlog import (
+    AnswerSent,
+    AuditEntry,
+    AuditLog,
+    CheckpointPolicy,
+    Outcome,
+    RequestReceived,
+    RosterInstalled,
+    SettingsChanged,
+    SettingsScope,
+    StoredCheckpoint,
+    decode_entry,
+)
+from hansa.node.auditlog import Decision as LoggedDecision
+from hansa.node.config import (
+    AUDIT_FILE,
+    NodeConfig,
+    TrustedRoster,
+    config_path,
+    install_roster,
+    load_roster_store,
+)
 from hansa.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hansa.node.metrics import NodeMetrics
-from hansa.protocol.codec import encode
-from hansa.protocol.envelope import decode_envelope, message_id, pae
+from hansa.protocol.codec import decode_as, encode
+from hansa.protocol.envelope import MAX_PAYLOAD_SIZE, decode_envelope, message_id, pae
 from hansa.protocol.errors import (
     ErrorCode,
     FreshnessError,
     HansaError,
     PolicyDenied,
+    ProofError,
     ProtocolError,
     SignatureError,
 )
 from hansa.protocol.freshness import ReplayGuard
 from hansa.protocol.messages import (
+    MAX_AUDIT_PAGE,
     MAX_TEXT,
+    AuditOp,
+    AuditRequest,
+    AuditResponse,
     Capabilities,
     DatasetInfo,
     Decision,
@@ -109,8 +141,10 @@ from hansa.protocol.messages import (
 )
 
 __all__ = [
+    "AUDIT_ROUTE",
     "ENVELOPE_MEDIA_TYPE",
     "ERROR_MEDIA_TYPE",
+    "LOG_KEYS_ROUTE",
     "NODE",
     "ROSTER_MEDIA_TYPE",
     "ROSTER_ROUTE",
@@ -136,6 +170,16 @@ ROSTER_ROUTE: Final = "/v1/roster"
 CAPABILITIES_ROUTE: Final = "/v1/capabilities"
 HEALTH_ROUTE: Final = "/healthz"
 METRICS_ROUTE: Final = "/metrics"
+AUDIT_ROUTE: Final = "/v1/audit"
+LOG_KEYS_ROUTE: Final = "/v1/log/keys"
+
+_AUDIT_THREADS: Final = 64
+"""Threads that may wait on the audit log at once. Appends block until their group
+commit is fsynced, so this bounds how many requests can share one commit."""
+_RESPONSE_BUDGET: Final = MAX_PAYLOAD_SIZE - 128 * 1024
+"""Bytes of leaves or envelopes one ``AuditResponse`` carries at most (the rest of
+the payload limit is left for the checkpoint note and the framing)."""
+_SCAN_PAGE: Final = 5000
 
 _TIMEOUT_GRACE_S: Final = 1.0
 """The engine enforces the query time limit itself; the server waits this much
@@ -149,6 +193,7 @@ _NO_STORE: Final = {"Cache-Control": "no-store"}
 """Every reply carries this header (spec §10)."""
 
 log = logging.getLogger("hansa.node")
+_T = TypeVar("_T")
 
 
 class EngineOutput(Protocol):
@@ -254,6 +299,12 @@ class _Identified(Exception):
         self.error = error
 
 
+class _AuditUnavailable(HansaError):
+    """The audit log could not record an event: the node must not act or sign (§16.2)."""
+
+    default_code = ErrorCode.UNAVAILABLE
+
+
 class _MediaTypeError(ProtocolError):
     """The request's Content-Type is not the expected media type (HTTP 415)."""
 
@@ -310,6 +361,9 @@ class NodeState:
         signing_key: SigningKey,
         clock_ms: Callable[[], int],
         roster: TrustedRoster | None = None,
+        *,
+        log_key: SigningKey | None = None,
+        witness_key: SigningKey | None = None,
     ) -> None:
         self.config = config
         self.signing_key = signing_key
@@ -328,6 +382,28 @@ class NodeState:
         self._slots = asyncio.Semaphore(config.limits.max_concurrent_queries)
         self._capabilities: tuple[tuple[DatasetInfo, ...], bytes] | None = None
         self._lookup: Callable[[QueryRequest], EngineOutput | None] | None = None
+        # --- the audit log (spec §16) ---
+        origin = config.log_origin(roster.roster.alliance if roster is not None else None)
+        self.log_signer = NoteSigner(origin, log_key or SigningKey.generate())
+        self.log_verifier = NoteVerifier(origin, self.log_signer.signing_key.public_key)
+        self.witness_signer = (
+            CosignatureSigner(f"witness/{config.city}", witness_key)
+            if witness_key is not None
+            else None
+        )
+        self.audit: AuditLog | None = None
+        self._audit_pool: ThreadPoolExecutor | None = None
+        self._policy = CheckpointPolicy(
+            config.audit.checkpoint_seconds, config.audit.checkpoint_entries
+        )
+        self._checkpoint_lock = threading.Lock()  # the policy and checkpoint signing
+        self._checkpoint_wake: asyncio.Event | None = None
+        self._logged = _LoggedState()
+
+    @property
+    def origin(self) -> str:
+        """The audit log's checkpoint origin."""
+        return self.log_signer.name
 
     @property
     def engine(self) -> AnswerEngine:
@@ -346,9 +422,18 @@ class NodeState:
         """Run the ``/v1/query`` pipeline and build the reply (never raises)."""
         try:
             data = await self._read_body(request)
-            return await self._answer(data)
-        except _Identified as refusal:
-            return self._refusal(refusal.request_id, refusal.principal, refusal.error)
+            try:
+                return await self._answer(data)
+            except _Identified as refusal:
+                reply, code = self._refusal(refusal.request_id, refusal.principal, refusal.error)
+                decision = LoggedDecision(
+                    self.clock_ms(), refusal.request_id, Outcome.REFUSED, reason=int(code)
+                )
+                await self._log_reply(decision, reply.body)
+                return reply
+        except _AuditUnavailable as exc:
+            # Fail closed: nothing the log did not record is signed (spec §16.2).
+            return self._unsigned(ErrorCode.UNAVAILABLE, exc.message, 503)
         except HansaError as exc:
             if exc.code in (ErrorCode.BAD_SIGNATURE, ErrorCode.UNKNOWN_KEY, ErrorCode.INVALID_KEY):
                 self.metrics.verification_failures.inc(exc.code.name)
@@ -394,9 +479,12 @@ class NodeState:
             who = self._identify(data, trust)
             if who is None:
                 raise
+            await self._log_request(who[0], who[2], data)
             raise _Identified(who[0], who[1], exc) from exc
         request_id = opened.message_id
         principal = trust.principals[opened.envelope.key_id]
+        # Logged (durably) before anything is decided or done about it (spec §16.2).
+        await self._log_request(request_id, opened.envelope.key_id, data)
         req = opened.message
         if req.requester != principal:
             raise _Identified(
@@ -443,6 +531,19 @@ class NodeState:
             raise _Identified(
                 request_id, principal, HansaError("internal error", ErrorCode.INTERNAL)
             ) from exc
+        outcome = (
+            Outcome.ANSWERED
+            if result.decision is Decision.ANSWERED
+            else Outcome.ANSWERED_SUPPRESSED
+        )
+        decision = LoggedDecision(
+            self.clock_ms(),
+            request_id,
+            outcome,
+            disclosure_version=result.disclosure_version,
+            data_version=result.dataset_version,
+        )
+        await self._log_reply(decision, body)
         return _Reply(body, 200, ENVELOPE_MEDIA_TYPE, "answered", "none")
 
     def _check_alliance(self, trust: Trust, principal: str, req: QueryRequest) -> None:
@@ -493,8 +594,8 @@ class NodeState:
                 ErrorCode.QUORUM_TOO_SMALL,
             )
 
-    def _identify(self, data: bytes, trust: Trust) -> tuple[bytes, str] | None:
-        """Return (message id, principal) if ``data`` is validly signed by a trusted key."""
+    def _identify(self, data: bytes, trust: Trust) -> tuple[bytes, str, bytes] | None:
+        """Return (message id, principal, key id) if ``data`` is signed by a trusted key."""
         try:
             env = decode_envelope(data, max_size=self.config.limits.max_request_bytes)
         except HansaError:
@@ -502,7 +603,7 @@ class NodeState:
         key = trust.keys.get(env.key_id)
         if key is None or not key.verify(pae(env.payload_type, env.payload), env.signature):
             return None
-        return message_id(data), trust.principals[env.key_id]
+        return message_id(data), trust.principals[env.key_id], env.key_id
 
     async def _run(self, req: QueryRequest) -> EngineOutput:
         limits = self.config.limits
@@ -543,7 +644,9 @@ class NodeState:
         if not future.cancelled():
             future.exception()  # mark retrieved: a late failure was already answered
 
-    def _refusal(self, request_id: bytes, principal: str, error: HansaError) -> _Reply:
+    def _refusal(
+        self, request_id: bytes, principal: str, error: HansaError
+    ) -> tuple[_Reply, ErrorCode]:
         if not error.code.on_wire:
             # A local-only failure (6xx: key file, configuration, ...) is the
             # node's own problem; its details stay in the log.
@@ -559,9 +662,8 @@ class NodeState:
             code=error.code,
             reason=_text(error.message),
         )
-        return _Reply(
-            seal(refusal, self.signing_key), 200, ENVELOPE_MEDIA_TYPE, "refused", error.code.name
-        )
+        body = seal(refusal, self.signing_key)
+        return _Reply(body, 200, ENVELOPE_MEDIA_TYPE, "refused", error.code.name), error.code
 
     def _unsigned(self, code: ErrorCode, message: str, status: int) -> _Reply:
         if not code.on_wire:
@@ -569,6 +671,371 @@ class NodeState:
             code, message, status = ErrorCode.INTERNAL, "internal error", 500
         body = encode(ErrorMessage(code=code, message=_text(message)))
         return _Reply(body, status, ERROR_MEDIA_TYPE, "rejected", code.name)
+
+    # --- the audit log (spec §16) -------------------------------------------------
+
+    async def _append(self, entries: list[AuditEntry], envelopes: list[bytes]) -> list[int]:
+        """Append durably, off the event loop (concurrent callers share one fsync).
+
+        Raises:
+            _AuditUnavailable: the log is not open or the append failed.
+        """
+        audit, pool = self.audit, self._audit_pool
+        if audit is None or pool is None:
+            raise _AuditUnavailable("the audit log is not open")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(pool, audit.append_many, entries, envelopes)
+        except HansaError as exc:
+            log.error("audit log append failed: %s", exc.message)
+            raise _AuditUnavailable("the audit log is unavailable") from exc
+
+    async def _log_request(self, request_id: bytes, key_id: bytes, envelope: bytes) -> None:
+        """Log a verified request and keep its envelope (before the node acts on it)."""
+        entry = RequestReceived(self.clock_ms(), request_id, key_id)
+        await self._append([entry], [envelope])
+
+    async def _log_reply(self, decision: LoggedDecision, reply: bytes) -> None:
+        """Log the decision and the reply envelope (before the reply is sent)."""
+        sent = AnswerSent(decision.log_time_ms, decision.message_id, message_id(reply))
+        await self._append([decision, sent], [reply])
+        audit, wake = self.audit, self._checkpoint_wake
+        if (
+            audit is not None
+            and wake is not None
+            and audit.size - self._policy.last_size >= self._policy.every_entries
+        ):
+            wake.set()
+
+    async def _log_roster(self, trusted: TrustedRoster) -> None:
+        await self._append([RosterInstalled(self.clock_ms(), trusted.digest, trusted.version)], [])
+
+    def _logged_state(self, audit: AuditLog) -> _LoggedState:
+        """Scan the log for the latest roster and settings it records (start-up)."""
+        state = _LoggedState()
+        size = audit.size
+        for start in range(0, size, _SCAN_PAGE):
+            for leaf in audit.leaves(start, min(size, start + _SCAN_PAGE)):
+                entry = decode_entry(leaf)
+                if isinstance(entry, RosterInstalled):
+                    state.roster = entry.roster_digest
+                elif isinstance(entry, SettingsChanged):
+                    if entry.scope is SettingsScope.CONFIG:
+                        state.config = (entry.digest, entry.settings_version)
+                    else:
+                        state.disclosure[entry.subject] = entry.digest
+        return state
+
+    def _settings_entries(
+        self, audit: AuditLog, state: _LoggedState, config_digest: bytes | None
+    ) -> tuple[list[AuditEntry], list[bytes]]:
+        """Entries recording settings that differ from what the log last recorded.
+
+        A dataset's disclosure settings are recorded by the message id of the
+        signed capability document that publishes them (stored beside the tree).
+        """
+        now = self.clock_ms()
+        entries: list[AuditEntry] = []
+        envelopes: list[bytes] = []
+        if config_digest is not None and (state.config is None or state.config[0] != config_digest):
+            version = 1 if state.config is None else state.config[1] + 1
+            entries.append(SettingsChanged(now, SettingsScope.CONFIG, config_digest, version))
+            state.config = (config_digest, version)
+        if self._engine is None:
+            return entries, envelopes
+        capabilities = self.capabilities()
+        capabilities_id = message_id(capabilities)
+        for dataset in self.engine.datasets():
+            logged = state.disclosure.get(dataset.name)
+            if logged is not None and _profile_in(audit, logged, dataset.name) == encode(
+                dataset.disclosure
+            ):
+                continue
+            entries.append(
+                SettingsChanged(
+                    now,
+                    SettingsScope.DISCLOSURE,
+                    capabilities_id,
+                    dataset.disclosure.version,
+                    dataset.name,
+                )
+            )
+            state.disclosure[dataset.name] = capabilities_id
+        if any(
+            isinstance(e, SettingsChanged) and e.scope is SettingsScope.DISCLOSURE for e in entries
+        ):
+            envelopes.append(capabilities)
+        return entries, envelopes
+
+    def _open_audit(self) -> None:
+        """Open the log, record what changed while the node was down (blocking)."""
+        cfg = self.config
+        audit = AuditLog.open(
+            cfg.data_dir / AUDIT_FILE,
+            self.origin,
+            durable=cfg.audit.durable,
+            verifier=self.log_verifier,
+        )
+        try:
+            if audit.repaired:
+                log.warning("audit log: %d damaged tail entries were removed", audit.repaired)
+            state = self._logged_state(audit)
+            entries: list[AuditEntry] = []
+            trusted = self.trust.roster
+            if trusted is not None and state.roster != trusted.digest:
+                entries.append(RosterInstalled(self.clock_ms(), trusted.digest, trusted.version))
+            try:
+                config_digest = hashlib.sha256(config_path(cfg.data_dir).read_bytes()).digest()
+            except OSError:
+                config_digest = None  # a node built from a NodeConfig without a file
+            more, envelopes = self._settings_entries(audit, state, config_digest)
+            entries += more
+            if entries:
+                audit.append_many(entries, envelopes)
+            self._logged = state
+            latest = audit.latest_checkpoint()
+            # last_time 0: a log that grew since its last checkpoint (a crash) gets one now.
+            self._policy.record(0.0, latest.size if latest is not None else 0)
+        except BaseException:
+            audit.close()
+            raise
+        self.audit = audit
+        log.info("audit log %s open: %d entries, origin %s", audit.path, audit.size, self.origin)
+
+    async def _log_settings(self) -> None:
+        """Record changed disclosure settings (after a catalog reload)."""
+        audit = self.audit
+        if audit is None:
+            return
+        entries, envelopes = await asyncio.to_thread(
+            self._settings_entries, audit, self._logged, None
+        )
+        if entries:
+            await self._append(entries, envelopes)
+
+    def _checkpoint_now(self, min_size: int = 0) -> StoredCheckpoint | None:
+        """Return the latest checkpoint, signing one first if it covers fewer than
+        ``min_size`` entries or none exists (blocking)."""
+        audit = self.audit
+        if audit is None:
+            raise _AuditUnavailable("the audit log is not open")
+        with self._checkpoint_lock:
+            latest = audit.latest_checkpoint()
+            if latest is None or latest.size < min_size:
+                audit.checkpoint(self.log_signer)
+                latest = audit.latest_checkpoint()
+                if latest is not None:
+                    self._policy.record(time.monotonic(), latest.size)
+            return latest
+
+    def _checkpoint_if_due(self) -> bytes | None:
+        audit = self.audit
+        if audit is None:
+            return None
+        with self._checkpoint_lock:
+            return audit.checkpoint_if_due(self.log_signer, self._policy, time.monotonic())
+
+    async def _checkpoint_loop(self, wake: asyncio.Event) -> None:
+        """Sign a checkpoint every T seconds and after every N entries (while growing)."""
+        period = max(0.01, min(self.config.audit.checkpoint_seconds / 4, 1.0))
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), period)
+            wake.clear()
+            try:
+                await asyncio.to_thread(self._checkpoint_if_due)
+            except HansaError as exc:
+                log.error("audit checkpoint failed: %s", exc.message)
+
+    # --- POST /v1/audit, GET /v1/log/keys ---------------------------------------
+
+    def log_keys(self) -> dict[str, str | None]:
+        """The log's origin and note verifier keys (``GET /v1/log/keys``, unsigned: TOFU)."""
+        witness = self.witness_signer
+        return {
+            "origin": self.origin,
+            "log_vkey": self.log_signer.vkey,
+            "witness_vkey": None if witness is None else witness.vkey,
+        }
+
+    async def handle_audit(self, request: web.Request) -> _Reply:
+        """Answer a signed ``AuditRequest`` (never raises; spec §16.3)."""
+        try:
+            data = await self._read_body(request)
+            return await self._audit(data)
+        except _Identified as refusal:
+            return self._refusal(refusal.request_id, refusal.principal, refusal.error)[0]
+        except HansaError as exc:
+            if exc.code in (ErrorCode.BAD_SIGNATURE, ErrorCode.UNKNOWN_KEY, ErrorCode.INVALID_KEY):
+                self.metrics.verification_failures.inc(exc.code.name)
+            if isinstance(exc, _MediaTypeError):
+                status = 415
+            elif isinstance(exc, _AuditUnavailable):
+                status = 503
+            else:
+                status = unsigned_status(exc.code)
+            return self._unsigned(exc.code, exc.message, status)
+        except Exception:
+            log.exception("internal error before the auditor was identified")
+            return self._unsigned(ErrorCode.INTERNAL, "internal error", 500)
+
+    def _audit_trust(self) -> tuple[dict[bytes, PublicKey], dict[bytes, str], set[bytes]]:
+        """Keys that may send audit requests, their principals, and the auditor keys."""
+        trust = self.trust
+        keys = dict(trust.keys)
+        principals = dict(trust.principals)
+        auditors: set[bytes] = set()
+        if trust.roster is not None:
+            roster = trust.roster.roster
+            for kid, key in roster.keys_for_role(Role.AUDITOR).items():
+                holder = roster.holder(kid)
+                if holder is not None:
+                    keys[kid] = key
+                    principals[kid] = holder.principal
+                    auditors.add(kid)
+        return keys, principals, auditors
+
+    async def _audit(self, data: bytes) -> _Reply:
+        keys, principals, auditors = self._audit_trust()
+        limit = self.config.limits.max_request_bytes
+        try:
+            opened = open_envelope(data, keys, AuditRequest, max_size=limit)
+        except SignatureError:
+            raise
+        except ProtocolError as exc:
+            who = self._identify(data, Trust(keys, principals))
+            if who is None:
+                raise
+            raise _Identified(who[0], who[1], exc) from exc
+        request_id = opened.message_id
+        kid = opened.envelope.key_id
+        principal = principals[kid]
+        req = opened.message
+        try:
+            if req.requester != principal:
+                raise PolicyDenied(
+                    f"the signing key speaks for {principal!r}, not {req.requester!r}",
+                    ErrorCode.REQUESTER_NOT_ALLOWED,
+                )
+            auditor = kid in auditors
+            if not auditor and req.op is not AuditOp.RECEIPT:
+                raise PolicyDenied(
+                    "only keys with the auditor role may read the audit log; "
+                    "analysts may fetch receipts of their own requests",
+                    ErrorCode.REQUESTER_NOT_ALLOWED,
+                )
+            trusted = self.trust.roster
+            if trusted is not None and req.roster_version != trusted.version:
+                raise PolicyDenied(
+                    f"the request names roster version {req.roster_version}; this node "
+                    f"holds version {trusted.version}",
+                    ErrorCode.ROSTER_MISMATCH,
+                )
+            self.guard.check(
+                message_id=request_id,
+                requester=principal,
+                nonce=req.nonce,
+                audience=req.audience,
+                issued_at=req.issued_at,
+                expires_at=req.expires_at,
+                now_ms=self.clock_ms(),
+            )
+            pool = self._audit_pool
+            if pool is None:
+                raise _AuditUnavailable("the audit log is not open")
+            loop = asyncio.get_running_loop()
+            response = await loop.run_in_executor(
+                pool, self._audit_response, req, request_id, kid, auditor
+            )
+            body = seal(response, self.signing_key)
+        except _AuditUnavailable:
+            raise
+        except HansaError as exc:
+            raise _Identified(request_id, principal, exc) from exc
+        except Exception as exc:
+            log.exception("internal error answering audit request %s", request_id.hex())
+            raise _Identified(
+                request_id, principal, HansaError("internal error", ErrorCode.INTERNAL)
+            ) from exc
+        return _Reply(body, 200, ENVELOPE_MEDIA_TYPE, "answered", "none")
+
+    def _audit_response(
+        self, req: AuditRequest, request_id: bytes, kid: bytes, auditor: bool
+    ) -> AuditResponse:
+        """Build the response to a checked audit request (blocking; spec §16.3)."""
+        audit = self.audit
+        if audit is None:
+            raise _AuditUnavailable("the audit log is not open")
+        op = req.op
+        respond = functools.partial(
+            AuditResponse,
+            request_id=request_id,
+            responder=self.config.city,
+            issued_at=self.clock_ms(),
+            op=op,
+        )
+        try:
+            if op is AuditOp.CHECKPOINT:
+                cp = self._checkpoint_now()
+                return respond(checkpoint=_note(cp), tree_size=cp.size if cp else 0)
+            if op is AuditOp.ENTRIES:
+                leaves = _budgeted(audit.leaves(req.start, req.end), len)
+                return respond(
+                    checkpoint=_note(audit.latest_checkpoint()),
+                    entries=tuple(leaves),
+                    first_index=req.start,
+                    tree_size=audit.size,
+                )
+            if op is AuditOp.ENVELOPES:
+                found: list[tuple[bytes, bytes]] = []
+                for digest in req.hashes:
+                    envelope = audit.envelope(digest)
+                    if envelope is not None:
+                        found.append((digest, envelope))
+                return respond(
+                    checkpoint=_note(audit.latest_checkpoint()),
+                    envelopes=tuple(_budgeted(found, lambda e: len(e[1]) + 40)),
+                    tree_size=audit.size,
+                )
+            if op is AuditOp.CONSISTENCY:
+                latest = audit.latest_checkpoint()
+                new_size = req.new_size or (latest.size if latest is not None else 0)
+                if not req.old_size <= new_size <= audit.size:
+                    raise _invalid(f"no consistency proof from {req.old_size} to {new_size}")
+                return respond(
+                    checkpoint=_note(latest),
+                    proof=tuple(audit.consistency_proof(req.old_size, new_size)),
+                    index=req.old_size,
+                    tree_size=new_size,
+                )
+            # inclusion and receipt: one leaf under a checkpoint (signed now if needed)
+            if req.message_id is not None:
+                index = audit.index_of(req.message_id)
+                if index is None:
+                    raise _invalid("no audit entry logs this message id")
+            else:
+                index = req.index
+            if index >= audit.size:
+                raise _invalid(f"the log has no entry {index}")
+            if op is AuditOp.RECEIPT:
+                entry = audit.entry(index)
+                if not isinstance(entry, RequestReceived) or (
+                    not auditor and entry.requester_key_id != kid
+                ):
+                    # The same answer whether the request is absent or someone else's.
+                    raise _invalid("no request of yours with this message id is logged")
+            cp = self._checkpoint_now(index + 1)
+            size = req.new_size or (cp.size if cp is not None else 0)
+            if not index < size <= audit.size:
+                raise _invalid(f"entry {index} is not in a tree of size {size}")
+            return respond(
+                checkpoint=_note(cp),
+                proof=tuple(audit.inclusion_proof(index, size)),
+                index=index,
+                tree_size=size,
+            )
+        except ProofError as exc:  # a local code: the request asked for the impossible
+            raise _invalid(exc.message) from exc
 
     # --- GET and POST /v1/roster ---------------------------------------------
 
@@ -614,6 +1081,9 @@ class NodeState:
                     current,
                     self.clock_ms(),
                 )
+                # Persisted, then logged, then in effect: a node that cannot log the
+                # change keeps the old roster until a restart logs and takes it up.
+                await self._log_roster(installed)
                 self._take_up(installed)
             return self._roster_ok(installed, "installed")
         except HansaError as exc:
@@ -696,6 +1166,11 @@ class NodeState:
                     current.version,
                 )
                 return False
+            try:
+                await self._log_roster(loaded)
+            except _AuditUnavailable as exc:
+                log.error("roster reload not taken up: %s", exc.message)
+                return False
             self._take_up(loaded)
             return True
 
@@ -738,6 +1213,11 @@ class NodeState:
             log.error("reload failed, keeping the previous catalog: %s", exc.message)
             return False
         log.info("catalog reloaded: %d dataset(s)", len(engine.datasets()))
+        try:
+            await self._log_settings()
+        except _AuditUnavailable as exc:
+            log.error("changed disclosure settings not logged: %s", exc.message)
+            return False
         return True
 
     # --- lifecycle -----------------------------------------------------------
@@ -755,18 +1235,49 @@ class NodeState:
         self._pool = ThreadPoolExecutor(
             max_workers=limits.max_concurrent_queries, thread_name_prefix="hansa-query"
         )
+        self._audit_pool = ThreadPoolExecutor(
+            max_workers=_AUDIT_THREADS, thread_name_prefix="hansa-audit"
+        )
+        checkpoints: asyncio.Task[None] | None = None
         try:
+            await asyncio.to_thread(self._open_audit)
+            wake = self._checkpoint_wake = asyncio.Event()
+            checkpoints = asyncio.create_task(self._checkpoint_loop(wake))
             yield
         finally:
+            if checkpoints is not None:
+                checkpoints.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await checkpoints
             pool, self._pool = self._pool, None
             # In-flight handlers have finished by now (aiohttp waits for them
             # before cleanup); wait for any thread that outlived its request.
             await asyncio.to_thread(pool.shutdown, wait=True)
+            await asyncio.to_thread(self._close_audit)
             self._engine = None
             self._lookup = None
             if owned:
                 await asyncio.to_thread(engine.close)
                 log.info("engine closed")
+
+    def _close_audit(self) -> None:
+        """Cover every entry with a last checkpoint, then close the log (blocking)."""
+        audit, self.audit = self.audit, None
+        pool, self._audit_pool = self._audit_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        if audit is None:
+            return
+        try:
+            with self._checkpoint_lock:
+                latest = audit.latest_checkpoint()
+                if audit.size and (latest is None or latest.size < audit.size):
+                    audit.checkpoint(self.log_signer)
+        except HansaError as exc:
+            log.error("final audit checkpoint failed: %s", exc.message)
+        finally:
+            audit.close()
+            log.info("audit log closed")
 
     def _open_engine(self) -> AnswerEngine:
         # Imported here: DuckDB loads only when a node runs.
@@ -798,6 +1309,50 @@ def _warn_membership(trusted: TrustedRoster, city: str, signing_key: SigningKey)
             trusted.version,
             city,
         )
+
+
+@dataclass
+class _LoggedState:
+    """What the audit log last recorded about the roster and the settings."""
+
+    roster: bytes | None = None
+    config: tuple[bytes, int] | None = None
+    disclosure: dict[str, bytes] = field(default_factory=dict)
+
+
+def _profile_in(audit: AuditLog, digest: bytes, dataset: str) -> bytes | None:
+    """The encoded disclosure profile of ``dataset`` in a logged capability document."""
+    try:
+        envelope = audit.envelope(digest)
+        if envelope is None:
+            return None
+        document = decode_as(decode_envelope(envelope).payload, Capabilities)
+    except HansaError:
+        return None
+    for info in document.datasets:
+        if info.name == dataset:
+            return encode(info.disclosure)
+    return None
+
+
+def _note(checkpoint: StoredCheckpoint | None) -> bytes | None:
+    return None if checkpoint is None else checkpoint.note
+
+
+def _budgeted(items: Sequence[_T], size: Callable[[_T], int]) -> list[_T]:
+    """The longest prefix of ``items`` (at most a page) that fits one response."""
+    total = 0
+    out: list[_T] = []
+    for item in items[:MAX_AUDIT_PAGE]:
+        total += size(item)
+        if total > _RESPONSE_BUDGET and out:
+            break
+        out.append(item)
+    return out
+
+
+def _invalid(message: str) -> HansaError:
+    return ProtocolError(message, ErrorCode.INVALID_FIELD)
 
 
 NODE: Final = web.AppKey("hansa_node", NodeState)
@@ -851,6 +1406,19 @@ async def _roster_post(request: web.Request) -> web.Response:
     return _reply_response(reply)
 
 
+async def _audit(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    reply = await node.handle_audit(request)
+    node.metrics.requests.inc(AUDIT_ROUTE, reply.outcome, reply.code)
+    return _reply_response(reply)
+
+
+async def _log_keys(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    node.metrics.requests.inc(LOG_KEYS_ROUTE, "ok", "none")
+    return web.json_response(node.log_keys(), headers=_NO_STORE)
+
+
 async def _health(request: web.Request) -> web.Response:
     node = request.app[NODE]
     node.metrics.requests.inc(HEALTH_ROUTE, "ok", "none")
@@ -864,6 +1432,15 @@ async def _metrics(request: web.Request) -> web.Response:
         text=node.metrics.render(),
         headers={"Content-Type": METRICS_CONTENT_TYPE, **_NO_STORE},
     )
+
+
+def _audit_key(path: Path, *, create: bool = False) -> SigningKey:
+    """Read an (unencrypted) audit key file; create the log key of an older node."""
+    if create and not path.exists():
+        # Nodes initialised before the audit log had no log key (spec §16.1).
+        log.warning("no audit log key at %s: creating one", path)
+        write_key_file(path, SigningKey.generate())
+    return read_key_file(path)
 
 
 def create_app(
@@ -897,7 +1474,12 @@ def create_app(
     roster = load_roster_store(config.data_dir, config.alliance)
     if roster is not None:
         _warn_membership(roster, config.city, signing_key)
-    state = NodeState(config, signing_key, clock_ms, roster)
+    log_key = _audit_key(config.path(config.audit.log_key_file), create=True)
+    witness_file = config.audit.witness_key_file
+    witness_key = None if witness_file is None else _audit_key(config.path(witness_file))
+    state = NodeState(
+        config, signing_key, clock_ms, roster, log_key=log_key, witness_key=witness_key
+    )
     app = web.Application(client_max_size=config.limits.max_request_bytes)
     app[NODE] = state
 
@@ -910,6 +1492,8 @@ def create_app(
     app.router.add_get(CAPABILITIES_ROUTE, _capabilities)
     app.router.add_get(ROSTER_ROUTE, _roster_get)
     app.router.add_post(ROSTER_ROUTE, _roster_post)
+    app.router.add_post(AUDIT_ROUTE, _audit)
+    app.router.add_get(LOG_KEYS_ROUTE, _log_keys)
     app.router.add_get(HEALTH_ROUTE, _health)
     app.router.add_get(METRICS_ROUTE, _metrics)
     return app

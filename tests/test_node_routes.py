@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import re
+import shutil
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -37,7 +38,7 @@ from nodeutil import (
 from hansa.crypto import open_envelope, seal_bytes
 from hansa.crypto.keyfile import read_public_key
 from hansa.node.app import ENVELOPE_MEDIA_TYPE, AnswerEngine, EngineOutput, unsigned_status
-from hansa.node.config import NodeConfig, NodeLimits
+from hansa.node.config import NodeConfig, NodeLimits, load_config
 from hansa.node.engine import CacheInfo, QueryEngine
 from hansa.node.metrics import Counter, Histogram, NodeMetrics
 from hansa.protocol.codec import encode
@@ -679,8 +680,14 @@ def test_counter_labels_are_escaped() -> None:
 
 
 @pytest.fixture(scope="module")
-def live_node(node_dir: NodeConfig) -> Iterator[ThreadedNode]:
-    with threaded_node(node_dir) as node:
+def live_node(
+    node_dir: NodeConfig, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ThreadedNode]:
+    # A copy of the data directory: an audit log has one writer (spec §16.2), and
+    # other tests start nodes on node_dir while this one runs.
+    copy = tmp_path_factory.mktemp("live") / CITY
+    shutil.copytree(node_dir.data_dir, copy, ignore=shutil.ignore_patterns("audit.sqlite*"))
+    with threaded_node(load_config(copy)) as node:
         yield node
 
 
