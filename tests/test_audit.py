@@ -1,0 +1,635 @@
+"""The auditor (issue 5, part 6): every kind of tampering the issue lists is detected.
+
+Logs are built with the node's own :class:`~hansa.node.auditlog.AuditLog` from real
+sealed requests, answers and refusals, imported into an auditor store the way
+``hansa audit import`` does (read-only, nothing trusted), then edited with plain SQLite
+to play the dishonest node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hansa.crypto.envelope import seal
+from hansa.crypto.keyfile import read_key_file
+from hansa.crypto.keys import SigningKey
+from hansa.crypto.note import CosignatureSigner, NoteSigner, cosign_checkpoint
+from hansa.federation import audit
+from hansa.federation.audit import (
+    AuditorStore,
+    AuditReport,
+    AuditStoreError,
+    compare_stores,
+    parse_leaf,
+    reconcile,
+    verify_log,
+)
+from hansa.federation.evidence import CityEvidence, EvidenceBundle
+from hansa.federation.roster import (
+    Analyst,
+    Member,
+    Role,
+    RootKey,
+    Roster,
+    SignedRoster,
+    roster_digest,
+    sign_roster,
+    unsigned,
+)
+from hansa.node._cli_audit import import_data_dir
+from hansa.node._cli_node import init_node
+from hansa.node.auditlog import (
+    AnswerSent,
+    AuditLog,
+    Decision,
+    Outcome,
+    RequestReceived,
+    SettingsChanged,
+    SettingsScope,
+    decode_entry,
+    encode_entry,
+)
+from hansa.node.cli import EXIT_VERIFY_FAILED, main
+from hansa.node.config import AUDIT_FILE
+from hansa.protocol.envelope import Envelope, decode_envelope, encode_envelope, message_id
+from hansa.protocol.errors import ErrorCode
+from hansa.protocol.messages import (
+    Count,
+    PolicyTags,
+    Query,
+    QueryAnswer,
+    QueryRefusal,
+    QueryRequest,
+    ResultScope,
+)
+from hansa.protocol.messages import Decision as AnswerDecision
+
+CITY = "amsterdam"
+ORIGIN = f"hansa/hanse/{CITY}"
+ANALYST = "ana@amsterdam"
+PURPOSE = "housing"
+NOW = 1_800_000_000_000
+ANALYST_KEY = SigningKey(b"\x11" * 32)
+ROOT_KEY = SigningKey(b"\x12" * 32)
+WITNESSES = {
+    c: CosignatureSigner(f"witness/{c}", SigningKey(bytes([0x20 + i]) * 32))
+    for i, c in enumerate(("berlin", "copenhagen"))
+}
+
+
+@dataclass
+class World:
+    """A city's node data directory, its keys and the roster naming them."""
+
+    data_dir: Path
+    node_key: SigningKey
+    log_signer: NoteSigner
+    signed_roster: SignedRoster
+    roster: Roster
+    answers: list[bytes]
+    requests: list[bytes]
+
+    @property
+    def db(self) -> Path:
+        return self.data_dir / AUDIT_FILE
+
+
+def make_roster(node_key: SigningKey, quorum: int | None = 2) -> SignedRoster:
+    members = [
+        Member(
+            CITY,
+            "Amsterdam",
+            node_key.public_key.raw,
+            "http://127.0.0.1:1",
+            (Role.MEMBER, Role.AUDITOR),
+        )
+    ]
+    for i, city in enumerate(WITNESSES):
+        members.append(
+            Member(
+                city,
+                city.title(),
+                SigningKey(bytes([0x30 + i]) * 32).public_key.raw,
+                f"http://127.0.0.1:{2 + i}",
+                (Role.MEMBER, Role.WITNESS),
+            )
+        )
+    roster = Roster(
+        alliance="hanse",
+        version=1,
+        expires_ms=NOW + 10 * 86_400_000,
+        threshold=1,
+        root_keys=(RootKey(CITY, ROOT_KEY.public_key.raw),),
+        members=tuple(members),
+        analysts=(Analyst(ANALYST, ANALYST_KEY.public_key.raw, CITY, (PURPOSE,)),),
+        purposes=(PURPOSE,),
+        witness_quorum=quorum,
+    )
+    return sign_roster(unsigned(roster), ROOT_KEY)
+
+
+def request(i: int, *, key: SigningKey = ANALYST_KEY, issued_at: int = NOW) -> QueryRequest:
+    return QueryRequest(
+        requester=ANALYST,
+        audience=CITY,
+        issued_at=issued_at,
+        expires_at=issued_at + 60_000,
+        nonce=hashlib.sha256(b"nonce%d" % i).digest()[:16],
+        roster_version=1,
+        policy=PolicyTags(
+            purpose=PURPOSE, legal_basis="test", scope=ResultScope.ALLIANCE, analyst=ANALYST
+        ),
+        query=Query(dataset="listings", aggregates=(Count(),)),
+        targets=(CITY,),
+        quorum=1,
+    )
+
+
+def answer(req_id: bytes, node_key: SigningKey, version: int = 3) -> bytes:
+    return seal(
+        QueryAnswer(
+            request_id=req_id,
+            responder=CITY,
+            requester=ANALYST,
+            issued_at=NOW + 5,
+            dataset="listings",
+            dataset_version="v1-0123456789ab",
+            disclosure_version=version,
+            decision=AnswerDecision.ANSWERED,
+            groups=(),
+        ),
+        node_key,
+    )
+
+
+def refusal(req_id: bytes, node_key: SigningKey) -> bytes:
+    return seal(
+        QueryRefusal(
+            request_id=req_id,
+            responder=CITY,
+            requester=ANALYST,
+            issued_at=NOW + 5,
+            code=ErrorCode.PURPOSE_NOT_ALLOWED,
+            reason="no",
+        ),
+        node_key,
+    )
+
+
+def serve(
+    log: AuditLog,
+    world: World,
+    i: int,
+    *,
+    envelope: bytes | None = None,
+    refuse: bool = False,
+    log_time: int | None = None,
+) -> None:
+    """Log one request the way the node does: received, decision, answer sent."""
+    env = envelope if envelope is not None else seal(request(i), ANALYST_KEY)
+    mid = message_id(env)
+    t = NOW + 10 * i if log_time is None else log_time
+    log.append(RequestReceived(t, mid, ANALYST_KEY.public_key.key_id), [env])
+    if refuse:
+        reply = refusal(mid, world.node_key)
+        log.append(Decision(t + 1, mid, Outcome.REFUSED, int(ErrorCode.PURPOSE_NOT_ALLOWED)))
+    else:
+        reply = answer(mid, world.node_key)
+        log.append(Decision(t + 1, mid, Outcome.ANSWERED, 0, 3, "v1-0123456789ab"))
+    log.append(AnswerSent(t + 2, mid, message_id(reply)), [reply])
+    world.requests.append(env)
+    world.answers.append(reply)
+
+
+def build(
+    tmp: Path,
+    name: str = "node",
+    *,
+    n: int = 6,
+    quorum: int | None = 2,
+    data_dir: Path | None = None,
+) -> World:
+    """A node data directory with a clean log of ``n`` served requests and checkpoints."""
+    config = init_node(data_dir or tmp / name, city=CITY)
+    node_key = read_key_file(config.key_file)
+    log_key = read_key_file(config.path(config.audit.log_key_file))
+    signed = make_roster(node_key, quorum)
+    from hansa.federation.roster import decode_roster
+
+    world = World(
+        config.data_dir,
+        node_key,
+        NoteSigner(ORIGIN, log_key),
+        signed,
+        decode_roster(signed.body),
+        [],
+        [],
+    )
+    with AuditLog.open(world.db, ORIGIN, durable=False) as log:
+        log.append(SettingsChanged(NOW - 1, SettingsScope.DISCLOSURE, bytes(32), 3, "listings"))
+        for i in range(n):
+            serve(log, world, i, refuse=i == 2)
+            if i % 2 == 1:
+                log.checkpoint(world.log_signer)
+    return world
+
+
+def import_(world: World, store: Path, *, cosign: tuple[str, ...] = tuple(WITNESSES)) -> None:
+    """Import like ``hansa audit import`` and add witnessed copies of each checkpoint."""
+    import_data_dir(store, world.data_dir, witness_vkeys=[w.vkey for w in WITNESSES.values()])
+    with AuditorStore.open(store, CITY) as s:
+        for seen in s.checkpoints():
+            if b"witness/" in seen.note:
+                continue  # already a witnessed copy
+            note = seen.note
+            for name in cosign:
+                note = cosign_checkpoint(note, WITNESSES[name], 1_800_000_000)
+            if cosign:
+                s.add_checkpoint(note)
+
+
+def verify(world: World, store: Path, **kw: object) -> AuditReport:
+    with AuditorStore.open(store, CITY) as s:
+        contents = s.contents()
+    return verify_log(contents, [world.roster], workers=0, **kw)  # type: ignore[arg-type]
+
+
+def edit(db: Path, *statements: tuple[str, tuple[object, ...]]) -> None:
+    conn = sqlite3.connect(db)
+    with conn:
+        for sql, params in statements:
+            conn.execute(sql, params)
+    conn.close()
+
+
+def leaf_at(db: Path, idx: int) -> bytes:
+    conn = sqlite3.connect(db)
+    (leaf,) = conn.execute("SELECT leaf FROM leaves WHERE idx = ?", (idx,)).fetchone()
+    conn.close()
+    return bytes(leaf)
+
+
+def checks(report: AuditReport) -> set[str]:
+    return {f.check for f in report.failures}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> tuple[World, Path]:
+    tmp = tmp_path_factory.mktemp("clean")
+    world = build(tmp)
+    import_(world, tmp / "store")
+    return world, tmp / "store"
+
+
+# --- a clean log ----------------------------------------------------------------------
+
+
+def test_clean_log_verifies(clean: tuple[World, Path]) -> None:
+    world, store = clean
+    report = verify(world, store)
+    assert report, [str(f) for f in report.failures]
+    assert report.size == 1 + 6 * 3
+    assert report.counts == {
+        "settings_changed": 1,
+        "request_received": 6,
+        "decision": 6,
+        "answer_sent": 6,
+    }
+    assert report.signatures == 12
+    assert report.largest_checkpoint == 1 + 6 * 3
+    assert report.checkpoints == 6  # three notes as signed, three with cosignatures
+
+
+def test_clean_log_verifies_on_worker_processes(
+    clean: tuple[World, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world, store = clean
+    monkeypatch.setattr(audit, "INLINE_LIMIT", 1)
+    with AuditorStore.open(store, CITY) as s:
+        report = verify_log(s.contents(), [world.roster], workers=2)
+    assert report and report.signatures == 12
+
+
+def test_cli_import_and_verify(clean: tuple[World, Path], tmp_path: Path) -> None:
+    world, _ = clean
+    roster_file = tmp_path / "roster.bin"
+    from hansa.federation.roster import encode_signed_roster
+
+    roster_file.write_bytes(encode_signed_roster(world.signed_roster))
+    store = tmp_path / "store"
+    assert main(["audit", "import", str(world.data_dir), "--store", str(store)]) == 0
+    # Without cosigned checkpoints the roster's witness quorum is not met.
+    code = main(
+        ["audit", "verify", "--store", str(store), "--roster", str(roster_file), "--workers", "0"]
+    )
+    assert code == EXIT_VERIFY_FAILED
+    import_(world, store)
+    assert main(["audit", "verify", "--store", str(store), "--roster", str(roster_file)]) == 0
+
+
+# --- what the issue requires detected -------------------------------------------------
+
+
+def test_deleted_entry_is_detected(tmp_path: Path) -> None:
+    world = build(tmp_path)
+    # Delete entry 4 and renumber the rest, so the log looks contiguous.
+    rows = [(i, leaf_at(world.db, i)) for i in range(5, 19)]
+    edit(
+        world.db,
+        ("DELETE FROM leaves WHERE idx >= 4", ()),
+        *[("INSERT INTO leaves VALUES (?, ?)", (i - 1, leaf)) for i, leaf in rows],
+    )
+    import_(world, tmp_path / "store")
+    report = verify(world, tmp_path / "store")
+    assert not report and "checkpoint" in checks(report)
+
+
+def test_deleted_entry_leaving_a_gap_is_detected(tmp_path: Path) -> None:
+    world = build(tmp_path)
+    edit(world.db, ("DELETE FROM leaves WHERE idx = 7", ()))
+    import_(world, tmp_path / "store")
+    report = verify(world, tmp_path / "store")
+    assert "tree" in checks(report)
+    assert any(f.index == 7 for f in report.failures)
+
+
+def test_modified_entry_is_detected(tmp_path: Path) -> None:
+    world = build(tmp_path)
+    # Turn the refusal's decision (entry 8) into an answer: a well-formed leaf.
+    entry = decode_entry(leaf_at(world.db, 8))
+    assert isinstance(entry, Decision) and entry.outcome is Outcome.REFUSED
+    forged = encode_entry(Decision(entry.log_time_ms, entry.message_id, Outcome.ANSWERED))
+    edit(world.db, ("UPDATE leaves SET leaf = ? WHERE idx = 8", (forged,)))
+    import_(world, tmp_path / "store")
+    report = verify(world, tmp_path / "store")
+    assert "checkpoint" in checks(report)
+    # ...and the forged decision contradicts the signed refusal.
+    assert any(f.index == 8 and f.check == "decision" for f in report.failures)
+
+
+def test_reordered_entries_are_detected(tmp_path: Path) -> None:
+    world = build(tmp_path)
+    a, b = leaf_at(world.db, 10), leaf_at(world.db, 13)
+    edit(
+        world.db,
+        ("UPDATE leaves SET leaf = ? WHERE idx = 10", (b,)),
+        ("UPDATE leaves SET leaf = ? WHERE idx = 13", (a,)),
+    )
+    import_(world, tmp_path / "store")
+    report = verify(world, tmp_path / "store")
+    assert "checkpoint" in checks(report)
+
+
+def test_rewrite_between_two_fetches_is_detected(tmp_path: Path) -> None:
+    world = build(tmp_path)
+    import_(world, tmp_path / "store")
+    forged = leaf_at(world.db, 5)[:-2] + b"\x00\x00"  # edit without breaking the layout
+    assert forged != leaf_at(world.db, 5)
+    edit(world.db, ("UPDATE leaves SET leaf = ? WHERE idx = 5", (forged,)))
+    import_(world, tmp_path / "store")  # the store keeps the first bytes and the conflict
+    report = verify(world, tmp_path / "store")
+    assert any(f.index == 5 and f.check == "tree" for f in report.failures)
+
+
+def test_forked_history_shown_to_two_auditors_is_detected(tmp_path: Path) -> None:
+    world = build(tmp_path, n=2)
+    fork_dir = tmp_path / "fork"
+    # The same node (same keys) keeps a second log: same prefix, then other entries.
+    import shutil
+
+    shutil.copytree(world.data_dir, fork_dir)
+    fork = World(
+        fork_dir, world.node_key, world.log_signer, world.signed_roster, world.roster, [], []
+    )
+    for w, first in ((world, 10), (fork, 20)):
+        with AuditLog.open(w.db, ORIGIN, durable=False) as log:
+            for i in range(first, first + 2):
+                serve(log, w, i)
+            log.checkpoint(world.log_signer)
+    import_(world, tmp_path / "a")
+    import_(fork, tmp_path / "b")
+    # Each auditor alone sees a consistent, verifying log...
+    assert verify(world, tmp_path / "a")
+    assert verify(fork, tmp_path / "b")
+    # ...but their signed checkpoints cannot both be true.
+    with AuditorStore.open(tmp_path / "a", CITY) as a, AuditorStore.open(tmp_path / "b", CITY) as b:
+        result = compare_stores(a.contents(), b.contents())
+    assert not result
+    assert any("fork" in f for f in result.failures)
+    assert result.first_difference == 7
+
+
+def test_same_history_compares_clean(clean: tuple[World, Path], tmp_path: Path) -> None:
+    world, store = clean
+    import_(world, tmp_path / "other", cosign=())
+    with AuditorStore.open(store, CITY) as a, AuditorStore.open(tmp_path / "other", CITY) as b:
+        result = compare_stores(a.contents(), b.contents())
+    assert result and result.checked_pairs > 0 and result.first_difference is None
+
+
+def test_checkpoint_signed_by_the_wrong_key_is_detected(tmp_path: Path) -> None:
+    world = build(tmp_path, n=2)
+    impostor = NoteSigner(ORIGIN, SigningKey(b"\x66" * 32))
+    with AuditLog.open(world.db, ORIGIN, durable=False) as log:
+        serve(log, world, 9)
+        log.checkpoint(impostor)
+    import_(world, tmp_path / "store")
+    report = verify(world, tmp_path / "store")
+    assert any(f.check == "checkpoint" and "not signed" in f.reason for f in report.failures)
+
+
+def test_missing_cosignature_quorum_is_detected(tmp_path: Path) -> None:
+    world = build(tmp_path, n=2)
+    import_(world, tmp_path / "store", cosign=("berlin",))  # one of the two needed
+    report = verify(world, tmp_path / "store")
+    assert checks(report) == {"quorum"}
+
+
+def test_quorum_counts_only_roster_witnesses(tmp_path: Path) -> None:
+    world = build(tmp_path, n=2, quorum=1)
+    import_(world, tmp_path / "store", cosign=("copenhagen",))
+    assert verify(world, tmp_path / "store")
+
+
+def test_logged_request_with_a_bad_signature_is_detected(tmp_path: Path) -> None:
+    world = build(tmp_path, n=2)
+    good = decode_envelope(seal(request(7), ANALYST_KEY))
+    bad_sig = bytes([good.signature[0] ^ 1]) + good.signature[1:]
+    bad = encode_envelope(
+        Envelope(good.version, good.payload_type, good.payload, good.key_id, bad_sig)
+    )
+    with AuditLog.open(world.db, ORIGIN, durable=False) as log:
+        serve(log, world, 7, envelope=bad)
+        log.checkpoint(world.log_signer)
+    import_(world, tmp_path / "store")
+    report = verify(world, tmp_path / "store")
+    assert [f.check for f in report.failures] == ["request"]
+    assert "signature" in report.failures[0].reason
+
+
+def test_request_by_a_key_the_roster_does_not_name_is_detected(tmp_path: Path) -> None:
+    world = build(tmp_path, n=0)
+    with AuditLog.open(world.db, ORIGIN, durable=False) as log:
+        serve(log, world, 1, envelope=seal(request(1), SigningKey(b"\x77" * 32)))
+        log.checkpoint(world.log_signer)
+    import_(world, tmp_path / "store")
+    assert "request" in checks(verify(world, tmp_path / "store"))
+
+
+def test_answered_stale_and_replayed_requests_are_detected(tmp_path: Path) -> None:
+    world = build(tmp_path, n=0)
+    env = seal(request(1), ANALYST_KEY)
+    with AuditLog.open(world.db, ORIGIN, durable=False) as log:
+        serve(log, world, 1, envelope=env, log_time=NOW + 3_600_000)  # an hour too late
+        serve(log, world, 2, envelope=seal(request(1, issued_at=NOW + 1), ANALYST_KEY))
+        serve(log, world, 3, envelope=env, refuse=True)  # a replay, correctly refused
+        log.checkpoint(world.log_signer)
+    import_(world, tmp_path / "store")
+    report = verify(world, tmp_path / "store")
+    reasons = [f.reason for f in report.failures if f.check == "freshness"]
+    assert len(reasons) == 2, reasons
+    assert any("validity window" in r for r in reasons)
+    assert any("nonce" in r for r in reasons)
+
+
+def test_decision_against_the_logged_disclosure_settings_is_detected(tmp_path: Path) -> None:
+    world = build(tmp_path, n=1)
+    with AuditLog.open(world.db, ORIGIN, durable=False) as log:
+        log.append(SettingsChanged(NOW + 50, SettingsScope.DISCLOSURE, bytes(32), 4, "listings"))
+        serve(log, world, 8)  # still answers under version 3
+        log.checkpoint(world.log_signer)
+    import_(world, tmp_path / "store")
+    report = verify(world, tmp_path / "store")
+    assert checks(report) == {"settings"}
+
+
+# --- reconcile -------------------------------------------------------------------------
+
+
+def bundle(world: World, pairs: list[tuple[bytes, bytes]]) -> EvidenceBundle:
+    req = request(0)
+    return EvidenceBundle(
+        format_version=1,
+        requester=ANALYST,
+        query=req.query,
+        policy=req.policy,
+        targets=(CITY,),
+        quorum=1,
+        issued_at=NOW,
+        expires_at=NOW + 60_000,
+        roster=world.signed_roster,
+        roster_digest=roster_digest(world.signed_roster),
+        cities=tuple(CityEvidence(CITY, "answered", None, r, a) for r, a in pairs),
+        quorum_met=True,
+        combined=None,
+    )
+
+
+def test_reconcile_accounts_for_every_answer(clean: tuple[World, Path]) -> None:
+    world, store = clean
+    with AuditorStore.open(store, CITY) as s:
+        logs = {CITY: s.contents()}
+    pairs = list(zip(world.requests, world.answers, strict=True))
+    full = reconcile(logs, [bundle(world, pairs[:3]), bundle(world, pairs[3:])])
+    assert full, full.failures
+    assert full.bundle_answers == full.logged_answers == 6
+
+
+def test_answer_held_by_analyst_but_not_logged_is_detected(clean: tuple[World, Path]) -> None:
+    world, store = clean
+    with AuditorStore.open(store, CITY) as s:
+        logs = {CITY: s.contents()}
+    pairs = list(zip(world.requests, world.answers, strict=True))
+    extra_req = seal(request(99), ANALYST_KEY)
+    extra = (extra_req, answer(message_id(extra_req), world.node_key))
+    result = reconcile(logs, [bundle(world, [*pairs, extra])])
+    assert [("does not record" in f) for f in result.failures] == [True]
+    # and a logged answer no bundle holds
+    result = reconcile(logs, [bundle(world, pairs[1:])])
+    assert len(result.failures) == 1 and "no bundle holds" in result.failures[0]
+
+
+# --- the store and the leaf parser -----------------------------------------------------
+
+
+def test_store_pins_keys_on_first_use(tmp_path: Path) -> None:
+    with AuditorStore.open(tmp_path, CITY, ORIGIN) as store:
+        first = NoteSigner(ORIGIN, SigningKey(b"\x01" * 32)).vkey
+        store.pin(ORIGIN, first, "log")
+        store.pin(ORIGIN, first, "log")
+        with pytest.raises(AuditStoreError):
+            store.pin(ORIGIN, NoteSigner(ORIGIN, SigningKey(b"\x02" * 32)).vkey, "log")
+    with pytest.raises(AuditStoreError):
+        AuditorStore.open(tmp_path, CITY, "hansa/other/amsterdam")
+
+
+_hash = st.binary(min_size=32, max_size=32)
+_t = st.integers(0, 2**64 - 1)
+
+
+@given(
+    st.one_of(
+        st.builds(RequestReceived, _t, _hash, _hash),
+        st.builds(AnswerSent, _t, _hash, _hash),
+        st.builds(
+            Decision,
+            _t,
+            _hash,
+            st.just(Outcome.ANSWERED),
+            st.just(0),
+            st.integers(0, 2**64 - 1),
+            st.text(max_size=20),
+        ),
+        st.builds(Decision, _t, _hash, st.just(Outcome.REFUSED), st.integers(1, 2**16 - 1)),
+        st.builds(
+            SettingsChanged,
+            _t,
+            st.sampled_from(SettingsScope),
+            _hash,
+            st.integers(0, 2**64 - 1),
+            st.text(max_size=20),
+        ),
+    )
+)
+def test_parse_leaf_agrees_with_the_node_encoder(entry: object) -> None:
+    leaf = encode_entry(entry)  # type: ignore[arg-type]
+    parsed = parse_leaf(leaf)
+    assert parsed.log_time_ms == entry.log_time_ms  # type: ignore[attr-defined]
+    if isinstance(entry, RequestReceived):
+        assert (parsed.first, parsed.second) == (entry.message_id, entry.requester_key_id)
+    elif isinstance(entry, AnswerSent):
+        assert (parsed.first, parsed.second) == (entry.request_id, entry.answer_id)
+    elif isinstance(entry, Decision):
+        assert (parsed.first, parsed.outcome, parsed.reason, parsed.version, parsed.text) == (
+            entry.message_id,
+            entry.outcome,
+            entry.reason,
+            entry.disclosure_version,
+            entry.data_version,
+        )
+    elif isinstance(entry, SettingsChanged):
+        assert (parsed.outcome, parsed.first, parsed.version, parsed.text) == (
+            entry.scope,
+            entry.digest,
+            entry.settings_version,
+            entry.subject,
+        )
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=120))
+def test_parse_leaf_rejects_garbage_with_value_error_only(data: bytes) -> None:
+    leaf = b"hansa-audit/v1\n" + data
+    try:
+        parsed = parse_leaf(leaf)
+    except ValueError:
+        return
+    assert encode_entry(decode_entry(leaf)) == leaf  # whatever parses, the node accepts
+    assert parsed.kind in audit.ENTRY_NAMES
