@@ -1,0 +1,488 @@
+"""The node's audit log over HTTP (spec §16): what is logged, and the auditor API.
+
+Real nodes on 127.0.0.1 (``tests/nodeutil.py``) pinned to an alliance roster in
+which ``austin`` holds the auditor role. Every check goes through the signed
+``POST /v1/audit`` API and the note keys of ``GET /v1/log/keys``, verifying
+checkpoint signatures and Merkle proofs with ``hansa.crypto``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from nodeutil import (
+    DATASET,
+    PURPOSE,
+    Analyst,
+    RunningNode,
+    count_by_room_type,
+    init_test_node,
+    now_ms,
+    running_node,
+)
+
+from hansa.crypto import SigningKey, open_envelope, seal
+from hansa.crypto.envelope import seal_bytes
+from hansa.crypto.keyfile import read_public_key
+from hansa.crypto.merkle import leaf_hash, verify_consistency, verify_inclusion
+from hansa.crypto.note import Checkpoint, NoteVerifier, verify_checkpoint
+from hansa.federation.roster import Analyst as RosterAnalyst
+from hansa.federation.roster import (
+    Member,
+    Role,
+    RootKey,
+    Roster,
+    decode_signed_roster,
+    encode_signed_roster,
+    roster_digest,
+    sign_roster,
+    unsigned,
+)
+from hansa.node.app import AUDIT_ROUTE, ERROR_MEDIA_TYPE, LOG_KEYS_ROUTE
+from hansa.node.auditlog import (
+    AnswerSent,
+    Decision,
+    Outcome,
+    RequestReceived,
+    RosterInstalled,
+    SettingsChanged,
+    SettingsScope,
+    decode_entry,
+)
+from hansa.node.config import NodeConfig, configure_alliance
+from hansa.protocol.codec import decode_as
+from hansa.protocol.envelope import PayloadType, message_id
+from hansa.protocol.errors import ErrorCode
+from hansa.protocol.messages import (
+    MAX_AUDIT_PAGE,
+    AuditOp,
+    AuditRequest,
+    AuditResponse,
+    ErrorMessage,
+    QueryAnswer,
+    QueryRefusal,
+)
+
+CITY = "melbourne"
+AUDITOR_CITY = "austin"
+DAY_MS = 86_400_000
+
+ANA = Analyst.create("ana@melbourne", seed=b"a" * 32)
+BOB = Analyst.create("bob@melbourne", seed=b"b" * 32)
+EVE = Analyst.create("eve@elsewhere", seed=b"e" * 32)
+AUDITOR_KEY = SigningKey(b"o" * 32)
+ROOTS = {CITY: SigningKey(b"r" * 32), AUDITOR_CITY: SigningKey(b"s" * 32)}
+
+
+def _roster(node_key: bytes) -> bytes:
+    roster = Roster(
+        alliance="Hanse",
+        version=1,
+        expires_ms=now_ms() + DAY_MS,
+        threshold=2,
+        root_keys=tuple(RootKey(c, k.public_key.raw) for c, k in ROOTS.items()),
+        members=(
+            Member(CITY, "Melbourne", node_key, "http://127.0.0.1:8470", (Role.MEMBER,)),
+            Member(
+                AUDITOR_CITY,
+                "Austin",
+                AUDITOR_KEY.public_key.raw,
+                "http://127.0.0.1:8471",
+                (Role.MEMBER, Role.AUDITOR),
+            ),
+        ),
+        analysts=tuple(
+            RosterAnalyst(a.principal, a.key.public_key.raw, CITY, (PURPOSE,)) for a in (ANA, BOB)
+        ),
+        purposes=(PURPOSE, "planning"),
+    )
+    doc = unsigned(roster)
+    for key in ROOTS.values():
+        doc = sign_roster(doc, key)
+    return encode_signed_roster(doc)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> NodeConfig:
+    base = init_test_node(tmp_path, CITY, rows=200)
+    data = _roster(read_public_key(base.key_file).raw)
+    return configure_alliance(
+        base.data_dir, data, roster_digest(decode_signed_roster(data)), now_ms()
+    )
+
+
+def _audit_request(principal: str, op: AuditOp, **fields: Any) -> AuditRequest:
+    issued = now_ms()
+    return AuditRequest(
+        requester=principal,
+        audience=CITY,
+        issued_at=issued,
+        expires_at=issued + 60_000,
+        nonce=os.urandom(16),
+        roster_version=1,
+        op=op,
+        **fields,
+    )
+
+
+async def _audit(
+    node: RunningNode, op: AuditOp, *, key: SigningKey = AUDITOR_KEY, **fields: Any
+) -> AuditResponse | QueryRefusal:
+    principal = AUDITOR_CITY if key is AUDITOR_KEY else _principal_of(key)
+    status, body = await node.post(
+        seal(_audit_request(principal, op, **fields), key), path=AUDIT_ROUTE
+    )
+    assert status == 200, body[:200]
+    keys = {node.node_key.key_id: node.node_key}
+    try:
+        return open_envelope(body, keys, AuditResponse).message
+    except Exception:
+        return open_envelope(body, keys, QueryRefusal).message
+
+
+def _principal_of(key: SigningKey) -> str:
+    for analyst in (ANA, BOB, EVE):
+        if analyst.key.public_key == key.public_key:
+            return analyst.principal
+    raise AssertionError("unknown test key")
+
+
+async def _ok(node: RunningNode, op: AuditOp, **fields: Any) -> AuditResponse:
+    response = await _audit(node, op, **fields)
+    assert isinstance(response, AuditResponse), response
+    assert response.op is op
+    return response
+
+
+async def _log_verifier(node: RunningNode) -> NoteVerifier:
+    status, body, content_type = await node.get(LOG_KEYS_ROUTE)
+    assert status == 200 and content_type == "application/json"
+    keys = json.loads(body)
+    assert keys["origin"] == f"hansa/Hanse/{CITY}"
+    assert keys["witness_vkey"] is None  # not initialised with --witness
+    verifier = NoteVerifier.from_vkey(keys["log_vkey"])
+    assert verifier.name == keys["origin"]
+    return verifier
+
+
+async def _checkpoint(node: RunningNode, verifier: NoteVerifier) -> Checkpoint:
+    response = await _ok(node, AuditOp.CHECKPOINT)
+    assert response.checkpoint is not None
+    checkpoint = verify_checkpoint(response.checkpoint, verifier)
+    assert checkpoint.size == response.tree_size
+    return checkpoint
+
+
+async def _entries(node: RunningNode, start: int, end: int) -> list[bytes]:
+    response = await _ok(node, AuditOp.ENTRIES, start=start, end=end)
+    assert response.first_index == start
+    return list(response.entries)
+
+
+async def _all_entries(node: RunningNode) -> list[bytes]:
+    leaves: list[bytes] = []
+    while True:
+        page = await _entries(node, len(leaves), len(leaves) + MAX_AUDIT_PAGE)
+        if not page:
+            return leaves
+        leaves += page
+
+
+async def _query(
+    node: RunningNode, analyst: Analyst, purpose: str = PURPOSE
+) -> tuple[bytes, bytes]:
+    request = analyst.request(CITY, count_by_room_type(), purpose=purpose)
+    envelope = analyst.seal(msgspec.structs.replace(request, roster_version=1))
+    status, body = await node.post(envelope)
+    assert status == 200
+    return envelope, body
+
+
+# --- what is logged ---------------------------------------------------------------------
+
+
+async def test_request_decision_and_answer_are_logged_before_the_reply(
+    config: NodeConfig,
+) -> None:
+    async with running_node(config) as node:
+        audit = node.state.audit
+        assert audit is not None
+        request, reply = await _query(node, ANA)
+        # Nothing awaited since the reply arrived: the entries were durable before it left.
+        request_at = audit.index_of(message_id(request))
+        answer_at = audit.index_of(message_id(reply))
+        assert request_at is not None and answer_at == request_at + 2
+
+        leaves = await _all_entries(node)
+        assert len(leaves) == audit.size
+        received, decided, sent = (
+            decode_entry(leaf) for leaf in leaves[request_at : answer_at + 1]
+        )
+        assert isinstance(received, RequestReceived)
+        assert received.message_id == message_id(request)
+        assert received.requester_key_id == ANA.key.public_key.key_id
+        assert isinstance(decided, Decision) and decided.message_id == message_id(request)
+        answer = open_envelope(reply, {node.node_key.key_id: node.node_key}, QueryAnswer).message
+        assert decided.outcome in (Outcome.ANSWERED, Outcome.ANSWERED_SUPPRESSED)
+        assert (decided.data_version, decided.disclosure_version) == (
+            answer.dataset_version,
+            answer.disclosure_version,
+        )
+        assert isinstance(sent, AnswerSent)
+        assert (sent.request_id, sent.answer_id) == (message_id(request), message_id(reply))
+
+        # The envelopes are kept beside the tree, byte for byte.
+        stored = await _ok(
+            node, AuditOp.ENVELOPES, hashes=(message_id(request), message_id(reply), bytes(32))
+        )
+        assert dict(stored.envelopes) == {
+            message_id(request): request,
+            message_id(reply): reply,
+        }
+
+        # The start-up entries: the roster installed and the settings in force.
+        first = [decode_entry(leaf) for leaf in leaves[:request_at]]
+        assert any(isinstance(e, RosterInstalled) and e.roster_version == 1 for e in first)
+        scopes = {e.scope for e in first if isinstance(e, SettingsChanged)}
+        assert scopes == {SettingsScope.CONFIG, SettingsScope.DISCLOSURE}
+
+
+async def test_refusals_are_logged_and_unverifiable_junk_is_not(config: NodeConfig) -> None:
+    async with running_node(config) as node:
+        audit = node.state.audit
+        assert audit is not None
+        request, reply = await _query(node, BOB, purpose="planning")  # not BOB's purpose
+        refusal = open_envelope(reply, {node.node_key.key_id: node.node_key}, QueryRefusal)
+        assert refusal.message.code is ErrorCode.PURPOSE_NOT_ALLOWED
+        at = audit.index_of(message_id(request))
+        assert at is not None
+        decided = audit.entry(at + 1)
+        assert isinstance(decided, Decision)
+        assert decided.outcome is Outcome.REFUSED
+        assert decided.reason == ErrorCode.PURPOSE_NOT_ALLOWED
+        assert audit.index_of(message_id(reply)) == at + 2
+
+        size = audit.size
+        for body in (b"", b"\x93junk", EVE.seal(EVE.request(CITY, count_by_room_type()))):
+            status, _ = await node.post(body)
+            assert status in (400, 401)
+        assert audit.size == size
+
+
+async def test_a_restart_logs_no_settings_that_did_not_change(config: NodeConfig) -> None:
+    async with running_node(config) as node:
+        assert node.state.audit is not None
+        size = node.state.audit.size
+    async with running_node(config) as node:
+        assert node.state.audit is not None
+        assert node.state.audit.size == size
+
+
+# --- proofs -----------------------------------------------------------------------------
+
+
+async def test_inclusion_and_consistency_proofs_verify_against_signed_checkpoints(
+    config: NodeConfig,
+) -> None:
+    async with running_node(config) as node:
+        verifier = await _log_verifier(node)
+        request, _ = await _query(node, ANA)
+        old = await _checkpoint(node, verifier)
+        leaves = await _all_entries(node)
+        assert old.size == len(leaves)
+
+        by_id = await _ok(node, AuditOp.INCLUSION, message_id=message_id(request))
+        assert decode_entry(leaves[by_id.index]) == decode_entry(leaves[by_id.index])
+        assert isinstance(decode_entry(leaves[by_id.index]), RequestReceived)
+        assert by_id.checkpoint is not None
+        signed = verify_checkpoint(by_id.checkpoint, verifier)
+        assert by_id.tree_size == signed.size
+        assert verify_inclusion(
+            leaf_hash(leaves[by_id.index]), by_id.index, signed.size, by_id.proof, signed.root_hash
+        )
+        # A proof for another leaf fails: the check can fail.
+        assert not verify_inclusion(
+            leaf_hash(leaves[0]), by_id.index, signed.size, by_id.proof, signed.root_hash
+        )
+        for index in range(len(leaves)):
+            proof = await _ok(node, AuditOp.INCLUSION, index=index)
+            assert verify_inclusion(
+                leaf_hash(leaves[index]), index, proof.tree_size, proof.proof, old.root_hash
+            )
+
+        for _ in range(3):
+            await _query(node, ANA)
+        new = await _checkpoint(node, verifier)
+        assert new.size == old.size + 9
+        consistency = await _ok(node, AuditOp.CONSISTENCY, old_size=old.size)
+        assert consistency.tree_size == new.size
+        assert verify_consistency(
+            old.size, new.size, old.root_hash, new.root_hash, consistency.proof
+        )
+        assert not verify_consistency(
+            old.size, new.size, bytes(32), new.root_hash, consistency.proof
+        )
+        # Out of range: a signed refusal, not a crash.
+        beyond = await _audit(node, AuditOp.CONSISTENCY, old_size=new.size + 1)
+        assert isinstance(beyond, QueryRefusal) and beyond.code is ErrorCode.INVALID_FIELD
+        missing = await _audit(node, AuditOp.INCLUSION, message_id=bytes(32))
+        assert isinstance(missing, QueryRefusal) and missing.code is ErrorCode.INVALID_FIELD
+
+
+async def test_checkpoints_are_signed_after_n_entries(tmp_path: Path, config: NodeConfig) -> None:
+    text = (config.data_dir / "node.toml").read_text()
+    text = text.replace("checkpoint_entries = 1000", "checkpoint_entries = 3")
+    (config.data_dir / "node.toml").write_text(text)
+    from hansa.node.config import load_config
+
+    fast = load_config(config.data_dir)
+    assert fast.audit.checkpoint_entries == 3
+    async with running_node(fast) as node:
+        audit = node.state.audit
+        assert audit is not None
+        for _ in range(4):
+            await _query(node, ANA)
+        # The background task runs within a fraction of a second (bounded wait).
+        for _ in range(200):
+            latest = audit.latest_checkpoint()
+            if latest is not None and audit.size - latest.size < 3:
+                break
+            await _sleep(0.02)
+        latest = audit.latest_checkpoint()
+        assert latest is not None and audit.size - latest.size < 3
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+# --- who may ask --------------------------------------------------------------------------
+
+
+async def test_analysts_and_outsiders_are_refused_for_log_reads(config: NodeConfig) -> None:
+    async with running_node(config) as node:
+        await _query(node, ANA)
+        for op, fields in (
+            (AuditOp.CHECKPOINT, {}),
+            (AuditOp.ENTRIES, {"start": 0, "end": 10}),
+            (AuditOp.INCLUSION, {"index": 0}),
+            (AuditOp.CONSISTENCY, {"old_size": 1}),
+            (AuditOp.ENVELOPES, {"hashes": (bytes(32),)}),
+        ):
+            refusal = await _audit(node, op, key=ANA.key, **fields)
+            assert isinstance(refusal, QueryRefusal), op
+            assert refusal.code is ErrorCode.REQUESTER_NOT_ALLOWED
+            assert refusal.requester == ANA.principal
+
+            outsider = seal(_audit_request(EVE.principal, op, **fields), EVE.key)
+            status, body = await node.post(outsider, path=AUDIT_ROUTE)
+            assert status == 401
+            assert decode_as(body, ErrorMessage).code is ErrorCode.UNKNOWN_KEY
+
+        # The auditor's key speaking for someone else is refused too.
+        forged = seal(_audit_request(ANA.principal, AuditOp.CHECKPOINT), AUDITOR_KEY)
+        status, body = await node.post(forged, path=AUDIT_ROUTE)
+        forged_refusal = open_envelope(body, {node.node_key.key_id: node.node_key}, QueryRefusal)
+        assert forged_refusal.message.code is ErrorCode.REQUESTER_NOT_ALLOWED
+        # A replayed audit request is refused.
+        request = seal(_audit_request(AUDITOR_CITY, AuditOp.CHECKPOINT), AUDITOR_KEY)
+        assert (await node.post(request, path=AUDIT_ROUTE))[0] == 200
+        status, body = await node.post(request, path=AUDIT_ROUTE)
+        replay = open_envelope(body, {node.node_key.key_id: node.node_key}, QueryRefusal)
+        assert replay.message.code is ErrorCode.REPLAYED
+        status, body = await node.post(b"junk", path=AUDIT_ROUTE, content_type=ERROR_MEDIA_TYPE)
+        assert status == 415
+
+
+async def test_an_analyst_fetches_a_receipt_for_its_own_request_only(config: NodeConfig) -> None:
+    async with running_node(config) as node:
+        verifier = await _log_verifier(node)
+        request, _ = await _query(node, ANA)
+        receipt = await _audit(node, AuditOp.RECEIPT, key=ANA.key, message_id=message_id(request))
+        assert isinstance(receipt, AuditResponse), receipt
+        assert receipt.checkpoint is not None
+        # The checkpoint was signed on demand to cover the request.
+        signed = verify_checkpoint(receipt.checkpoint, verifier)
+        assert receipt.index < signed.size == receipt.tree_size
+        leaf = (await _entries(node, receipt.index, receipt.index + 1))[0]
+        entry = decode_entry(leaf)
+        assert isinstance(entry, RequestReceived) and entry.message_id == message_id(request)
+        assert verify_inclusion(
+            leaf_hash(leaf), receipt.index, signed.size, receipt.proof, signed.root_hash
+        )
+
+        other = await _audit(node, AuditOp.RECEIPT, key=BOB.key, message_id=message_id(request))
+        assert isinstance(other, QueryRefusal) and other.code is ErrorCode.INVALID_FIELD
+        unknown = await _audit(node, AuditOp.RECEIPT, key=ANA.key, message_id=bytes(32))
+        assert isinstance(unknown, QueryRefusal) and unknown.code is ErrorCode.INVALID_FIELD
+        # An auditor may fetch any request's receipt.
+        assert isinstance(
+            await _audit(node, AuditOp.RECEIPT, message_id=message_id(request)), AuditResponse
+        )
+
+
+# --- paging -------------------------------------------------------------------------------
+
+
+def _raw_entries_request(start: int, end: int) -> bytes:
+    """An entries request built without the struct's own check, signed by the auditor."""
+    issued = now_ms()
+    fields: Sequence[object] = (
+        "audit-request",
+        AUDITOR_CITY,
+        CITY,
+        issued,
+        issued + 60_000,
+        os.urandom(16),
+        1,
+        "entries",
+        start,
+        end,
+        0,
+        None,
+        0,
+        0,
+        [],
+    )
+    body = msgspec.msgpack.encode(list(fields))
+    return seal_bytes(PayloadType.AUDIT_REQUEST.value, body, AUDITOR_KEY)
+
+
+async def test_entries_are_paged_and_bounded(config: NodeConfig) -> None:
+    async with running_node(config) as node:
+        for _ in range(3):
+            await _query(node, ANA)
+        audit = node.state.audit
+        assert audit is not None
+        size = audit.size
+        assert await _entries(node, 0, MAX_AUDIT_PAGE) == audit.leaves(0, size)
+        assert await _entries(node, 2, 4) == audit.leaves(2, 4)
+        assert await _entries(node, size, size + 5) == []
+        assert await _entries(node, size + 100, size + 200) == []
+
+        keys = {node.node_key.key_id: node.node_key}
+        for start, end in ((0, MAX_AUDIT_PAGE + 1), (5, 5), (7, 3)):
+            status, body = await node.post(_raw_entries_request(start, end), path=AUDIT_ROUTE)
+            assert status == 200
+            refusal = open_envelope(body, keys, QueryRefusal).message
+            assert refusal.code is ErrorCode.INVALID_FIELD, (start, end)
+        status, body = await node.post(_raw_entries_request(0, MAX_AUDIT_PAGE), path=AUDIT_ROUTE)
+        assert len(open_envelope(body, keys, AuditResponse).message.entries) == size
+
+
+def test_unused_fields_must_keep_their_defaults() -> None:
+    with pytest.raises(ValueError, match="does not take"):
+        _audit_request(AUDITOR_CITY, AuditOp.CHECKPOINT, start=1)
+    with pytest.raises(ValueError, match="entries needs"):
+        _audit_request(AUDITOR_CITY, AuditOp.ENTRIES, start=0, end=MAX_AUDIT_PAGE + 1)
+    with pytest.raises(ValueError, match="receipt needs"):
+        _audit_request(AUDITOR_CITY, AuditOp.RECEIPT)
+    assert DATASET  # the node publishes the listings dataset the queries use
