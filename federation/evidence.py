@@ -34,6 +34,17 @@ error, bad signature), the quorum, and the combined result as claimed.
    suppressions exactly; integers exactly; floats within
    :data:`FLOAT_REL_TOLERANCE`).
 
+6. **Receipts** (issue 5, part 4), when the bundle holds them: a city's
+   receipt is its signed ``AuditResponse`` (op ``receipt``) with the
+   ``request_received`` leaf of the request, that leaf's inclusion proof and
+   the signed checkpoint it is proven under. The response must be signed by
+   the city's node key; the checkpoint must verify under the city's log key
+   (recorded from its unsigned ``GET /v1/log/keys``, so trusted on first use
+   and said so in the verdict); the leaf must decode, name this request's
+   message id and signing key id, and be included under the checkpoint's
+   root. Receipts are fetched best effort: a missing or failed one is a note,
+   a receipt that does not verify is a failure.
+
 What cannot be checked: a city claimed as timed out or unreachable may in
 truth have refused or answered, since only signed replies are evidence.
 Such lines say "unsigned claim".
@@ -45,7 +56,8 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Sequence
+import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Final
 
@@ -54,6 +66,8 @@ from msgspec import Meta
 
 from hansa.crypto.envelope import open_envelope
 from hansa.crypto.keys import PublicKey
+from hansa.crypto.merkle import leaf_hash, verify_inclusion
+from hansa.crypto.note import NoteVerifier, open_checkpoint
 from hansa.federation.combine import (
     CombinedResult,
     CombinedRow,
@@ -82,6 +96,8 @@ from hansa.protocol.messages import (
     MAX_AGGREGATES,
     MAX_GROUPS,
     MAX_TARGETS,
+    AuditOp,
+    AuditResponse,
     CellKey,
     CityId,
     Digest,
@@ -103,6 +119,7 @@ __all__ = [
     "BUNDLE_FORMAT_VERSION",
     "FLOAT_REL_TOLERANCE",
     "MAX_BUNDLE_SIZE",
+    "RECEIPT_STATUSES",
     "SIGNED_STATUSES",
     "UNSIGNED_STATUSES",
     "CityCheck",
@@ -113,6 +130,7 @@ __all__ = [
     "EvidenceBundle",
     "HistogramValue",
     "QuantilesValue",
+    "Receipt",
     "ScalarValue",
     "Verdict",
     "build_bundle",
@@ -148,6 +166,16 @@ UNSIGNED_STATUSES: Final = frozenset({"timeout", "unreachable", "bad_signature",
 """Statuses that are only the analyst's claim (no verifiable reply)."""
 
 _STATUSES: Final = SIGNED_STATUSES | UNSIGNED_STATUSES
+
+RECEIPT_STATUSES: Final = frozenset({"fetched", "refused", "failed"})
+"""Receipt outcomes: a signed receipt, a signed refusal to give one, or nothing."""
+
+# A ``request_received`` leaf (node/auditlog.py, "Leaf layout" hansa-audit/v1): magic,
+# type 0x01, u64 log_time_ms, message_id[32], requester_key_id[32], u16 data_len = 0.
+# Parsed here because federation/ may not import node/.
+_REQUEST_LEAF: Final = struct.Struct(">15sBQ32s32sH")
+_LEAF_MAGIC: Final = b"hansa-audit/v1\n"
+_REQUEST_RECEIVED: Final = 0x01
 
 Envelope = Annotated[bytes, Meta(min_length=1, max_length=MAX_ENVELOPE_SIZE)]
 Detail = Annotated[str, Meta(max_length=MAX_DETAIL)]
@@ -201,6 +229,27 @@ class ClaimedCombined(_EvidenceWire, frozen=True, tag="claimed-combined"):
     rows: Annotated[tuple[ClaimedRow, ...], Meta(max_length=MAX_GROUPS)]
 
 
+class Receipt(_EvidenceWire, frozen=True, tag="receipt"):
+    """A city's receipt for the request it was sent (issue 5, part 4).
+
+    Attributes:
+        status: one of :data:`RECEIPT_STATUSES`.
+        attempts: how many times the analyst asked.
+        response: the exact signed reply of the city's node: an ``AuditResponse``
+            (op ``receipt``) when fetched, a ``QueryRefusal`` when refused.
+        origin: the city's log origin, from its unsigned ``GET /v1/log/keys``.
+        log_vkey: the city's log verifier key, from the same place (TOFU).
+        detail: the analyst's one-line explanation (unsigned).
+    """
+
+    status: Annotated[str, Meta(min_length=1, max_length=32)]
+    attempts: Annotated[int, Meta(ge=0, le=100)] = 0
+    response: Envelope | None = None
+    origin: Annotated[str, Meta(max_length=256)] | None = None
+    log_vkey: Annotated[str, Meta(max_length=1024)] | None = None
+    detail: Detail = ""
+
+
 class CityEvidence(_EvidenceWire, frozen=True, tag="city-evidence"):
     """One target city's entry.
 
@@ -211,6 +260,8 @@ class CityEvidence(_EvidenceWire, frozen=True, tag="city-evidence"):
         request: the exact signed request envelope sent to the city.
         reply: the exact signed reply envelope (answer or refusal), or None.
         detail: the analyst's one-line explanation (unsigned).
+        receipt: the city's receipt for the request, when one was asked for
+            (trailing and optional: bundles written before receipts decode).
     """
 
     city: CityId
@@ -219,6 +270,7 @@ class CityEvidence(_EvidenceWire, frozen=True, tag="city-evidence"):
     request: Envelope
     reply: Envelope | None
     detail: Detail = ""
+    receipt: Receipt | None = None
 
 
 class EvidenceBundle(_EvidenceWire, frozen=True, tag="evidence-bundle"):
@@ -300,7 +352,11 @@ def _trim(text: str) -> str:
     return " ".join(text.split())[:MAX_DETAIL]
 
 
-def build_bundle(result: FanOutResult, signed_roster: SignedRoster) -> bytes:
+def build_bundle(
+    result: FanOutResult,
+    signed_roster: SignedRoster,
+    receipts: Mapping[str, Receipt] | None = None,
+) -> bytes:
     """Encode the evidence of one fan-out as bundle bytes.
 
     The requester and policy are read from the (sealed) requests themselves,
@@ -309,6 +365,7 @@ def build_bundle(result: FanOutResult, signed_roster: SignedRoster) -> bytes:
     Args:
         result: the fan-out's result (every city's request and reply bytes).
         signed_roster: the roster the targets and keys came from.
+        receipts: receipts by city id (cities without one get none).
 
     Returns:
         The bundle file bytes.
@@ -339,6 +396,7 @@ def build_bundle(result: FanOutResult, signed_roster: SignedRoster) -> bytes:
                 request=c.request,
                 reply=c.reply,
                 detail=_trim(c.detail),
+                receipt=None if receipts is None else receipts.get(c.city),
             )
             for c in result.cities
         ),
@@ -430,6 +488,7 @@ class Verdict:
         alliance: the roster's alliance name, when readable.
         roster_version: the roster's version, when readable.
         answered: how many cities' answers verified and were recombined.
+        receipts: how many cities' receipts verified.
     """
 
     ok: bool
@@ -439,6 +498,7 @@ class Verdict:
     alliance: str | None = None
     roster_version: int | None = None
     answered: int = 0
+    receipts: int = 0
 
 
 @dataclass(slots=True)
@@ -659,7 +719,95 @@ def _check_entry(
             status not in SIGNED_STATUSES,
             f"claimed {status!r} without the signed reply that status needs",
         )
+    if entry.receipt is not None and request is not None:
+        _check_receipt(entry, entry.receipt, roster, checks)
     return CityVerdict(entry.city, status, signed, tuple(checks.items)), answer
+
+
+def _request_leaf(leaf: bytes) -> tuple[int, bytes, bytes] | None:
+    """``(log_time_ms, message_id, requester_key_id)`` of a request_received leaf, or None."""
+    if len(leaf) != _REQUEST_LEAF.size:
+        return None
+    magic, kind, log_time, mid, kid, data_len = _REQUEST_LEAF.unpack(leaf)
+    if magic != _LEAF_MAGIC or kind != _REQUEST_RECEIVED or data_len != 0:
+        return None
+    return log_time, mid, kid
+
+
+def _check_receipt(entry: CityEvidence, receipt: Receipt, roster: Roster, checks: _Checks) -> None:
+    """Check a city's receipt (module docstring, step 6); failures go to ``checks``."""
+    if receipt.status not in RECEIPT_STATUSES:
+        checks.add("receipt", False, f"unknown receipt status {receipt.status[:32]!r}")
+        return
+    if receipt.status == "failed":
+        return  # best effort: reported as a note by the caller
+    member = roster.member(entry.city)
+    if receipt.response is None or member is None:
+        checks.add("receipt", False, f"status {receipt.status!r} without the city's signed reply")
+        return
+    node_key = PublicKey(member.public_key)
+    try:
+        kind = decode_envelope(receipt.response).payload_type
+        expected: type[AuditResponse] | type[QueryRefusal]
+        expected = QueryRefusal if kind == PayloadType.QUERY_REFUSAL else AuditResponse
+        reply = open_envelope(receipt.response, {node_key.key_id: node_key}, expected).message
+    except HansaError as exc:
+        checks.add("receipt signature", False, f"{exc.message} [{exc.code.name}]")
+        return
+    if isinstance(reply, QueryRefusal):
+        checks.add(
+            "receipt",
+            receipt.status == "refused" and reply.responder == entry.city,
+            f"claimed {receipt.status!r}, the city signed a refusal",
+        )
+        return
+    if not checks.add(
+        "receipt",
+        receipt.status == "fetched"
+        and reply.op is AuditOp.RECEIPT
+        and reply.responder == entry.city,
+        f"claimed {receipt.status!r}; the signed reply is op {reply.op.value!r} from "
+        f"{reply.responder!r}",
+    ):
+        return
+    try:
+        verifier = NoteVerifier.from_vkey(receipt.log_vkey or "")
+        if reply.checkpoint is None:
+            raise ProtocolError("the receipt has no checkpoint")
+        checkpoint = open_checkpoint(
+            reply.checkpoint, verifier, origin=receipt.origin or verifier.name
+        ).checkpoint
+    except HansaError as exc:
+        checks.add("receipt checkpoint", False, f"{exc.message} [{exc.code.name}]")
+        return
+    parsed = _request_leaf(reply.entries[0]) if len(reply.entries) == 1 else None
+    if not checks.add(
+        "receipt leaf",
+        parsed is not None,
+        "the receipt does not carry exactly one request_received leaf",
+    ):
+        return
+    assert parsed is not None
+    _, logged_id, logged_key = parsed
+    envelope = decode_envelope(entry.request)
+    if not checks.add(
+        "receipt leaf",
+        logged_id == message_id(entry.request) and logged_key == envelope.key_id,
+        "the logged leaf names another request or signing key",
+    ):
+        return
+    checks.add(
+        "receipt inclusion",
+        reply.tree_size == checkpoint.size
+        and verify_inclusion(
+            leaf_hash(reply.entries[0]),
+            reply.index,
+            reply.tree_size,
+            reply.proof,
+            checkpoint.root_hash,
+        ),
+        f"leaf {reply.index} is not proven under the checkpoint of size {checkpoint.size}",
+    )
 
 
 def _close(a: float, b: float) -> bool:
@@ -797,6 +945,7 @@ def verify_bundle(
             answers.append(answer)
 
     _check_combination(bundle, answers, failures)
+    receipts = _receipt_notes(bundle, lines, notes)
     if any(not line.signed for line in lines):
         notes.append(
             "statuses without a signed reply (timeout, unreachable, protocol error, bad "
@@ -810,7 +959,36 @@ def verify_bundle(
         alliance=roster.alliance,
         roster_version=roster.version,
         answered=len(answers),
+        receipts=receipts,
     )
+
+
+def _receipt_notes(bundle: EvidenceBundle, lines: Sequence[CityVerdict], notes: list[str]) -> int:
+    """Note what the receipts rest on and which are missing; return how many verified."""
+    verified = 0
+    missing: list[str] = []
+    for entry, line in zip(bundle.cities, lines, strict=True):
+        receipt = entry.receipt
+        if receipt is None:
+            if entry.status in SIGNED_STATUSES:
+                missing.append(entry.city)
+            continue
+        receipt_checks = [c for c in line.checks if c.name.startswith("receipt")]
+        if any(c.name == "receipt inclusion" for c in receipt_checks) and all(
+            c.ok for c in receipt_checks
+        ):
+            verified += 1
+        elif receipt.status != "fetched":
+            missing.append(f"{entry.city} ({receipt.status}: {receipt.detail or 'no detail'})")
+    if verified:
+        notes.append(
+            f"{verified} receipt(s) verified; each city's log key was fetched unsigned from its "
+            "GET /v1/log/keys and is trusted on first use (TOFU): pin it to rule out a "
+            "substituted key"
+        )
+    if missing and any(e.receipt is not None for e in bundle.cities):
+        notes.append("no verified receipt from: " + ", ".join(missing))
+    return verified
 
 
 def _check_combination(

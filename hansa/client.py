@@ -68,6 +68,7 @@ import itertools
 import json
 import math
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -77,11 +78,20 @@ from typing import Final
 
 import aiohttp
 
+from hansa.crypto.envelope import open_envelope, seal
 from hansa.crypto.keyfile import read_key_file
 from hansa.crypto.keys import PublicKey, SigningKey
+from hansa.crypto.note import NoteVerifier
 from hansa.federation.combine import CombinedResult, CombinedRow, HistogramCounts, combine_answers
-from hansa.federation.evidence import build_bundle
-from hansa.federation.fanout import CityResult, CityStatus, FanOutResult, Target, fan_out
+from hansa.federation.evidence import Receipt, build_bundle
+from hansa.federation.fanout import (
+    ENVELOPE_MEDIA_TYPE,
+    CityResult,
+    CityStatus,
+    FanOutResult,
+    Target,
+    fan_out,
+)
 from hansa.federation.roster import (
     MAX_ROSTER_SIGNATURES,
     MAX_ROSTER_SIZE,
@@ -93,6 +103,7 @@ from hansa.federation.roster import (
     verify_roster,
 )
 from hansa.protocol.codec import decode_as, encode
+from hansa.protocol.envelope import MAX_ENVELOPE_SIZE, PayloadType, decode_envelope, message_id
 from hansa.protocol.errors import (
     ConfigError,
     ErrorCode,
@@ -104,6 +115,9 @@ from hansa.protocol.errors import (
 from hansa.protocol.messages import (
     IDENTIFIER_PATTERN,
     Aggregate,
+    AuditOp,
+    AuditRequest,
+    AuditResponse,
     Count,
     Dimension,
     Filter,
@@ -116,6 +130,7 @@ from hansa.protocol.messages import (
     PolicyTags,
     Quantiles,
     Query,
+    QueryRefusal,
     ResultScope,
     Stddev,
     Sum,
@@ -127,9 +142,11 @@ from hansa.protocol.messages import (
 __all__ = [
     "DEFAULT_DEADLINE_S",
     "DEFAULT_LEGAL_BASIS",
+    "RECEIPT_ATTEMPTS",
     "Alliance",
     "QueryResult",
     "build_query",
+    "fetch_receipts",
     "format_aggregate",
     "format_filter",
     "format_group_key",
@@ -149,6 +166,21 @@ DEFAULT_LEGAL_BASIS: Final = "alliance agreement"
 
 MAX_ROSTER_FILE: Final = MAX_ROSTER_SIZE + 65 * MAX_ROSTER_SIGNATURES + 1024
 """Largest roster file read: the body bound plus every signature and framing."""
+
+RECEIPT_ATTEMPTS: Final = 3
+"""How many times a city is asked for a receipt before it is recorded as failed."""
+
+RECEIPT_TIMEOUT_S: Final = 5.0
+"""Time budget of one receipt attempt (log keys and the receipt), in seconds."""
+
+RECEIPT_VALIDITY_MS: Final = 60_000
+"""Validity window signed into a receipt request."""
+
+AUDIT_PATH: Final = "/v1/audit"
+LOG_KEYS_PATH: Final = "/v1/log/keys"
+_MAX_LOG_KEYS: Final = 16 * 1024  # bytes of GET /v1/log/keys JSON read at most
+_RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
+_RETRY_CODES: Final = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL, ErrorCode.RATE_LIMITED})
 
 MAX_SPEC: Final = 4096
 """Longest spec string accepted (a bound on parsing work, far above real specs)."""
@@ -555,6 +587,8 @@ class QueryResult:
         roster: that roster, verified.
         requester: the analyst principal the query was signed for.
         per_city: each answering city's own finalized rows, by city id.
+        receipts: each answering or refusing city's receipt, by city id (empty
+            when receipts were not fetched).
     """
 
     fanout: FanOutResult
@@ -562,6 +596,7 @@ class QueryResult:
     roster: Roster
     requester: str
     per_city: Mapping[str, CombinedResult] = field(default_factory=dict)
+    receipts: Mapping[str, Receipt] = field(default_factory=dict)
 
     @property
     def query(self) -> Query:
@@ -704,7 +739,7 @@ class QueryResult:
         Raises:
             ProtocolError: the bundle cannot be built (see ``build_bundle``).
         """
-        return build_bundle(self.fanout, self.signed_roster)
+        return build_bundle(self.fanout, self.signed_roster, self.receipts)
 
     def chart_series(self) -> tuple[list[str], dict[str, list[float | None]]]:
         """Return the data of :meth:`save_chart`: group labels and one series per city.
@@ -1032,8 +1067,12 @@ class Alliance:
         max_groups: int = 1000,
         on_status: Callable[[CityResult], None] | None = None,
         session: aiohttp.ClientSession | None = None,
+        receipts: bool = True,
     ) -> QueryResult:
         """Ask the alliance one signed question and combine the answers.
+
+        After the fan-out, every city that answered or refused is asked for a
+        receipt (:func:`fetch_receipts`, best effort); they go into the bundle.
 
         Args:
             dataset: the dataset name.
@@ -1050,6 +1089,7 @@ class Alliance:
             max_groups: most groups a city may return.
             on_status: called with each city's result as it arrives.
             session: an ``aiohttp.ClientSession`` to reuse (the caller owns it).
+            receipts: fetch receipts after the fan-out.
 
         Returns:
             The :class:`QueryResult` (every city listed, none dropped).
@@ -1096,7 +1136,19 @@ class Alliance:
         per_city = {
             answer.responder: combine_answers(query, (answer,)) for answer in result.answers
         }
-        return QueryResult(result, self.signed_roster, self.roster, self.principal, per_city)
+        fetched: dict[str, Receipt] = {}
+        if receipts:
+            fetched = await fetch_receipts(
+                result,
+                targets,
+                signer=self.signer,
+                requester=self.principal,
+                roster_version=self.roster.version,
+                session=session,
+            )
+        return QueryResult(
+            result, self.signed_roster, self.roster, self.principal, per_city, fetched
+        )
 
     def query_sync(
         self,
@@ -1113,6 +1165,7 @@ class Alliance:
         deadline_s: float = DEFAULT_DEADLINE_S,
         max_groups: int = 1000,
         on_status: Callable[[CityResult], None] | None = None,
+        receipts: bool = True,
     ) -> QueryResult:
         """Run :meth:`query` to completion from synchronous code (same arguments).
 
@@ -1140,6 +1193,7 @@ class Alliance:
             deadline_s=deadline_s,
             max_groups=max_groups,
             on_status=on_status,
+            receipts=receipts,
         )
 
         def run() -> QueryResult:
@@ -1175,3 +1229,171 @@ def _pin(pin: bytes | str) -> bytes:
     if len(pin) != 32:
         raise ConfigError("a roster pin must be a SHA-256: 32 bytes or 64 hex digits")
     return pin
+
+
+# --- receipts (issue 5, part 4) ---------------------------------------------------------
+
+
+async def fetch_receipts(
+    result: FanOutResult,
+    targets: Sequence[Target],
+    *,
+    signer: SigningKey,
+    requester: str,
+    roster_version: int,
+    session: aiohttp.ClientSession | None = None,
+    attempts: int = RECEIPT_ATTEMPTS,
+    timeout_s: float = RECEIPT_TIMEOUT_S,
+    backoff_s: float = 0.2,
+    now_ms: Callable[[], int] | None = None,
+) -> dict[str, Receipt]:
+    """Ask every city that answered or refused for a receipt of its request (best effort).
+
+    For each such city, concurrently: read its log origin and log key from
+    ``GET /v1/log/keys`` (unsigned, so trusted on first use), then send a signed
+    ``AuditRequest`` (op ``receipt``, the request's message id) to
+    ``POST /v1/audit`` and keep the node's signed reply. Network errors,
+    timeouts, HTTP 429/5xx and signed refusals saying UNAVAILABLE, INTERNAL or
+    RATE_LIMITED are retried up to ``attempts`` times with exponential backoff;
+    anything else ends the city's attempts. Never raises for a city's failure:
+    its receipt then says ``failed`` (or ``refused``) with the reason.
+
+    Args:
+        result: the fan-out's result.
+        targets: the fan-out's targets (endpoints and node keys).
+        signer: the analyst's key (the one that signed the requests).
+        requester: the analyst principal.
+        roster_version: the roster version to sign into the receipt requests.
+        session: an ``aiohttp.ClientSession`` to reuse (the caller owns it).
+        attempts: the most attempts per city (at least 1).
+        timeout_s: the time budget of one attempt.
+        backoff_s: the pause after the first failed attempt (doubling).
+        now_ms: the clock for ``issued_at`` (default: the wall clock).
+
+    Returns:
+        One :class:`~hansa.federation.evidence.Receipt` per answering or refusing city.
+    """
+    by_city = {t.city: t for t in targets}
+    wanted = [
+        (c, by_city[c.city])
+        for c in result.cities
+        if c.status in (CityStatus.ANSWERED, CityStatus.REFUSED) and c.city in by_city
+    ]
+    if not wanted:
+        return {}
+    clock = _now_ms if now_ms is None else now_ms
+    fetcher = _ReceiptFetcher(
+        signer, requester, roster_version, max(1, attempts), timeout_s, backoff_s, clock
+    )
+    if session is not None:
+        receipts = await asyncio.gather(*(fetcher.fetch(session, c, t) for c, t in wanted))
+    else:
+        async with aiohttp.ClientSession() as own:
+            receipts = await asyncio.gather(*(fetcher.fetch(own, c, t) for c, t in wanted))
+    return {c.city: r for (c, _), r in zip(wanted, receipts, strict=True)}
+
+
+class _Retry(Exception):
+    """One receipt attempt failed in a way worth retrying."""
+
+
+@dataclass(frozen=True, slots=True)
+class _ReceiptFetcher:
+    signer: SigningKey
+    requester: str
+    roster_version: int
+    attempts: int
+    timeout_s: float
+    backoff_s: float
+    clock: Callable[[], int]
+
+    async def fetch(
+        self, session: aiohttp.ClientSession, city: CityResult, target: Target
+    ) -> Receipt:
+        origin: str | None = None
+        vkey: str | None = None
+        last = "not attempted"
+        for attempt in range(1, self.attempts + 1):
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    if vkey is None:
+                        origin, vkey = await self._log_keys(session, target)
+                    return await self._receipt(session, city, target, attempt, origin, vkey)
+            except _Retry as exc:
+                last = str(exc)
+            except TimeoutError:
+                last = f"no reply within {self.timeout_s:g} s"
+            except aiohttp.ClientError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            except HansaError as exc:  # not worth retrying: the reply itself is wrong
+                return Receipt("failed", attempt, None, origin, vkey, _detail(exc.message))
+            if attempt < self.attempts:
+                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+        return Receipt("failed", self.attempts, None, origin, vkey, _detail(last))
+
+    async def _log_keys(self, session: aiohttp.ClientSession, target: Target) -> tuple[str, str]:
+        url = target.endpoint.rstrip("/") + LOG_KEYS_PATH
+        async with session.get(url) as resp:
+            body = await resp.content.read(_MAX_LOG_KEYS + 1)
+            status = resp.status
+        if status in _RETRY_STATUSES:
+            raise _Retry(f"GET {LOG_KEYS_PATH}: HTTP {status}")
+        if status != 200 or len(body) > _MAX_LOG_KEYS:
+            raise ProtocolError(f"GET {LOG_KEYS_PATH}: HTTP {status}")
+        try:
+            keys = json.loads(body)
+            origin, vkey = keys["origin"], keys["log_vkey"]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ProtocolError(f"GET {LOG_KEYS_PATH}: not the log keys JSON") from exc
+        if not isinstance(origin, str) or not isinstance(vkey, str):
+            raise ProtocolError(f"GET {LOG_KEYS_PATH}: origin and log_vkey must be strings")
+        NoteVerifier.from_vkey(vkey)  # a malformed key is a failure now, not at verify
+        return origin, vkey
+
+    async def _receipt(
+        self,
+        session: aiohttp.ClientSession,
+        city: CityResult,
+        target: Target,
+        attempt: int,
+        origin: str | None,
+        vkey: str | None,
+    ) -> Receipt:
+        issued = self.clock()
+        request = AuditRequest(
+            requester=self.requester,
+            audience=city.city,
+            issued_at=issued,
+            expires_at=issued + RECEIPT_VALIDITY_MS,
+            nonce=secrets.token_bytes(16),
+            roster_version=self.roster_version,
+            op=AuditOp.RECEIPT,
+            message_id=message_id(city.request),
+        )
+        url = target.endpoint.rstrip("/") + AUDIT_PATH
+        headers = {"Content-Type": ENVELOPE_MEDIA_TYPE}
+        async with session.post(url, data=seal(request, self.signer), headers=headers) as resp:
+            body = await resp.content.read(MAX_ENVELOPE_SIZE + 1)
+            status = resp.status
+        if status in _RETRY_STATUSES:
+            raise _Retry(f"POST {AUDIT_PATH}: HTTP {status}")
+        if status != 200:
+            raise ProtocolError(f"POST {AUDIT_PATH}: HTTP {status}")
+        keys = {target.node_key.key_id: target.node_key}
+        if decode_envelope(body).payload_type == PayloadType.QUERY_REFUSAL:
+            refusal = open_envelope(body, keys, QueryRefusal).message
+            why = f"{refusal.code.name}: {refusal.reason}"
+            if refusal.code in _RETRY_CODES:
+                raise _Retry(why)
+            return Receipt("refused", attempt, body, origin, vkey, _detail(why))
+        response = open_envelope(body, keys, AuditResponse).message
+        if len(response.entries) != 1:
+            # Kept, but not claimed as a receipt: without the leaf nothing can be checked.
+            return Receipt(
+                "failed", attempt, body, origin, vkey, "the node's receipt carries no leaf"
+            )
+        return Receipt("fetched", attempt, body, origin, vkey)
+
+
+def _detail(text: str) -> str:
+    return " ".join(text.split())[:1024]
