@@ -1,4 +1,4 @@
-"""Audit log benchmarks: durable append throughput vs non-durable append.
+"""Audit log benchmarks: durable vs non-durable append; auditor verify vs raw libsodium.
 
 Every figure is printed with its ratio to a baseline measured in the same run, because
 the machines are shared and noisy (ratios hold, absolute rates do not):
@@ -9,7 +9,15 @@ the machines are shared and noisy (ratios hold, absolute rates do not):
   single-thread rate is shown too: the gap between it and the threaded rate is what
   group commit buys.
 
-Run: ``.venv/bin/python bench/audit.py [--threads N] [--seconds S] [--repeats R]``.
+* ``hansa audit verify`` (:func:`hansa.federation.audit.verify_log`) over a log of
+  ``--entries`` (100,000) ``request_received`` entries with real signed request envelopes
+  (signed by a few analyst keys), vs the raw baseline: libsodium ``crypto_sign_open`` over
+  the same signatures and PAE bytes on all cores (a ProcessPoolExecutor over chunks of the
+  same size), nothing else. Goal: verify at >= 0.8x the raw rate. Store loading (SQLite
+  reads) is timed separately.
+
+Run: ``.venv/bin/python bench/audit.py [--threads N] [--seconds S] [--repeats R]
+[--entries N] [--only append|verify]``.
 """
 
 from __future__ import annotations
@@ -21,10 +29,18 @@ import statistics
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from hansa.crypto.envelope import seal
+from hansa.crypto.keys import SigningKey, verify_signed
+from hansa.crypto.note import NoteSigner
+from hansa.federation import audit
+from hansa.federation.audit import AuditorStore, verify_log
+from hansa.federation.roster import Analyst, Member, Role, RootKey, Roster
 from hansa.node.auditlog import AuditLog, RequestReceived
-from hansa.protocol.envelope import message_id
+from hansa.protocol.envelope import decode_envelope, message_id, pae
+from hansa.protocol.messages import Count, PolicyTags, Query, QueryRequest, ResultScope
 
 ORIGIN = "bench.example/audit"
 
@@ -73,6 +89,135 @@ def append_rate(db: Path, *, durable: bool, threads: int, seconds: float) -> tup
     return sum(counts) / elapsed, batch
 
 
+VERIFY_CITY = "amsterdam"
+VERIFY_ORIGIN = "hansa/bench/amsterdam"
+NOW_MS = 1_800_000_000_000
+
+
+def verify_fixture(tmp: Path, entries: int, analysts: int = 4) -> tuple[Roster, Path]:
+    """Build a node log of ``entries`` signed requests and import it into an auditor store.
+
+    Args:
+        tmp: a scratch directory.
+        entries: how many ``request_received`` entries.
+        analysts: how many analyst keys sign them.
+
+    Returns:
+        The roster naming the analysts, and the auditor store directory.
+    """
+    keys = [SigningKey(bytes([0x50 + i]) * 32) for i in range(analysts)]
+    node = SigningKey(b"\x42" * 32)
+    roster = Roster(
+        alliance="bench",
+        version=1,
+        expires_ms=NOW_MS + 86_400_000,
+        threshold=1,
+        root_keys=(RootKey(VERIFY_CITY, node.public_key.raw),),
+        members=(
+            Member(VERIFY_CITY, "A", node.public_key.raw, "http://127.0.0.1:1", (Role.MEMBER,)),
+        ),
+        analysts=tuple(
+            Analyst(f"a{i}@{VERIFY_CITY}", k.public_key.raw, VERIFY_CITY, ("bench",))
+            for i, k in enumerate(keys)
+        ),
+        purposes=("bench",),
+    )
+    query = Query(dataset="listings", aggregates=(Count(),))
+    signer = NoteSigner(VERIFY_ORIGIN, SigningKey(b"\x43" * 32))
+    with AuditLog.open(tmp / "node.sqlite", VERIFY_ORIGIN, durable=False) as log:
+        for start in range(0, entries, 1000):
+            batch, envelopes = [], []
+            for i in range(start, min(entries, start + 1000)):
+                key = keys[i % analysts]
+                principal = f"a{i % analysts}@{VERIFY_CITY}"
+                request = QueryRequest(
+                    requester=principal,
+                    audience=VERIFY_CITY,
+                    issued_at=NOW_MS + i,
+                    expires_at=NOW_MS + i + 60_000,
+                    nonce=i.to_bytes(16, "big"),
+                    roster_version=1,
+                    policy=PolicyTags("bench", "bench", ResultScope.ALLIANCE, principal),
+                    query=query,
+                    targets=(VERIFY_CITY,),
+                    quorum=1,
+                )
+                envelope = seal(request, key)
+                envelopes.append(envelope)
+                batch.append(
+                    RequestReceived(NOW_MS + i + 5, message_id(envelope), key.public_key.key_id)
+                )
+            log.append_many(batch, envelopes)
+        note = log.checkpoint(signer)
+        store_dir = tmp / "store"
+        with AuditorStore.open(store_dir, VERIFY_CITY, VERIFY_ORIGIN) as store:
+            store.pin(VERIFY_ORIGIN, signer.vkey, "log")
+            store.add_leaves(0, log.leaves(0, entries))
+            store.add_envelopes(envelopes_of(log, entries))
+            store.add_checkpoint(note)
+    return roster, store_dir
+
+
+def envelopes_of(log: AuditLog, entries: int) -> list[bytes]:
+    """Every request envelope the log stores, via its leaves."""
+    out = []
+    for leaf in log.leaves(0, entries):
+        envelope = log.envelope(audit.parse_leaf(leaf).first)
+        assert envelope is not None
+        out.append(envelope)
+    return out
+
+
+def _raw_chunk(chunk: list[tuple[bytes, bytes]]) -> int:
+    return sum(verify_signed(pk, signed) for pk, signed in chunk)
+
+
+def raw_verify(tasks: list[tuple[bytes, bytes]], workers: int, chunk: int) -> float:
+    """Verify ``(public key, signature || PAE)`` pairs on ``workers`` processes; seconds."""
+    began = time.perf_counter()
+    with ProcessPoolExecutor(workers) as pool:
+        ok = sum(pool.map(_raw_chunk, [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]))
+    elapsed = time.perf_counter() - began
+    assert ok == len(tasks), "raw baseline: a signature failed"
+    return elapsed
+
+
+def bench_verify(tmp: Path, entries: int, repeats: int) -> None:
+    """Time verify_log against the raw baseline, alternating, and print medians and ratio."""
+    began = time.perf_counter()
+    roster, store_dir = verify_fixture(tmp, entries)
+    print(f"built a {entries:,}-entry log in {time.perf_counter() - began:.1f} s")
+    began = time.perf_counter()
+    with AuditorStore.open(store_dir, VERIFY_CITY) as store:
+        contents = store.contents()
+    load = time.perf_counter() - began
+    keys = {kid: h.public_key.raw for kid, h in roster.holders.items()}
+    raw_tasks = []
+    for envelope in contents.envelopes.values():
+        env = decode_envelope(envelope)
+        raw_tasks.append((keys[env.key_id], env.signature + pae(env.payload_type, env.payload)))
+    workers = os.cpu_count() or 1
+    chunk = max(256, min(4096, entries // (workers * 8) + 1))  # as verify_log chunks
+    ours: list[float] = []
+    raw: list[float] = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        report = verify_log(contents, [roster])
+        ours.append(time.perf_counter() - began)
+        assert report, [str(f) for f in report.failures[:5]]
+        assert report.signatures == entries
+        raw.append(raw_verify(raw_tasks, workers, chunk))
+    t_ours, t_raw = statistics.median(ours), statistics.median(raw)
+    print(f"audit verify, {entries:,} signed requests, {workers} workers, median of {repeats}:")
+    print(f"  raw libsodium crypto_sign_open      {entries / t_raw:>10,.0f} sig/s   {t_raw:.2f} s")
+    print(
+        f"  verify_log (tree, checkpoint, sigs,  {entries / t_ours:>10,.0f} sig/s   {t_ours:.2f} s"
+        f"   ratio {t_raw / t_ours:.2f}x of raw (goal >= 0.8x)"
+    )
+    print("   decode, freshness, replay)")
+    print(f"  store load (SQLite, not in either)  {load:.2f} s")
+
+
 def main() -> None:
     """Run the benchmark and print rates with same-run ratios."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -80,8 +225,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="directory for the databases")
+    parser.add_argument("--entries", type=int, default=100_000, help="log size for verify")
+    parser.add_argument("--only", choices=("append", "verify"), default=None)
     args = parser.parse_args()
     print(f"hansa bench/audit.py — pid {os.getpid()}, {os.cpu_count()} cpus\n")
+    if args.only != "append":
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            bench_verify(Path(tmp), args.entries, max(1, min(args.repeats, 3)))
+        print()
+    if args.only == "verify":
+        return
     rates: dict[str, list[float]] = {"durable": [], "non-durable": [], "durable-1": []}
     batches: dict[str, list[float]] = {k: [] for k in rates}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
