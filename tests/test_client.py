@@ -31,6 +31,7 @@ from hansa.client import (
     Alliance,
     QueryResult,
     build_query,
+    fetch_receipts,
     format_aggregate,
     format_filter,
     format_group_key,
@@ -42,10 +43,12 @@ from hansa.client import (
     read_roster_file,
 )
 from hansa.crypto import PublicKey, SigningKey
+from hansa.crypto.envelope import open_envelope
 from hansa.crypto.keyfile import read_public_key, write_key_file
+from hansa.crypto.note import NoteVerifier, open_checkpoint
 from hansa.federation.combine import combine_answers
-from hansa.federation.evidence import verify_bundle
-from hansa.federation.fanout import CityStatus, fan_out
+from hansa.federation.evidence import read_bundle, verify_bundle
+from hansa.federation.fanout import CityStatus, Target, fan_out
 from hansa.federation.roster import (
     Analyst as RosterAnalyst,
 )
@@ -75,6 +78,8 @@ from hansa.protocol.errors import (
 )
 from hansa.protocol.messages import (
     Aggregate,
+    AuditOp,
+    AuditResponse,
     Count,
     Dimension,
     Filter,
@@ -636,3 +641,88 @@ def test_nodes_enforcing_the_roster_answer_at_the_clients_roster_version(tmp_pat
         refused = stale.cities[0]
         assert refused.status is CityStatus.REFUSED, refused
         assert refused.code is ErrorCode.ROSTER_MISMATCH
+
+
+# --- receipts (issue 5, part 4) ----------------------------------------------------------
+
+
+async def test_every_answering_city_is_asked_for_a_receipt(alliance: Alliance) -> None:
+    result = await alliance.query(
+        "listings", "count", group_by="room_type", purpose=PURPOSE, cities=ANSWERING, deadline_s=20
+    )
+    assert sorted(result.receipts) == sorted(ANSWERING)
+    for city in ANSWERING:
+        receipt = result.receipts[city]
+        member = alliance.roster.member(city)
+        assert member is not None and receipt.response is not None, receipt
+        node_key = PublicKey(member.public_key)
+        response = open_envelope(receipt.response, {node_key.key_id: node_key}, AuditResponse)
+        reply = response.message
+        assert (reply.op, reply.responder) == (AuditOp.RECEIPT, city)
+        assert receipt.log_vkey is not None and receipt.origin is not None
+        assert reply.checkpoint is not None
+        checkpoint = open_checkpoint(
+            reply.checkpoint, NoteVerifier.from_vkey(receipt.log_vkey), origin=receipt.origin
+        ).checkpoint
+        assert reply.index < reply.tree_size == checkpoint.size
+        # A receipt is claimed only when it carries the logged leaf (spec §16.4).
+        assert (receipt.status == "fetched") == (len(reply.entries) == 1), receipt
+    verdict = verify_bundle(result.bundle())
+    assert verdict.ok, verdict.failures
+    fetched = sum(r.status == "fetched" for r in result.receipts.values())
+    assert verdict.receipts == fetched
+
+
+async def test_receipts_can_be_skipped(alliance: Alliance) -> None:
+    result = await alliance.query(
+        "listings", "count", purpose=PURPOSE, cities=ANSWERING[:1], receipts=False
+    )
+    assert result.receipts == {}
+    assert all(e.receipt is None for e in read_bundle(result.bundle()).cities)
+
+
+async def test_receipt_failures_are_retried_a_bounded_number_of_times(
+    alliance: Alliance,
+) -> None:
+    from aiohttp import web
+
+    result = await alliance.query(
+        "listings", "count", purpose=PURPOSE, cities=ANSWERING[:2], receipts=False
+    )
+    hits: list[str] = []
+
+    async def busy(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", busy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        member = alliance.roster.member(ANSWERING[0])
+        assert member is not None
+        key = PublicKey(member.public_key)
+        targets = [
+            Target(ANSWERING[0], f"http://127.0.0.1:{port}", key),
+            Target(ANSWERING[1], f"http://127.0.0.1:{closed_port()}", key),
+        ]
+        receipts = await fetch_receipts(
+            result.fanout,
+            targets,
+            signer=alliance.signer,
+            requester=alliance.principal,
+            roster_version=alliance.roster.version,
+            attempts=3,
+            backoff_s=0.01,
+        )
+    finally:
+        await runner.cleanup()
+    busy_receipt, gone_receipt = receipts[ANSWERING[0]], receipts[ANSWERING[1]]
+    assert (busy_receipt.status, busy_receipt.attempts) == ("failed", 3)
+    assert "503" in busy_receipt.detail and len(hits) == 3
+    assert (gone_receipt.status, gone_receipt.attempts) == ("failed", 3)
+    assert gone_receipt.response is None and gone_receipt.detail

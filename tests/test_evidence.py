@@ -26,13 +26,16 @@ from nodeutil import PURPOSE, Analyst, count_by_room_type, init_test_node
 from nodeutil import running_node as _running_node
 
 from hansa.crypto import SigningKey, seal
-from hansa.crypto.keyfile import read_public_key
+from hansa.crypto.keyfile import read_key_file, read_public_key
+from hansa.crypto.merkle import MerkleTree
+from hansa.crypto.note import Checkpoint, NoteSigner, sign_checkpoint
 from hansa.federation.evidence import (
     SIGNED_STATUSES,
     UNSIGNED_STATUSES,
     CityEvidence,
     ClaimedRow,
     EvidenceBundle,
+    Receipt,
     ScalarValue,
     build_bundle,
     claim_of,
@@ -56,17 +59,21 @@ from hansa.federation.roster import (
     unsigned,
 )
 from hansa.node import _cli_verify
+from hansa.node.auditlog import AnswerSent, RequestReceived, encode_entry
 from hansa.node.catalog import Catalog
 from hansa.node.cli import EXIT_ERROR, EXIT_VERIFY_FAILED, build_parser, main
 from hansa.node.config import NodeConfig
 from hansa.protocol.codec import decode_as, encode
-from hansa.protocol.envelope import decode_envelope
+from hansa.protocol.envelope import decode_envelope, message_id
 from hansa.protocol.errors import ErrorCode, HansaError, ProtocolError
 from hansa.protocol.messages import (
+    AuditOp,
+    AuditResponse,
     Count,
     PolicyTags,
     Query,
     QueryAnswer,
+    QueryRefusal,
     QueryRequest,
     ResultScope,
 )
@@ -87,6 +94,7 @@ class Alliance:
     signed_roster: SignedRoster
     analyst: Analyst
     root_keys: tuple[SigningKey, ...]
+    node_signers: dict[str, SigningKey]
 
 
 def make_roster(
@@ -167,7 +175,8 @@ def alliance(tmp_path_factory: pytest.TempPathFactory) -> Alliance:
     signed_roster = make_roster(node_keys, analyst.key.public_key.raw, root_keys)
     result = asyncio.run(_fan_out(configs, analyst, version=1))
     bundle = build_bundle(result, signed_roster)
-    return Alliance(bundle, result, signed_roster, analyst, root_keys)
+    signers = {c: read_key_file(cfg.key_file) for c, cfg in configs.items()}
+    return Alliance(bundle, result, signed_roster, analyst, root_keys, signers)
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -542,3 +551,155 @@ def test_cli_is_registered_in_hansa_main(
     assert main(["verify", str(files["valid"])]) == 0
     assert main(["verify", str(files["dropped"])]) == EXIT_VERIFY_FAILED
     capsys.readouterr()
+
+
+# --- receipts (issue 5, part 4) ----------------------------------------------------------
+
+
+def log_signer(city: str) -> NoteSigner:
+    return NoteSigner(f"hansa/hanse/{city}", SigningKey(hashlib.sha256(city.encode()).digest()))
+
+
+def make_receipt(
+    alliance: Alliance,
+    city: str,
+    *,
+    logged_id: bytes | None = None,
+    signer: NoteSigner | None = None,
+    node_key: SigningKey | None = None,
+    index_shift: int = 0,
+    status: str = "fetched",
+) -> Receipt:
+    """A receipt as a node following spec §16 signs it: the request's leaf in a real tree."""
+    request = entry(decoded(alliance), city).request
+    kid = decode_envelope(request).key_id
+    mid = message_id(request) if logged_id is None else logged_id
+    filler = [encode_entry(AnswerSent(5, bytes([i]) * 32, bytes(32))) for i in range(5)]
+    leaf = encode_entry(RequestReceived(1_790_000_000_000, mid, kid))
+    tree = MerkleTree()
+    for item in [*filler[:3], leaf, *filler[3:]]:
+        tree.append(item)
+    log = log_signer(city)
+    note = sign_checkpoint(Checkpoint(log.name, tree.size, tree.root()), signer or log)
+    response = AuditResponse(
+        request_id=bytes(32),
+        responder=city,
+        issued_at=1_790_000_000_001,
+        op=AuditOp.RECEIPT,
+        checkpoint=note,
+        entries=(leaf,),
+        index=3 + index_shift,
+        proof=tuple(tree.inclusion_proof(3)),
+        tree_size=tree.size,
+    )
+    body = seal(response, node_key or alliance.node_signers[city])
+    return Receipt(status, 1, body, log.name, log.vkey)
+
+
+def with_receipts(alliance: Alliance, **receipts: Receipt) -> bytes:
+    bundle = decoded(alliance)
+    cities = [
+        msgspec.structs.replace(e, receipt=receipts[e.city]) if e.city in receipts else e
+        for e in bundle.cities
+    ]
+    return with_cities(bundle, cities)
+
+
+def signed_cities(alliance: Alliance) -> list[str]:
+    return [c.city for c in alliance.result.cities if c.status.value in SIGNED_STATUSES]
+
+
+def test_valid_receipts_verify_and_the_log_key_is_flagged_tofu(alliance: Alliance) -> None:
+    cities = signed_cities(alliance)
+    assert REFUSING in cities and len(cities) == 5
+    data = with_receipts(alliance, **{c: make_receipt(alliance, c) for c in cities})
+    verdict = verify_bundle(data)
+    assert verdict.ok, verdict.failures
+    assert verdict.receipts == 5
+    assert any("TOFU" in n for n in verdict.notes)
+
+
+def test_bundles_without_receipts_still_decode_and_verify(alliance: Alliance) -> None:
+    # An old bundle's city entries have no trailing receipt element at all.
+    raw = msgspec.msgpack.decode(alliance.bundle)
+    cities_at = 11
+    for city in raw[cities_at]:
+        assert city[-1] is None
+        del city[-1]
+    old = msgspec.msgpack.encode(raw)
+    assert all(e.receipt is None for e in read_bundle(old).cities)
+    verdict = verify_bundle(old)
+    assert verdict.ok and verdict.receipts == 0
+
+
+def test_failed_and_refused_receipts_are_notes_not_failures(alliance: Alliance) -> None:
+    node = alliance.node_signers["amsterdam"]
+    refusal = seal(
+        QueryRefusal(
+            request_id=bytes(32),
+            responder="amsterdam",
+            requester=ANALYST,
+            issued_at=1,
+            code=ErrorCode.INVALID_FIELD,
+            reason="no request of yours with this message id is logged",
+        ),
+        node,
+    )
+    data = with_receipts(
+        alliance,
+        amsterdam=Receipt("refused", 1, refusal, None, None, "INVALID_FIELD: no request"),
+        berlin=Receipt("failed", 3, None, None, None, "no reply within 5 s"),
+    )
+    verdict = verify_bundle(data)
+    assert verdict.ok, verdict.failures
+    assert any("no verified receipt from" in n and "berlin" in n for n in verdict.notes)
+    # The same refusal claimed as a fetched receipt is a failure.
+    claimed = Receipt("fetched", 1, refusal, None, None)
+    assert failures_mention(with_receipts(alliance, amsterdam=claimed), "receipt")
+
+
+@pytest.mark.parametrize(
+    ("change", "word"),
+    [
+        ("other message", "receipt leaf"),
+        ("wrong log key", "receipt checkpoint"),
+        ("wrong node key", "receipt signature"),
+        ("shifted index", "receipt inclusion"),
+        ("unknown status", "receipt"),
+        ("no response", "receipt"),
+    ],
+)
+def test_bad_receipts_are_rejected(alliance: Alliance, change: str, word: str) -> None:
+    city = "berlin"
+    receipt = {
+        "other message": lambda: make_receipt(alliance, city, logged_id=bytes(32)),
+        "wrong log key": lambda: make_receipt(alliance, city, signer=log_signer("amsterdam")),
+        "wrong node key": lambda: make_receipt(
+            alliance, city, node_key=alliance.node_signers["amsterdam"]
+        ),
+        "shifted index": lambda: make_receipt(alliance, city, index_shift=1),
+        "unknown status": lambda: make_receipt(alliance, city, status="lost"),
+        "no response": lambda: Receipt("fetched", 1, None, None, None),
+    }[change]()
+    assert failures_mention(with_receipts(alliance, berlin=receipt), word)
+
+
+def test_receipt_of_another_citys_request_is_rejected(alliance: Alliance) -> None:
+    # A genuine receipt for Amsterdam's request, pasted into Berlin's entry.
+    foreign = make_receipt(alliance, "amsterdam")
+    assert failures_mention(with_receipts(alliance, berlin=foreign), "receipt")
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_flipped_byte_in_a_receipt_is_rejected(alliance: Alliance, data: st.DataObject) -> None:
+    receipt = make_receipt(alliance, "copenhagen")
+    assert receipt.response is not None
+    body = bytearray(receipt.response)
+    position = data.draw(st.integers(0, len(body) - 1))
+    body[position] ^= data.draw(st.integers(1, 255))
+    tampered = msgspec.structs.replace(receipt, response=bytes(body))
+    verdict = verify_bundle(with_receipts(alliance, copenhagen=tampered))
+    assert not verdict.ok and verdict.receipts == 0
