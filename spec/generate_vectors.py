@@ -413,6 +413,78 @@ def error_message() -> W:
     )
 
 
+AUDITOR: Final = KEYS["node:melbourne"]
+"""Melbourne holds the auditor role and audits Cape Town's log (spec §16.3)."""
+
+
+def audit_request(op: str = "entries", **fields: Any) -> W:
+    body: dict[str, Any] = {
+        "start": 0,
+        "end": 0,
+        "index": 0,
+        "message_id": None,
+        "old_size": 0,
+        "new_size": 0,
+        "hashes": [],
+    }
+    body.update(fields)
+    return w(
+        "AuditRequest",
+        "audit-request",
+        requester="melbourne",
+        audience="cape-town",
+        issued_at=T0 + 1000,
+        expires_at=T0 + 61_000,
+        nonce=derive("nonce/audit-1", 16),
+        roster_version=7,
+        op=op,
+        **body,
+    )
+
+
+def audit_response(request_id: bytes) -> W:
+    leaf = b"hansa-audit/v1\n" + bytes([1]) + (T0 + 5).to_bytes(8, "big")
+    leaf += derive("leaf/message-id") + derive("leaf/key-id") + b"\x00\x00"
+    note = (
+        "hansa/Hanse/cape-town\n2\n" + base64.b64encode(derive("leaf/root")).decode() + "\n"
+        "\n\u2014 hansa/Hanse/cape-town AAAAAA==\n"
+    ).encode("utf-8")
+    return w(
+        "AuditResponse",
+        "audit-response",
+        request_id=request_id,
+        responder="cape-town",
+        issued_at=T0 + 1200,
+        op="entries",
+        checkpoint=note,
+        entries=[leaf],
+        first_index=1,
+        proof=[],
+        index=0,
+        tree_size=2,
+        envelopes=[],
+    )
+
+
+def add_checkpoint() -> W:
+    note = (
+        "hansa/Hanse/cape-town\n5\n" + base64.b64encode(derive("leaf/root-5")).decode() + "\n"
+        "\n\u2014 hansa/Hanse/cape-town AAAAAA==\n"
+    ).encode("utf-8")
+    return w(
+        "AddCheckpoint",
+        "add-checkpoint",
+        old_size=2,
+        proof=[derive("proof/0"), derive("proof/1")],
+        checkpoint=note,
+    )
+
+
+def audit_request_envelope() -> bytes:
+    body = pack(audit_request("entries", start=0, end=1000))
+    return seal_raw(PayloadType.AUDIT_REQUEST.value, body, AUDITOR)
+
+
 def request_envelope() -> bytes:
     return seal_raw(PayloadType.QUERY_REQUEST.value, pack(query_request()), ANALYST)
 
@@ -426,6 +498,20 @@ def every_part() -> list[tuple[str, W]]:
         ("query-refusal", query_refusal(request_id)),
         ("capabilities", capabilities()),
         ("error", error_message()),
+        ("audit-request-entries", audit_request("entries", start=0, end=1000)),
+        ("audit-request-checkpoint", audit_request("checkpoint")),
+        (
+            "audit-request-inclusion",
+            audit_request("inclusion", message_id=request_id, new_size=9),
+        ),
+        ("audit-request-consistency", audit_request("consistency", old_size=3, new_size=9)),
+        (
+            "audit-request-envelopes",
+            audit_request("envelopes", hashes=[request_id, derive("leaf/root")]),
+        ),
+        ("audit-request-receipt", audit_request("receipt", message_id=request_id)),
+        ("audit-response", audit_response(hashlib.sha256(audit_request_envelope()).digest())),
+        ("add-checkpoint", add_checkpoint()),
         ("policy-tags", policy_tags()),
         ("policy-tags-public", replace_fields(policy_tags(), scope="public")),
         (
@@ -635,7 +721,49 @@ def messages_vectors() -> Json:
         big,
         "nonce is exactly 16 bytes",
     )
+    bad(
+        "audit-too-many-hashes",
+        "AuditRequest",
+        audit_request("envelopes", hashes=[request_id] * 1001),
+        big,
+        "at most MAX_AUDIT_PAGE hashes per envelopes request",
+    )
     # INVALID_FIELD: well-typed, but a constraint or cross-field rule fails (§5.3, §6, §7).
+    bad(
+        "audit-page-too-long",
+        "AuditRequest",
+        audit_request("entries", start=0, end=1001),
+        f,
+        "an entries page holds at most MAX_AUDIT_PAGE entries",
+    )
+    bad(
+        "audit-empty-page",
+        "AuditRequest",
+        audit_request("entries", start=5, end=5),
+        f,
+        "an entries page needs start < end",
+    )
+    bad(
+        "audit-unused-field-set",
+        "AuditRequest",
+        audit_request("checkpoint", index=4),
+        f,
+        "fields an op does not take keep their defaults",
+    )
+    bad(
+        "audit-receipt-without-message-id",
+        "AuditRequest",
+        audit_request("receipt"),
+        f,
+        "a receipt names the request",
+    )
+    bad(
+        "audit-consistency-from-zero",
+        "AuditRequest",
+        audit_request("consistency", old_size=0, new_size=4),
+        f,
+        "a consistency proof starts from a non-empty tree",
+    )
     bad("negative-count", "CountState", raw("count", -1), f, "counts are >= 0")
     bad("count-above-int64", "CountState", raw("count", 2**63), f, "counts are <= 2^63-1")
     bad(
@@ -1166,6 +1294,20 @@ def envelopes_vectors() -> Json:
             NODE,
         ),
         ("capabilities", PayloadType.CAPABILITIES, "Capabilities", capabilities(), NODE),
+        (
+            "audit-request",
+            PayloadType.AUDIT_REQUEST,
+            "AuditRequest",
+            audit_request("entries", start=0, end=1000),
+            AUDITOR,
+        ),
+        (
+            "audit-response",
+            PayloadType.AUDIT_RESPONSE,
+            "AuditResponse",
+            audit_response(hashlib.sha256(audit_request_envelope()).digest()),
+            NODE,
+        ),
     ]
     valid = []
     for name, pt, type_name, value, key in bodies:
