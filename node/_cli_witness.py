@@ -6,7 +6,8 @@ Usage::
 
 Reads ``D/witness.db`` (:data:`~hansa.node.witness.WITNESS_DB`) and prints every stored
 equivocation alarm with both signed checkpoint notes, verbatim, so they can be handed to
-the alliance as proof (issue 5, part 5: "CLI report"). Exit status: 0 when there are no
+the alliance as proof (issue 5, part 5: "CLI report"), after re-checking the evidence
+(:func:`~hansa.node.witness.alarm_holds`). Exit status: 0 when there are no
 alarms, :data:`~hansa.node.cli.EXIT_VERIFY_FAILED` when there is at least one, and 1 when
 the store is missing or unreadable.
 """
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from hansa.node.cli import EXIT_ERROR, EXIT_VERIFY_FAILED
-from hansa.node.witness import WITNESS_DB, EquivocationAlarm, WitnessStore
+from hansa.node.witness import WITNESS_DB, EquivocationAlarm, WitnessStore, alarm_holds
 
 __all__ = ["register"]
 
@@ -70,6 +71,10 @@ def _print_alarm(number: int, alarm: EquivocationAlarm) -> None:
     print()
     print(f"alarm {number}: log {alarm.origin} ({alarm.kind.value})")
     print(f"  detected at {when.isoformat(timespec='seconds')}")
+    if alarm_holds(alarm):
+        print(f"  evidence holds: both notes verify under {alarm.log_vkey}")
+    else:
+        print("  evidence DOES NOT HOLD on re-check (damaged store or changed log key?)")
     print(
         f"  cosigned size {alarm.cosigned_size}; shown size {alarm.presented_size}"
         f" with old size {alarm.old_size} and a {len(alarm.proof)}-hash proof"

@@ -120,6 +120,7 @@ __all__ = [
     "WitnessError",
     "WitnessStore",
     "WitnessStoreError",
+    "alarm_holds",
     "cosignature_quorum",
     "http_status",
     "implied_old_root",
@@ -145,7 +146,7 @@ CREATE TABLE IF NOT EXISTS alarms (
     id INTEGER PRIMARY KEY, origin TEXT NOT NULL, detected_at INTEGER NOT NULL,
     kind TEXT NOT NULL, cosigned_size INTEGER NOT NULL, cosigned_note BLOB NOT NULL,
     presented_size INTEGER NOT NULL, presented_note BLOB NOT NULL,
-    old_size INTEGER NOT NULL, proof BLOB NOT NULL);
+    old_size INTEGER NOT NULL, proof BLOB NOT NULL, log_vkey TEXT NOT NULL);
 """
 
 
@@ -301,6 +302,7 @@ class EquivocationAlarm:
         presented_note: the conflicting checkpoint note, as presented.
         old_size: the ``old_size`` of the request that presented it.
         proof: the consistency proof presented (empty for ``same-size``).
+        log_vkey: the log's verifier key both notes were verified with.
     """
 
     origin: str
@@ -312,6 +314,7 @@ class EquivocationAlarm:
     presented_note: bytes
     old_size: int
     proof: tuple[bytes, ...]
+    log_vkey: str
 
 
 # --------------------------------------------------------------------------- store
@@ -443,7 +446,8 @@ class WitnessStore:
         with self._sql("read"):
             rows = self._conn.execute(
                 "SELECT origin, detected_at, kind, cosigned_size, cosigned_note,"
-                " presented_size, presented_note, old_size, proof FROM alarms ORDER BY id"
+                " presented_size, presented_note, old_size, proof, log_vkey FROM alarms"
+                " ORDER BY id"
             ).fetchall()
         return [_alarm_row(row) for row in rows]
 
@@ -503,8 +507,8 @@ class WitnessStore:
         with self._sql("store an alarm"):
             self._conn.execute(
                 "INSERT INTO alarms (origin, detected_at, kind, cosigned_size, cosigned_note,"
-                " presented_size, presented_note, old_size, proof)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " presented_size, presented_note, old_size, proof, log_vkey)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     alarm.origin,
                     alarm.detected_at,
@@ -515,6 +519,7 @@ class WitnessStore:
                     alarm.presented_note,
                     alarm.old_size,
                     b"".join(alarm.proof),
+                    alarm.log_vkey,
                 ),
             )
 
@@ -539,7 +544,7 @@ def _cosigned_row(row: tuple[object, ...]) -> CosignedCheckpoint:
 
 
 def _alarm_row(row: tuple[object, ...]) -> EquivocationAlarm:
-    origin, at, kind, c_size, c_note, p_size, p_note, old, proof = row
+    origin, at, kind, c_size, c_note, p_size, p_note, old, proof, vkey = row
     if not (
         isinstance(origin, str)
         and isinstance(at, int)
@@ -551,11 +556,12 @@ def _alarm_row(row: tuple[object, ...]) -> EquivocationAlarm:
         and isinstance(old, int)
         and isinstance(proof, bytes)
         and len(proof) % HASH_SIZE == 0
+        and isinstance(vkey, str)
     ):
         raise _store_error(f"damaged witness alarm row for {origin!r}")
     hashes = tuple(proof[i : i + HASH_SIZE] for i in range(0, len(proof), HASH_SIZE))
     return EquivocationAlarm(
-        origin, at, AlarmKind(str(kind)), c_size, c_note, p_size, p_note, old, hashes
+        origin, at, AlarmKind(str(kind)), c_size, c_note, p_size, p_note, old, hashes, vkey
     )
 
 
@@ -630,14 +636,16 @@ class Witness:
             ProofRejectedError: bad consistency proof or empty-tree root (422).
             NoteError: ``now_s`` is outside 0..2^63-1 (a caller bug).
         """
-        checkpoint, log_lines = self._open(note)
+        checkpoint, log_lines, log_verifier = self._open(note)
         hashes = _check_request(old_size, proof, checkpoint.size)
         origin = checkpoint.origin
         stored = self.store.latest(origin)
         last_size = 0 if stored is None else stored.size
         if stored is not None and checkpoint.size == stored.size:
             if checkpoint.root_hash != stored.root_hash:
-                self._equivocation(AlarmKind.SAME_SIZE, stored, note, old_size, (), now_s)
+                self._equivocation(
+                    AlarmKind.SAME_SIZE, stored, note, log_verifier, old_size, (), now_s
+                )
         if old_size != last_size:
             raise WitnessConflict(
                 last_size, f"old size {old_size} is not {last_size}, the last size cosigned"
@@ -657,7 +665,13 @@ class Witness:
             implied = implied_old_root(old_size, checkpoint.size, checkpoint.root_hash, hashes)
             if implied is not None and implied != stored.root_hash:
                 self._equivocation(
-                    AlarmKind.INCONSISTENT_PROOF, stored, note, old_size, hashes, now_s
+                    AlarmKind.INCONSISTENT_PROOF,
+                    stored,
+                    note,
+                    log_verifier,
+                    old_size,
+                    hashes,
+                    now_s,
                 )
             _log.warning(
                 "witness: consistency proof for %s from %d to %d does not verify%s",
@@ -682,7 +696,7 @@ class Witness:
             raise WitnessConflict(size, f"the witness state for {origin} changed; now {size}")
         return line.line.encode("utf-8")
 
-    def _open(self, note: bytes) -> tuple[Checkpoint, tuple[NoteSignature, ...]]:
+    def _open(self, note: bytes) -> tuple[Checkpoint, tuple[NoteSignature, ...], NoteVerifier]:
         """Parse the note, find the origin's log key and verify its signature."""
         try:
             text = Note.from_bytes(note).text
@@ -699,17 +713,19 @@ class Witness:
         except NoteError as exc:
             raise LogSignatureError(f"checkpoint of {origin}: {exc.message}") from exc
         lines = tuple(v.signature for v in opened.note.verified if v.verifier == verifier)
-        return opened.checkpoint, lines
+        return opened.checkpoint, lines, verifier
 
     def _equivocation(
         self,
         kind: AlarmKind,
         stored: CosignedCheckpoint,
         note: bytes,
+        log_verifier: NoteVerifier,
         old_size: int,
         proof: tuple[bytes, ...],
         now_s: int,
     ) -> None:
+        """Store the evidence, count and log the alarm, and raise it."""
         presented = Checkpoint.from_text(Note.from_bytes(note).text)
         alarm = EquivocationAlarm(
             origin=stored.origin,
@@ -721,6 +737,7 @@ class Witness:
             presented_note=bytes(note),
             old_size=old_size,
             proof=proof,
+            log_vkey=log_verifier.vkey,
         )
         self.store.add_alarm(alarm)
         with self._alarms_lock:
@@ -806,6 +823,33 @@ def implied_old_root(
 
 def _node(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(b"\x01" + left + right).digest()  # RFC 9162 §2.1.1 interior node
+
+
+def alarm_holds(alarm: EquivocationAlarm) -> bool:
+    """Re-check an alarm's evidence offline, trusting nothing but its log key.
+
+    Both notes must verify under :attr:`EquivocationAlarm.log_vkey` for the alarm's origin
+    and be provably inconsistent: the same size with different roots, or a proof that
+    reaches the presented root and implies another root at the cosigned size.
+
+    Args:
+        alarm: a stored alarm.
+
+    Returns:
+        True when the evidence proves equivocation by the holder of the log key.
+    """
+    try:
+        verifier = NoteVerifier.from_vkey(alarm.log_vkey)
+        old = open_checkpoint(alarm.cosigned_note, verifier, origin=alarm.origin).checkpoint
+        new = open_checkpoint(alarm.presented_note, verifier, origin=alarm.origin).checkpoint
+    except HansaError:
+        return False
+    if (old.size, new.size) != (alarm.cosigned_size, alarm.presented_size):
+        return False
+    if alarm.kind is AlarmKind.SAME_SIZE:
+        return old.size == new.size and old.root_hash != new.root_hash
+    implied = implied_old_root(old.size, new.size, new.root_hash, alarm.proof)
+    return implied is not None and implied != old.root_hash
 
 
 # --------------------------------------------------------------------------- quorum

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from hansa.node.witness import (
     WitnessConflict,
     WitnessError,
     WitnessStore,
+    alarm_holds,
     cosignature_quorum,
     http_status,
     implied_old_root,
@@ -249,6 +251,13 @@ def test_same_size_fork_raises_an_alarm_with_both_notes(
     assert open_checkpoint(alarm.presented_note, LOG.verifier).checkpoint.root_hash == fork.root()
     assert witness.alarm_count == 2
     assert [a.presented_note for a in witness.alarms()] == [forged, forged]
+    assert alarm.log_vkey == LOG.vkey and alarm_holds(alarm)
+    # Evidence that does not prove anything is told apart on re-check.
+    impostor = NoteSigner(ORIGIN, SigningKey(bytes([5]) * 32))
+    assert not alarm_holds(dataclasses.replace(alarm, presented_note=_note(honest)))
+    assert not alarm_holds(dataclasses.replace(alarm, log_vkey=impostor.vkey))
+    assert not alarm_holds(dataclasses.replace(alarm, presented_note=_note(fork, signer=impostor)))
+    assert not alarm_holds(dataclasses.replace(alarm, log_vkey="not a vkey"))
     assert sum("ALARM" in r.getMessage() for r in caplog.records) == 2
     # The witness keeps following the history it cosigned first.
     latest = witness.store.latest(ORIGIN)
@@ -270,6 +279,9 @@ def test_fork_behind_the_cosigned_size_is_proven_by_its_own_proof(witness: Witne
     assert (alarm.cosigned_size, alarm.presented_size, alarm.old_size) == (5, 9, 5)
     assert alarm.proof == tuple(proof)
     assert witness.alarms() == [alarm]
+    assert alarm_holds(alarm)
+    assert not alarm_holds(dataclasses.replace(alarm, proof=tuple(honest.consistency_proof(3, 5))))
+    assert not alarm_holds(dataclasses.replace(alarm, kind=AlarmKind.SAME_SIZE))
     assert witness.alarm_count == 1
 
 
@@ -309,6 +321,7 @@ def test_cli_reports_alarms_and_exits_non_zero(
     assert main(["witness", "alarms", "--data-dir", str(tmp_path)]) == EXIT_VERIFY_FAILED
     out = capsys.readouterr().out
     assert "1 EQUIVOCATION ALARM(S)" in out and ORIGIN in out and "same-size" in out
+    assert f"evidence holds: both notes verify under {LOG.vkey}" in out
     # Both signed notes are printed verbatim.
     assert _note(fork).decode() in out
     with WitnessStore(tmp_path / WITNESS_DB) as store:
@@ -399,3 +412,29 @@ def test_cosignature_quorum() -> None:
         cosignature_quorum(b"garbage", verifiers, 1)
     with pytest.raises(ValueError, match="quorum"):
         cosignature_quorum(two, verifiers, -1)
+
+
+@settings(max_examples=25)
+@given(st.integers(1, 30), st.integers(1, 30), st.integers(1, 30))
+def test_any_fork_behind_a_cosigned_size_is_caught(a: int, b: int, c: int) -> None:
+    fork_at, old, new = sorted((a % 29, b, c + 30))
+    fork_at = min(fork_at, old - 1)
+    honest = MerkleTree()
+    forked = MerkleTree()
+    for i in range(new):
+        honest.append(b"e%d" % i)
+        forked.append(b"e%d" % i if i < fork_at else b"f%d" % i)
+    with tempfile.TemporaryDirectory() as tmp, WitnessStore(Path(tmp) / WITNESS_DB) as store:
+        w = Witness(store, COSIGNER, _verifiers)
+        w.add_checkpoint(_note(honest, old), 0, [], NOW)
+        proof = forked.consistency_proof(old, new)
+        if old & (old - 1) == 0:
+            # Not provable (module docstring): refused, never cosigned.
+            with pytest.raises(ProofRejectedError):
+                w.add_checkpoint(_note(forked, new), old, proof, NOW)
+        else:
+            with pytest.raises(EquivocationError) as info:
+                w.add_checkpoint(_note(forked, new), old, proof, NOW)
+            assert alarm_holds(info.value.alarm)
+        latest = store.latest(ORIGIN)
+        assert latest is not None and latest.size == old
