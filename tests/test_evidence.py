@@ -703,3 +703,17 @@ def test_any_flipped_byte_in_a_receipt_is_rejected(alliance: Alliance, data: st.
     tampered = msgspec.structs.replace(receipt, response=bytes(body))
     verdict = verify_bundle(with_receipts(alliance, copenhagen=tampered))
     assert not verdict.ok and verdict.receipts == 0
+
+
+def test_cli_checks_receipts(
+    alliance: Alliance, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = with_receipts(alliance, berlin=make_receipt(alliance, "berlin"))
+    bad = with_receipts(alliance, berlin=make_receipt(alliance, "berlin", index_shift=1))
+    (tmp_path / "good.bin").write_bytes(good)
+    (tmp_path / "bad.bin").write_bytes(bad)
+    assert run_cli(["verify", str(tmp_path / "good.bin")]) == 0
+    assert "1 receipt(s) verified" in capsys.readouterr().out
+    assert run_cli(["verify", str(tmp_path / "bad.bin")]) == EXIT_VERIFY_FAILED
+    out = capsys.readouterr().out
+    assert "INVALID" in out and "receipt inclusion" in out
