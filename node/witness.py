@@ -62,21 +62,30 @@ Errors and HTTP statuses
 Every error is a :class:`WitnessError` (a :class:`~hansa.protocol.errors.HansaError`)
 with a wire code, and :func:`http_status` maps it as tlog-witness asks:
 
-=============================================  =====================  ======
-condition                                      code                   status
-=============================================  =====================  ======
+=============================================  ========================  ======
+condition                                      code                      status
+=============================================  ========================  ======
 note or proof malformed, ``old_size`` > size   MALFORMED, INVALID_FIELD  400
-log signature missing or bad                   BAD_SIGNATURE            403
-origin not followed by this witness            UNKNOWN_KEY              404
-``old_size`` is not the last cosigned size     ROSTER_MISMATCH          409
-equivocation (two inconsistent signed notes)   INVALID_FIELD            409
-consistency proof or empty-tree root wrong     INVALID_FIELD            422
-the witness's own store fails                  INTERNAL                 500
-=============================================  =====================  ======
+log signature missing or bad                   BAD_SIGNATURE             403
+origin not followed by this witness            UNKNOWN_KEY               404
+``old_size`` is not the last cosigned size     ROSTER_MISMATCH           409
+equivocation (two inconsistent signed notes)   INVALID_FIELD             409
+consistency proof or empty-tree root wrong     INVALID_FIELD             422
+the witness's own store fails                  INTERNAL                  500
+=============================================  ========================  ======
 
 NOTE: ROSTER_MISMATCH ("names a version the node does not hold") is reused for a tree
 size the witness does not hold; :attr:`WitnessConflict.last_size` is what the route
 returns (tlog-witness: body ``<size>\\n``, ``Content-Type: text/x.tlog.size``).
+
+Use from the node (blocking calls: run them off the event loop)::
+
+    store = WitnessStore(data_dir / WITNESS_DB)
+    witness = Witness(store, CosignatureSigner(f"witness/{city}", key), log_verifier_for)
+    line = witness.add_checkpoint(body.checkpoint, body.old_size, body.proof, now_s)
+    # on HansaError: status = http_status(exc); a WitnessConflict carries last_size
+    notes = [c.note for c in store.cosigned(origin)]  # GET /v1/witness/cosignatures
+    witness.alarm_count  # a metric
 """
 
 from __future__ import annotations
