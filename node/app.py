@@ -111,6 +111,8 @@ from hansa.node.config import (
 )
 from hansa.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hansa.node.metrics import NodeMetrics
+from hansa.node.witness import WITNESS_DB, Witness, WitnessConflict, WitnessStore
+from hansa.node.witness import http_status as witness_status
 from hansa.protocol.codec import decode_as, encode
 from hansa.protocol.envelope import MAX_PAYLOAD_SIZE, decode_envelope, message_id, pae
 from hansa.protocol.errors import (
@@ -126,6 +128,7 @@ from hansa.protocol.freshness import ReplayGuard
 from hansa.protocol.messages import (
     MAX_AUDIT_PAGE,
     MAX_TEXT,
+    AddCheckpoint,
     AuditOp,
     AuditRequest,
     AuditResponse,
@@ -148,6 +151,9 @@ __all__ = [
     "NODE",
     "ROSTER_MEDIA_TYPE",
     "ROSTER_ROUTE",
+    "WITNESSED_LOGS_FILE",
+    "WITNESS_ADD_ROUTE",
+    "WITNESS_COSIGNATURES_ROUTE",
     "AnswerEngine",
     "CachedAnswerEngine",
     "EngineOutput",
@@ -172,6 +178,12 @@ HEALTH_ROUTE: Final = "/healthz"
 METRICS_ROUTE: Final = "/metrics"
 AUDIT_ROUTE: Final = "/v1/audit"
 LOG_KEYS_ROUTE: Final = "/v1/log/keys"
+WITNESS_ADD_ROUTE: Final = "/v1/witness/add-checkpoint"
+WITNESS_COSIGNATURES_ROUTE: Final = "/v1/witness/cosignatures"
+WITNESSED_LOGS_FILE: Final = "witness-logs.txt"
+"""The log vkeys a witness follows, one per line, in the data directory (pinned by the
+operator from each city's ``GET /v1/log/keys``)."""
+_MAX_WITNESS_BODY: Final = 128 * 1024
 
 _AUDIT_THREADS: Final = 64
 """Threads that may wait on the audit log at once. Appends block until their group
@@ -399,6 +411,8 @@ class NodeState:
         self._checkpoint_lock = threading.Lock()  # the policy and checkpoint signing
         self._checkpoint_wake: asyncio.Event | None = None
         self._logged = _LoggedState()
+        self.witness: Witness | None = None
+        self._witnessed: dict[str, NoteVerifier] = {}
 
     @property
     def origin(self) -> str:
@@ -1038,6 +1052,89 @@ class NodeState:
         except ProofError as exc:  # a local code: the request asked for the impossible
             raise _invalid(exc.message) from exc
 
+    # --- POST /v1/witness/add-checkpoint, GET /v1/witness/cosignatures ------------
+
+    def _load_witnessed(self) -> None:
+        """Read the log keys this witness follows (``witness-logs.txt``: one vkey a line)."""
+        path = self.config.data_dir / WITNESSED_LOGS_FILE
+        followed: dict[str, NoteVerifier] = {}
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            lines = []
+        for number, line in enumerate(lines, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            try:
+                verifier = NoteVerifier.from_vkey(text)
+            except HansaError as exc:
+                log.error("%s line %d: not a log vkey: %s", path, number, exc.message)
+                continue
+            followed[verifier.name] = verifier
+        self._witnessed = followed
+
+    def _open_witness(self) -> None:
+        if self.witness_signer is None:
+            return
+        self._load_witnessed()
+        store = WitnessStore(self.config.data_dir / WITNESS_DB)
+        self.witness = Witness(store, self.witness_signer, self._witnessed.get)
+
+    async def handle_add_checkpoint(self, request: web.Request) -> web.Response:
+        """tlog-witness add-checkpoint with an ``AddCheckpoint`` body (never raises)."""
+        witness = self.witness
+        if witness is None:
+            return _reply_response(
+                self._unsigned(ErrorCode.UNKNOWN_KEY, "this node is not a witness", 404)
+            )
+        try:
+            declared = request.content_length
+            if declared is not None and declared > _MAX_WITNESS_BODY:
+                raise ProtocolError("add-checkpoint body too large", ErrorCode.TOO_LARGE)
+            data = await request.content.read(_MAX_WITNESS_BODY + 1)
+            body = decode_as(data, AddCheckpoint, max_size=_MAX_WITNESS_BODY)
+            line = await asyncio.to_thread(
+                witness.add_checkpoint,
+                body.checkpoint,
+                body.old_size,
+                body.proof,
+                self.clock_ms() // 1000,
+            )
+        except WitnessConflict as exc:
+            return web.Response(
+                body=f"{exc.last_size}\n".encode(),
+                status=409,
+                content_type="text/x.tlog.size",
+                headers=_NO_STORE,
+            )
+        except HansaError as exc:
+            return _reply_response(self._unsigned(exc.code, exc.message, witness_status(exc)))
+        except Exception:
+            log.exception("internal error in add-checkpoint")
+            return _reply_response(self._unsigned(ErrorCode.INTERNAL, "internal error", 500))
+        return web.Response(body=line, content_type="text/plain", headers=_NO_STORE)
+
+    async def handle_cosignatures(self, request: web.Request) -> web.Response:
+        """The checkpoints this witness cosigned for ``?origin=`` (JSON, newest first)."""
+        witness = self.witness
+        if witness is None:
+            return _reply_response(
+                self._unsigned(ErrorCode.UNKNOWN_KEY, "this node is not a witness", 404)
+            )
+        origin = request.query.get("origin", "")
+        if not origin or len(origin) > 256:
+            return _reply_response(
+                self._unsigned(ErrorCode.INVALID_FIELD, "give ?origin=<log origin>", 400)
+            )
+        try:
+            found = await asyncio.to_thread(witness.store.cosigned, origin)
+        except HansaError as exc:
+            log.error("witness store: %s", exc.message)
+            return _reply_response(self._unsigned(ErrorCode.INTERNAL, "internal error", 500))
+        notes = [c.note.decode("utf-8") for c in found]
+        return web.json_response({"origin": origin, "notes": notes}, headers=_NO_STORE)
+
     # --- GET and POST /v1/roster ---------------------------------------------
 
     def roster_reply(self) -> _Reply:
@@ -1200,6 +1297,8 @@ class NodeState:
             Whether both reloads succeeded (a failure is logged; the previous
             roster or catalog stays in effect).
         """
+        if self.witness_signer is not None:
+            self._load_witnessed()
         roster_ok = await self.reload_roster()
         return await self._reload_catalog() and roster_ok
 
@@ -1242,6 +1341,7 @@ class NodeState:
         checkpoints: asyncio.Task[None] | None = None
         try:
             await asyncio.to_thread(self._open_audit)
+            await asyncio.to_thread(self._open_witness)
             wake = self._checkpoint_wake = asyncio.Event()
             checkpoints = asyncio.create_task(self._checkpoint_loop(wake))
             yield
@@ -1255,6 +1355,9 @@ class NodeState:
             # before cleanup); wait for any thread that outlived its request.
             await asyncio.to_thread(pool.shutdown, wait=True)
             await asyncio.to_thread(self._close_audit)
+            witness, self.witness = self.witness, None
+            if witness is not None:
+                witness.store.close()
             self._engine = None
             self._lookup = None
             if owned:
@@ -1420,6 +1523,20 @@ async def _log_keys(request: web.Request) -> web.Response:
     return web.json_response(node.log_keys(), headers=_NO_STORE)
 
 
+async def _witness_add(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    response = await node.handle_add_checkpoint(request)
+    node.metrics.requests.inc(WITNESS_ADD_ROUTE, str(response.status), "none")
+    return response
+
+
+async def _witness_cosignatures(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    response = await node.handle_cosignatures(request)
+    node.metrics.requests.inc(WITNESS_COSIGNATURES_ROUTE, str(response.status), "none")
+    return response
+
+
 async def _health(request: web.Request) -> web.Response:
     node = request.app[NODE]
     node.metrics.requests.inc(HEALTH_ROUTE, "ok", "none")
@@ -1495,6 +1612,8 @@ def create_app(
     app.router.add_post(ROSTER_ROUTE, _roster_post)
     app.router.add_post(AUDIT_ROUTE, _audit)
     app.router.add_get(LOG_KEYS_ROUTE, _log_keys)
+    app.router.add_post(WITNESS_ADD_ROUTE, _witness_add)
+    app.router.add_get(WITNESS_COSIGNATURES_ROUTE, _witness_cosignatures)
     app.router.add_get(HEALTH_ROUTE, _health)
     app.router.add_get(METRICS_ROUTE, _metrics)
     return app

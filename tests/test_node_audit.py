@@ -486,3 +486,65 @@ def test_unused_fields_must_keep_their_defaults() -> None:
     with pytest.raises(ValueError, match="receipt needs"):
         _audit_request(AUDITOR_CITY, AuditOp.RECEIPT)
     assert DATASET  # the node publishes the listings dataset the queries use
+
+
+# --- witness routes -------------------------------------------------------------------------
+
+
+async def test_witness_routes_cosign_and_serve_cosignatures(config: NodeConfig) -> None:
+    from hansa.crypto.keyfile import write_key_file
+    from hansa.crypto.merkle import root_hash
+    from hansa.crypto.note import NoteSigner, open_checkpoint, sign_checkpoint
+    from hansa.node.app import WITNESS_ADD_ROUTE, WITNESS_COSIGNATURES_ROUTE, WITNESSED_LOGS_FILE
+    from hansa.node.config import load_config
+    from hansa.protocol.codec import encode
+    from hansa.protocol.messages import AddCheckpoint
+
+    write_key_file(config.data_dir / "witness.key", SigningKey(b"w" * 32))
+    toml = config.data_dir / "node.toml"
+    toml.write_text(toml.read_text().replace('witness_key = ""', 'witness_key = "witness.key"'))
+    austin = NoteSigner("hansa/Hanse/austin", SigningKey(b"l" * 32))
+    (config.data_dir / WITNESSED_LOGS_FILE).write_text(f"# austin\n{austin.verifier.vkey}\n")
+    witness_config = load_config(config.data_dir)
+    leaves = [b"one", b"two", b"three"]
+
+    def checkpoint(size: int) -> bytes:
+        return sign_checkpoint(Checkpoint(austin.name, size, root_hash(leaves[:size])), austin)
+
+    async with running_node(witness_config) as node:
+        status, body, _ = await node.get(LOG_KEYS_ROUTE)
+        witness_vkey = json.loads(body)["witness_vkey"]
+        assert witness_vkey is not None
+        witness = NoteVerifier.from_vkey(witness_vkey)
+        assert witness.name == f"witness/{CITY}"
+
+        note = checkpoint(2)
+        request = encode(AddCheckpoint(old_size=0, proof=(), checkpoint=note))
+        status, line = await node.post(request, path=WITNESS_ADD_ROUTE)
+        assert status == 200, line
+        opened = open_checkpoint(note + line, austin.verifier, witnesses=[witness])
+        assert opened.checkpoint.size == 2 and len(opened.cosignatures) == 1
+
+        # The witness last cosigned size 2: old_size 0 is a conflict naming it.
+        stale = encode(AddCheckpoint(old_size=0, proof=(), checkpoint=checkpoint(3)))
+        status, size = await node.post(stale, path=WITNESS_ADD_ROUTE)
+        assert (status, size) == (409, b"2\n")
+        # A log the witness does not follow; a malformed body.
+        other = NoteSigner("hansa/Hanse/paris", SigningKey(b"p" * 32))
+        unknown = sign_checkpoint(Checkpoint(other.name, 1, root_hash(leaves[:1])), other)
+        status, _ = await node.post(
+            encode(AddCheckpoint(old_size=0, proof=(), checkpoint=unknown)),
+            path=WITNESS_ADD_ROUTE,
+        )
+        assert status == 404
+        status, _ = await node.post(b"\x93junk", path=WITNESS_ADD_ROUTE)
+        assert status == 400
+
+        status, body, content_type = await node.get(
+            f"{WITNESS_COSIGNATURES_ROUTE}?origin={austin.name}"
+        )
+        assert status == 200 and content_type == "application/json"
+        notes = json.loads(body)["notes"]
+        assert len(notes) == 1
+        served = open_checkpoint(notes[0].encode(), austin.verifier, witnesses=[witness])
+        assert served.checkpoint.size == 2
