@@ -9,7 +9,12 @@ target cities and their node keys from the roster, and sends it with
 :func:`hansa.federation.fanout.fan_out` (issue 4, parts 2 and 4), passing the
 roster's version as ``roster_version``. The :class:`QueryResult` holds the
 combined rows, each answering city's own rows, every city's status, and can
-write the evidence bundle (:func:`hansa.federation.evidence.build_bundle`)::
+write the evidence bundle (:func:`hansa.federation.evidence.build_bundle`).
+After the fan-out, every city that answered or refused is asked for a receipt
+of its request (:func:`fetch_receipts`: a signed inclusion proof of the
+request's log leaf under a signed checkpoint, issue 5 part 4), best effort
+with bounded retries; the receipts go into the bundle, where ``hansa verify``
+checks them::
 
     from hansa.client import Alliance
 
