@@ -101,6 +101,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fetch.add_argument("--key", required=True, metavar="FILE", help="the auditor's key file")
     fetch.add_argument("--passphrase-env", metavar="VAR", help="passphrase of a sealed key")
     fetch.add_argument("--store", default=_DEFAULT_STORE, metavar="DIR")
+    fetch.add_argument("--endpoint", metavar="URL", help="the node's URL instead of the roster's")
     fetch.set_defaults(handler=_fetch)
 
     imp = cmds.add_parser("import", help="build the store from a local node's data directory")
@@ -314,6 +315,7 @@ def fetch_city(
     roster: Roster,
     key: SigningKey,
     *,
+    endpoint: str | None = None,
     progress: Progress | None = None,
 ) -> tuple[int, int]:
     """Fetch a city's new leaves, their envelopes and its latest checkpoint.
@@ -323,6 +325,7 @@ def fetch_city(
         city: the city to fetch.
         roster: the alliance roster (endpoints, node keys, witness cities).
         key: the auditor's key (must hold the auditor role in ``roster``).
+        endpoint: the node's base URL, instead of the roster's (a proxy, a test).
         progress: a rich progress display to report on.
 
     Returns:
@@ -336,6 +339,8 @@ def fetch_city(
     if holder is None or Role.AUDITOR not in holder.roles:
         raise ConfigError("the key does not hold the auditor role in the roster")
     client = _Client(roster, city, key, holder.principal)
+    if endpoint is not None:
+        client.endpoint = endpoint.rstrip("/")
     keys = _log_keys(client.endpoint)
     origin, log_vkey = keys.get("origin"), keys.get("log_vkey")
     if not isinstance(origin, str) or not isinstance(log_vkey, str):
@@ -391,7 +396,9 @@ def _fetch(args: argparse.Namespace) -> int:
         passphrase = value.encode()
     key = read_key_file(args.key, passphrase=passphrase)
     with _progress() as progress:
-        size, conflicts = fetch_city(args.store, args.city, roster, key, progress=progress)
+        size, conflicts = fetch_city(
+            args.store, args.city, roster, key, endpoint=args.endpoint, progress=progress
+        )
     note = f", [red]{conflicts} conflicting leaves[/red]" if conflicts else ""
     _console().print(f"fetched {escape(args.city)}: {size} leaves held{note}")
     return 0

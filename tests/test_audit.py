@@ -633,3 +633,87 @@ def test_parse_leaf_rejects_garbage_with_value_error_only(data: bytes) -> None:
         return
     assert encode_entry(decode_entry(leaf)) == leaf  # whatever parses, the node accepts
     assert parsed.kind in audit.ENTRY_NAMES
+
+
+# --- against a live node -----------------------------------------------------------------
+
+
+def test_fetch_from_a_live_node_incrementally_and_verify(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    from nodeutil import init_test_node, running_node
+
+    from hansa.federation.fanout import build_request
+    from hansa.federation.roster import decode_roster, encode_signed_roster
+    from hansa.node._cli_audit import fetch_city
+    from hansa.node.config import configure_alliance
+
+    now = time.time_ns() // 1_000_000
+    config = init_test_node(tmp_path, CITY, rows=60)
+    node_key = read_key_file(config.key_file)
+    auditor = SigningKey(b"\x44" * 32)
+    roster = Roster(
+        alliance="hanse",
+        version=1,
+        expires_ms=now + 86_400_000,
+        threshold=1,
+        root_keys=(RootKey(CITY, ROOT_KEY.public_key.raw),),
+        members=(
+            Member(CITY, "A", node_key.public_key.raw, "http://127.0.0.1:9", (Role.MEMBER,)),
+            Member("berlin", "B", auditor.public_key.raw, "http://127.0.0.1:9", (Role.AUDITOR,)),
+        ),
+        analysts=(Analyst(ANALYST, ANALYST_KEY.public_key.raw, CITY, ("research",)),),
+        purposes=("research",),
+    )
+    signed = sign_roster(unsigned(roster), ROOT_KEY)
+    config = configure_alliance(
+        config.data_dir, encode_signed_roster(signed), roster_digest(signed), now
+    )
+    store = tmp_path / "store"
+
+    def ask(node_url: str, i: int) -> None:
+        import urllib.request
+
+        req = build_request(
+            Query(dataset="listings", aggregates=(Count(),)),
+            PolicyTags(
+                purpose="research", legal_basis="t", scope=ResultScope.ALLIANCE, analyst=ANALYST
+            ),
+            requester=ANALYST,
+            audience=CITY,
+            issued_at=time.time_ns() // 1_000_000,
+            expires_at=time.time_ns() // 1_000_000 + 60_000,
+            roster_version=1,
+        )
+        http = urllib.request.Request(
+            node_url + "/v1/query",
+            data=seal(req, ANALYST_KEY),
+            headers={"Content-Type": "application/vnd.hansa.envelope+msgpack"},
+        )
+        with urllib.request.urlopen(http, timeout=30) as reply:
+            assert reply.status == 200
+
+    async def run() -> tuple[tuple[int, int], tuple[int, int]]:
+        async with running_node(config) as node:
+            for i in range(3):
+                await asyncio.to_thread(ask, node.url, i)
+            first = await asyncio.to_thread(
+                fetch_city, store, CITY, decode_roster(signed.body), auditor, endpoint=node.url
+            )
+            for i in range(3, 5):
+                await asyncio.to_thread(ask, node.url, i)
+            second = await asyncio.to_thread(
+                fetch_city, store, CITY, decode_roster(signed.body), auditor, endpoint=node.url
+            )
+            return first, second
+
+    first, second = asyncio.run(run())
+    assert second[0] > first[0] and first[1] == second[1] == 0
+    with AuditorStore.open(store, CITY) as s:
+        report = verify_log(s.contents(), [decode_roster(signed.body)], workers=0)
+    assert report, [str(f) for f in report.failures]
+    assert report.counts["request_received"] == 5
+    assert report.counts["answer_sent"] == 5
+    assert report.signatures == 10
+    assert report.largest_checkpoint == report.size
