@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     from hansa.node import (
         _cli_alliance,
+        _cli_audit,
         _cli_dataset,
         _cli_keys,
         _cli_node,
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         _cli_query,
         _cli_verify,
         _cli_witness,
+        _cli_audit,
     ):
         module.register(sub)
     return parser
