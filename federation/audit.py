@@ -51,7 +51,7 @@ import sqlite3
 import struct
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -680,24 +680,24 @@ class _Signatures:
             self._futures.append(self._pool.submit(_check_chunk, self._buffer))
             self._buffer = []
 
-    def results(self, progress: Callable[[str, int, int], None] | None) -> list[_Checked]:
+    def chunks(self, progress: Callable[[str, int, int], None] | None) -> Iterator[list[_Checked]]:
+        """Yield the results in submission order, chunk by chunk, as workers finish."""
         if self._pool is None:
             _init_worker(self._keys)
-            out = [_summary(w) for w in _check_chunk(self._inline)]
+            yield [_summary(w) for w in _check_chunk(self._inline)]
             if progress is not None:
                 progress("signatures", self.total, self.total)
-            return out
-        try:
-            if self._buffer:
-                self._futures.append(self._pool.submit(_check_chunk, self._buffer))
-            results: list[_Checked] = []
-            for future in self._futures:
-                results.extend(map(_summary, future.result()))
-                if progress is not None:
-                    progress("signatures", len(results), self.total)
-            return results
-        finally:
-            self.close()
+            return
+        if self._buffer:
+            self._futures.append(self._pool.submit(_check_chunk, self._buffer))
+            self._buffer = []
+        done = 0
+        for future in self._futures:
+            part = [_summary(w) for w in future.result()]
+            done += len(part)
+            yield part
+            if progress is not None:
+                progress("signatures", done, self.total)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -918,192 +918,191 @@ def verify_log(
         if progress is not None:
             progress("tree", size, size)
         _check_checkpoints(contents, tree, newest, report)
-        checked = dict(zip(owners, signatures.results(progress), strict=True))
+        checks = _EntryChecks(contents.city, leaves, by_version, newest, skew_ms, report)
+        # Each chunk is checked as it arrives, while the workers sign the next ones.
+        owner = iter(owners)
+        for part in signatures.chunks(progress):
+            for summary in part:
+                checks.feed(next(owner), summary)
     finally:
         signatures.close()
     report.signatures = len(owners)
-    _check_entries(contents.city, leaves, checked, by_version, newest, skew_ms, report)
     return report
 
 
-def _check_entries(
-    city: str,
-    leaves: Sequence[Leaf | None],
-    checked: Mapping[int, _Checked],
-    by_version: Mapping[int, Roster],
-    newest: Roster,
-    skew_ms: int,
-    report: AuditReport,
-) -> None:
-    """Steps 4-5: requests, decisions, answers, settings (signatures already checked)."""
-    requests: dict[bytes, list[tuple[int, _Req | None]]] = defaultdict(list)
-    decisions: dict[bytes, list[tuple[int, Leaf]]] = defaultdict(list)
-    settings: dict[str, list[tuple[int, int]]] = defaultdict(list)  # subject -> (idx, ver)
-    answered: dict[bytes, list[tuple[int, _Ans | _Ref | None]]] = defaultdict(list)
-    for index, entry in enumerate(leaves):
-        if entry is None:
-            continue
-        if entry.kind == REQUEST_RECEIVED:
-            summary = checked.get(index)
-            if isinstance(summary, str):
-                report.fail(index, "request", summary)
-            req = summary if isinstance(summary, _Req) else None
-            if req is not None and req.kid != entry.second:
-                report.fail(index, "request", "logged requester key id is not the signer's")
-            requests[entry.first].append((index, req))
-        elif entry.kind == DECISION:
-            if not requests.get(entry.first):
-                report.fail(index, "decision", "decides a request not logged before it")
-            decisions[entry.first].append((index, entry))
-        elif entry.kind == ANSWER_SENT:
-            summary = checked.get(index)
-            if isinstance(summary, str):
-                report.fail(index, "answer", summary)
-            ans = summary if isinstance(summary, _Ans | _Ref) else None
-            if not decisions.get(entry.first):
-                report.fail(index, "answer", "answers a request with no decision logged before it")
-            answered[entry.first].append((index, ans))
-        elif entry.kind == SETTINGS_CHANGED and entry.outcome == SCOPE_DISCLOSURE:
-            settings[entry.text].append((index, entry.version))
+class _EntryChecks:
+    """Steps 4-5: requests, decisions, answers and settings.
 
-    seen_nonces: set[tuple[str, bytes]] = set()
-    allowed: dict[tuple[str, bytes, int], bool] = {}  # few signers, many requests
-    for mid, logged in requests.items():
-        decided = decisions.get(mid, ())
-        for k, (index, req) in enumerate(logged):
-            if req is None:
+    The log's structure (which decision and answer belong to which request, the
+    settings in force) is read from the leaves up front; each signed envelope's summary
+    is then fed in log order as the workers return it.
+    """
+
+    def __init__(
+        self,
+        city: str,
+        leaves: Sequence[Leaf | None],
+        by_version: Mapping[int, Roster],
+        newest: Roster,
+        skew_ms: int,
+        report: AuditReport,
+    ) -> None:
+        self.city, self.leaves, self.report = city, leaves, report
+        self.by_version, self.newest, self.skew_ms = by_version, newest, skew_ms
+        # Per message id, in log order: requests logged, decisions, answers sent. The
+        # k-th decision and the k-th answer belong to the k-th logging of the request.
+        self.requests: dict[bytes, list[int]] = defaultdict(list)
+        self.decisions: dict[bytes, list[tuple[int, Leaf]]] = defaultdict(list)
+        self.answers: dict[bytes, list[int]] = defaultdict(list)
+        self.occurrence: dict[int, int] = {}
+        self.settings: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        self.first: dict[bytes, _Req] = {}
+        self.nonces: set[tuple[str, bytes]] = set()
+        self.allowed: dict[tuple[str, bytes, int], bool] = {}  # few signers, many requests
+        for index, entry in enumerate(leaves):
+            if entry is None:
                 continue
-            refused = k < len(decided) and decided[k][1].outcome == OUTCOME_REFUSED
-            log_time = leaves[index].log_time_ms  # type: ignore[union-attr]
-            roster = by_version.get(req.roster_version)
-            if roster is None:
+            kind, mid = entry.kind, entry.first
+            if kind == REQUEST_RECEIVED:
+                self.occurrence[index] = len(self.requests[mid])
+                self.requests[mid].append(index)
+            elif kind == DECISION:
+                if not self.requests.get(mid):
+                    report.fail(index, "decision", "decides a request not logged before it")
+                self.decisions[mid].append((index, entry))
+            elif kind == ANSWER_SENT:
+                if not self.decisions.get(mid):
+                    report.fail(
+                        index, "answer", "answers a request with no decision logged before it"
+                    )
+                self.occurrence[index] = len(self.answers[mid])
+                self.answers[mid].append(index)
+            elif kind == SETTINGS_CHANGED and entry.outcome == SCOPE_DISCLOSURE:
+                self.settings[entry.text].append((index, entry.version))
+
+    def feed(self, index: int, summary: _Checked) -> None:
+        """Check the entry at ``index`` given its envelope's checked summary."""
+        entry = self.leaves[index]
+        assert entry is not None  # only parsed leaves have envelopes checked
+        if entry.kind == REQUEST_RECEIVED:
+            if isinstance(summary, str):
+                self.report.fail(index, "request", summary)
+            elif isinstance(summary, _Req):
+                self._request(index, entry, summary)
+            return
+        if isinstance(summary, str):
+            self.report.fail(index, "answer", summary)
+        elif isinstance(summary, _Ans | _Ref):
+            decided = self.decisions.get(entry.first, [])
+            k = self.occurrence[index]
+            if k < len(decided):
+                self._answer(entry.first, *decided[k], index, summary)
+
+    def _request(self, index: int, entry: Leaf, req: _Req) -> None:
+        report, skew_ms = self.report, self.skew_ms
+        mid, log_time = entry.first, entry.log_time_ms
+        k = self.occurrence[index]
+        if k == 0:
+            self.first[mid] = req
+        if req.kid != entry.second:
+            report.fail(index, "request", "logged requester key id is not the signer's")
+        roster = self.by_version.get(req.roster_version)
+        if roster is None:
+            report.fail(
+                index, "request", f"cites roster version {req.roster_version}, not supplied"
+            )
+            roster = self.newest
+        else:
+            who = (req.requester, req.kid, roster.version)
+            ok = self.allowed.get(who)
+            if ok is None:
+                ok = self.allowed[who] = roster.is_allowed(req.requester, req.kid, Role.ANALYST)
+            if not ok:
                 report.fail(
                     index,
                     "request",
-                    f"cites roster version {req.roster_version}, which was not supplied",
+                    f"signer is not analyst {req.requester!r} in roster v{roster.version}",
                 )
-                roster = newest
-            else:
-                who = (req.requester, req.kid, roster.version)
-                ok = allowed.get(who)
-                if ok is None:
-                    ok = allowed[who] = roster.is_allowed(req.requester, req.kid, Role.ANALYST)
-                if not ok:
-                    report.fail(
-                        index,
-                        "request",
-                        f"signer is not analyst {req.requester!r} in roster v{roster.version}",
-                    )
-            if req.audience != city:
-                report.fail(index, "request", f"addressed to {req.audience!r}, not {city!r}")
-            nonce = (req.requester, req.nonce)
-            reused = k == 0 and nonce in seen_nonces
-            seen_nonces.add(nonce)
-            in_window = req.issued_at - skew_ms <= log_time <= req.expires_at + skew_ms
-            roster_valid = log_time <= roster.expires_ms + skew_ms
-            if refused or (in_window and roster_valid and k == 0 and not reused):
-                continue
-            problems = []
-            if not in_window:
-                problems.append("logged outside the request's validity window")
-            if not roster_valid:
-                problems.append(f"logged after roster v{roster.version} expired")
-            if k > 0:
-                problems.append("a replay of a message id logged before")
-            if reused:
-                problems.append("reuses a (requester, nonce) logged before")
-            for problem in problems:
-                report.fail(index, "freshness", f"{problem}, yet not refused")
+        if req.audience != self.city:
+            report.fail(index, "request", f"addressed to {req.audience!r}, not {self.city!r}")
+        nonce = (req.requester, req.nonce)
+        reused = k == 0 and nonce in self.nonces
+        self.nonces.add(nonce)
+        in_window = req.issued_at - skew_ms <= log_time <= req.expires_at + skew_ms
+        roster_valid = log_time <= roster.expires_ms + skew_ms
+        if in_window and roster_valid and k == 0 and not reused:
+            return
+        decided = self.decisions.get(mid, [])
+        if k < len(decided) and decided[k][1].outcome == OUTCOME_REFUSED:
+            return  # the node refused it, as it should
+        problems = []
+        if not in_window:
+            problems.append("logged outside the request's validity window")
+        if not roster_valid:
+            problems.append(f"logged after roster v{roster.version} expired")
+        if k > 0:
+            problems.append("a replay of a message id logged before")
+        if reused:
+            problems.append("reuses a (requester, nonce) logged before")
+        for problem in problems:
+            report.fail(index, "freshness", f"{problem}, yet not refused")
 
-    for mid, decided in decisions.items():
-        sent = answered.get(mid, [])
-        for k, (index, decision) in enumerate(decided):
-            if k >= len(sent):
-                continue  # decided, answer not logged (yet): nothing signed to compare
-            ans_index, ans = sent[k]
-            if ans is None:
-                continue
-            _check_answer(
-                city,
-                mid,
-                index,
-                decision,
-                ans_index,
-                ans,
-                requests,
-                by_version,
-                newest,
-                settings,
-                report,
+    def _answer(
+        self, mid: bytes, index: int, decision: Leaf, ans_index: int, ans: _Ans | _Ref
+    ) -> None:
+        report, city = self.report, self.city
+        req = self.first.get(mid)
+        roster = self.newest if req is None else self.by_version.get(req.roster_version)
+        roster = self.newest if roster is None else roster
+        member = roster.member(city)
+        if member is None or key_id(member.public_key) != ans.kid:
+            report.fail(
+                ans_index, "answer", f"not signed by {city}'s node key in roster v{roster.version}"
             )
-
-
-def _check_answer(
-    city: str,
-    mid: bytes,
-    index: int,
-    decision: Leaf,
-    ans_index: int,
-    ans: _Ans | _Ref,
-    requests: Mapping[bytes, list[tuple[int, _Req | None]]],
-    by_version: Mapping[int, Roster],
-    newest: Roster,
-    settings: Mapping[str, list[tuple[int, int]]],
-    report: AuditReport,
-) -> None:
-    logged = requests.get(mid, [])
-    req = logged[0][1] if logged else None
-    roster = newest if req is None else by_version.get(req.roster_version, newest)
-    member = roster.member(city)
-    if member is None or key_id(member.public_key) != ans.kid:
-        report.fail(
-            ans_index, "answer", f"not signed by {city}'s node key in roster v{roster.version}"
-        )
-    if ans.request_id != mid:
-        report.fail(ans_index, "answer", "the signed answer cites another request")
-    if ans.responder != city:
-        report.fail(ans_index, "answer", f"the signed answer names responder {ans.responder!r}")
-    if req is not None and ans.requester != req.requester:
-        report.fail(ans_index, "answer", "the signed answer names another requester")
-    if isinstance(ans, _Ref):
-        if decision.outcome != OUTCOME_REFUSED or decision.reason != ans.code:
+        if ans.request_id != mid:
+            report.fail(ans_index, "answer", "the signed answer cites another request")
+        if ans.responder != city:
+            report.fail(ans_index, "answer", f"the signed answer names responder {ans.responder!r}")
+        if req is not None and ans.requester != req.requester:
+            report.fail(ans_index, "answer", "the signed answer names another requester")
+        if isinstance(ans, _Ref):
+            if decision.outcome != OUTCOME_REFUSED or decision.reason != ans.code:
+                report.fail(
+                    index,
+                    "decision",
+                    f"logged outcome {decision.outcome}/{decision.reason} but the signed "
+                    f"refusal has code {ans.code}",
+                )
+            return
+        want = OUTCOME_SUPPRESSED if ans.decision == Decision.SUPPRESSED else OUTCOME_ANSWERED
+        if decision.outcome != want:
             report.fail(
                 index,
                 "decision",
-                f"logged outcome {decision.outcome}/{decision.reason}"
-                f" but the signed refusal has code {ans.code}",
+                f"logged outcome {decision.outcome} but the signed answer says {ans.decision}",
             )
-        return
-    want = OUTCOME_SUPPRESSED if ans.decision == Decision.SUPPRESSED else OUTCOME_ANSWERED
-    if decision.outcome != want:
-        report.fail(
-            index,
-            "decision",
-            f"logged outcome {decision.outcome} but the signed answer says {ans.decision}",
-        )
-    if decision.version != ans.disclosure_version:
-        report.fail(
-            index,
-            "decision",
-            f"logged disclosure version {decision.version} but the "
-            f"signed answer applied {ans.disclosure_version}",
-        )
-    if decision.text != ans.dataset_version:
-        report.fail(index, "decision", "logged data version differs from the signed answer's")
-    published = [v for i, v in settings.get(ans.dataset, []) if i < index]
-    if not published:
-        report.warnings.append(
-            f"entry {index}: disclosure settings of {ans.dataset!r} were never logged before"
-            " this decision"
-        )
-    elif published[-1] != ans.disclosure_version:
-        report.fail(
-            index,
-            "settings",
-            f"answered under disclosure version "
-            f"{ans.disclosure_version} of {ans.dataset!r}, but version {published[-1]} "
-            "was in force",
-        )
+        if decision.version != ans.disclosure_version:
+            report.fail(
+                index,
+                "decision",
+                f"logged disclosure version {decision.version} but the signed answer "
+                f"applied {ans.disclosure_version}",
+            )
+        if decision.text != ans.dataset_version:
+            report.fail(index, "decision", "logged data version differs from the signed answer's")
+        published = [v for i, v in self.settings.get(ans.dataset, []) if i < index]
+        if not published:
+            report.warnings.append(
+                f"entry {index}: disclosure settings of {ans.dataset!r} were never logged "
+                "before this decision"
+            )
+        elif published[-1] != ans.disclosure_version:
+            report.fail(
+                index,
+                "settings",
+                f"answered under disclosure version {ans.disclosure_version} of "
+                f"{ans.dataset!r}, but version {published[-1]} was in force",
+            )
 
 
 # --------------------------------------------------------------------------- compare
