@@ -411,6 +411,9 @@ class NodeState:
         self._checkpoint_lock = threading.Lock()  # the policy and checkpoint signing
         self._checkpoint_wake: asyncio.Event | None = None
         self._logged = _LoggedState()
+        self._log_queue: list[tuple[list[AuditEntry], list[bytes], asyncio.Future[None]]] = []
+        self._draining = False
+        self._drainer: asyncio.Task[None] | None = None
         self.witness: Witness | None = None
         self._witnessed: dict[str, NoteVerifier] = {}
 
@@ -688,21 +691,68 @@ class NodeState:
 
     # --- the audit log (spec §16) -------------------------------------------------
 
-    async def _append(self, entries: list[AuditEntry], envelopes: list[bytes]) -> list[int]:
-        """Append durably, off the event loop (concurrent callers share one fsync).
+    async def _append(self, entries: list[AuditEntry], envelopes: list[bytes]) -> None:
+        """Append durably, off the event loop, batched with concurrent requests.
+
+        Group commit on the event loop: callers queue their entries; one drain task
+        at a time hands everything queued to the log in one ``append_many`` (one
+        thread hop, one transaction, one fsync) while later callers queue for the
+        next batch. Each caller's entries stay contiguous and in order.
 
         Raises:
             _AuditUnavailable: the log is not open or the append failed.
         """
-        audit, pool = self.audit, self._audit_pool
-        if audit is None or pool is None:
+        if self.audit is None or self._audit_pool is None:
             raise _AuditUnavailable("the audit log is not open")
         loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._log_queue.append((entries, envelopes, done))
+        if not self._draining:
+            self._draining = True
+            self._drainer = loop.create_task(self._drain_log())
+        await done
+
+    async def _drain_log(self) -> None:
+        """Commit queued appends batch by batch until the queue is empty."""
+        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(pool, audit.append_many, entries, envelopes)
-        except HansaError as exc:
-            log.error("audit log append failed: %s", exc.message)
-            raise _AuditUnavailable("the audit log is unavailable") from exc
+            while self._log_queue:
+                batch, self._log_queue = self._log_queue, []
+                entries = [e for job in batch for e in job[0]]
+                envelopes = [b for job in batch for b in job[1]]
+                audit, pool = self.audit, self._audit_pool
+                error: BaseException | None = None
+                if audit is None or pool is None:
+                    error = _AuditUnavailable("the audit log is not open")
+                else:
+                    try:
+                        await loop.run_in_executor(pool, audit.append_many, entries, envelopes)
+                    except HansaError as exc:
+                        log.error("audit log append failed: %s", exc.message)
+                        error = _AuditUnavailable("the audit log is unavailable")
+                    except BaseException as exc:  # never leave a caller waiting
+                        log.exception("audit log append failed")
+                        error = _AuditUnavailable("the audit log is unavailable")
+                        if not isinstance(exc, Exception):
+                            self._resolve_batch(batch, error)
+                            raise
+                self._resolve_batch(batch, error)
+        finally:
+            self._draining = False
+
+    @staticmethod
+    def _resolve_batch(
+        batch: list[tuple[list[AuditEntry], list[bytes], asyncio.Future[None]]],
+        error: BaseException | None,
+    ) -> None:
+        """Resolve every caller of a batch: success when ``error`` is None."""
+        for _, _, done in batch:
+            if done.done():
+                continue
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
 
     async def _log_request(self, request_id: bytes, key_id: bytes, envelope: bytes) -> None:
         """Log a verified request and keep its envelope (before the node acts on it)."""
