@@ -58,6 +58,20 @@ request is judged against the roster current when it arrived. ``GET
 /v1/roster`` returns the exact signed roster bytes the node trusts, which is
 how a client learns the ``roster_version`` to sign.
 
+The audit log (``spec/protocol.md`` §16, :mod:`hansa.node.auditlog`) wraps the
+pipeline: once the signature has verified, ``request_received`` (with the request
+envelope) is appended before step 3 begins; the decision and ``answer_sent`` (with the
+signed reply) are appended before the reply is written. Both appends are durable
+(fsynced) and batched on the event loop: concurrent requests queue their entries and
+one drain task commits each batch with one ``append_many`` in a thread (one
+transaction, one fsync). Unverifiable input is never logged. When the log cannot
+write, the node signs nothing and answers 503 ``UNAVAILABLE`` (fail closed). Roster
+take-ups and changed configuration or disclosure settings are logged too, and a
+background task signs checkpoints (``[audit]`` checkpoint_seconds/checkpoint_entries).
+``POST /v1/audit`` serves the log to auditor-role keys (and receipts to the analyst who
+sent a request), ``GET /v1/log/keys`` the log and witness note keys, and the
+``/v1/witness/*`` routes run :mod:`hansa.node.witness` for a witnessing city.
+
 ``GET /v1/capabilities`` returns a sealed ``Capabilities`` document, cached
 and re-signed whenever the engine's dataset list changes. ``GET /healthz``
 is a small JSON liveness document and ``GET /metrics`` the Prometheus page.
