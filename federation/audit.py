@@ -35,7 +35,11 @@ alliance roster(s) it:
    ``settings_changed`` entry for its dataset set before the decision.
 
 Signature checks (step 4 and the answer signatures of step 5) run on every core with a
-:class:`~concurrent.futures.ProcessPoolExecutor` over chunks, inline for small logs.
+:class:`~concurrent.futures.ProcessPoolExecutor` over chunks, inline for small logs. Chunks
+are submitted while the leaves are still being parsed, and each chunk's results are
+checked as they arrive, so this process's own work overlaps the signing; workers send
+back plain tuples (cheap to pickle). Bodies are decoded with msgspec's schema checks but
+not the codec's identifier-shape checks: the auditor compares the fields it reads exactly.
 :func:`compare_stores` compares two auditors' stores of one city: a node that shows
 each of them a different (forked) history cannot make both agree. :func:`reconcile`
 checks analysts' evidence bundles against cities' logs.
