@@ -717,3 +717,19 @@ def test_fetch_from_a_live_node_incrementally_and_verify(tmp_path: Path) -> None
     assert report.counts["answer_sent"] == 5
     assert report.signatures == 10
     assert report.largest_checkpoint == report.size
+
+
+def test_cli_compare_and_reconcile(clean: tuple[World, Path], tmp_path: Path) -> None:
+    from hansa.protocol.codec import encode
+
+    world, store = clean
+    import_(world, tmp_path / "other", cosign=())
+    assert (
+        main(["audit", "compare", "--store", str(store), "--other", str(tmp_path / "other")]) == 0
+    )
+    pairs = list(zip(world.requests, world.answers, strict=True))
+    good, short = tmp_path / "good.bundle", tmp_path / "short.bundle"
+    good.write_bytes(encode(bundle(world, pairs)))
+    short.write_bytes(encode(bundle(world, pairs[:-1])))
+    assert main(["audit", "reconcile", "--store", str(store), str(good)]) == 0
+    assert main(["audit", "reconcile", "--store", str(store), str(short)]) == EXIT_VERIFY_FAILED
