@@ -864,6 +864,7 @@ def verify_log(
     skew_ms: int = DEFAULT_SKEW_MS,
     workers: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    roster_digests: Mapping[int, bytes] | None = None,
 ) -> AuditReport:
     """Verify one city's log as the auditor holds it (module docstring, steps 1-5).
 
@@ -874,6 +875,8 @@ def verify_log(
         skew_ms: clock skew tolerated around a request's validity window.
         workers: processes for signature checks (None: every core; 0: inline).
         progress: called as ``progress(phase, done, total)`` while working.
+        roster_digests: SHA-256 of each supplied roster's signed body by version; every
+            ``roster_installed`` entry of a listed version must carry that digest.
 
     Returns:
         The report, with counts and every failure.
@@ -923,6 +926,7 @@ def verify_log(
             progress("tree", size, size)
         _check_checkpoints(contents, tree, newest, report)
         checks = _EntryChecks(contents.city, leaves, by_version, newest, skew_ms, report)
+        checks.check_rosters(roster_digests or {})
         # Each chunk is checked as it arrives, while the workers sign the next ones.
         owner = iter(owners)
         for part in signatures.chunks(progress):
@@ -963,11 +967,17 @@ class _EntryChecks:
         self.first: dict[bytes, _Req] = {}
         self.nonces: set[tuple[str, bytes]] = set()
         self.allowed: dict[tuple[str, bytes, int], bool] = {}  # few signers, many requests
+        # The roster version the node had installed when each request was logged.
+        self.installed: dict[int, int] = {}
+        self.roster_entries: list[tuple[int, Leaf]] = []
+        current: int | None = None
         for index, entry in enumerate(leaves):
             if entry is None:
                 continue
             kind, mid = entry.kind, entry.first
             if kind == REQUEST_RECEIVED:
+                if current is not None:
+                    self.installed[index] = current
                 self.occurrence[index] = len(self.requests[mid])
                 self.requests[mid].append(index)
             elif kind == DECISION:
@@ -983,6 +993,25 @@ class _EntryChecks:
                 self.answers[mid].append(index)
             elif kind == SETTINGS_CHANGED and entry.outcome == SCOPE_DISCLOSURE:
                 self.settings[entry.text].append((index, entry.version))
+            elif kind == ROSTER_INSTALLED:
+                current = entry.version
+                self.roster_entries.append((index, entry))
+
+    def check_rosters(self, digests: Mapping[int, bytes]) -> None:
+        """Each installed roster must be the alliance's roster of that version."""
+        for index, entry in self.roster_entries:
+            want = digests.get(entry.version)
+            if want is None:
+                if entry.version not in self.by_version:
+                    self.report.warnings.append(
+                        f"entry {index}: roster version {entry.version} installed, not supplied"
+                    )
+            elif want != entry.first:
+                self.report.fail(
+                    index,
+                    "roster",
+                    f"installed a roster v{entry.version} other than the alliance's",
+                )
 
     def feed(self, index: int, summary: _Checked) -> None:
         """Check the entry at ``index`` given its envelope's checked summary."""
@@ -1034,7 +1063,8 @@ class _EntryChecks:
         self.nonces.add(nonce)
         in_window = req.issued_at - skew_ms <= log_time <= req.expires_at + skew_ms
         roster_valid = log_time <= roster.expires_ms + skew_ms
-        if in_window and roster_valid and k == 0 and not reused:
+        installed = self.installed.get(index, req.roster_version)
+        if in_window and roster_valid and k == 0 and not reused and installed == req.roster_version:
             return
         decided = self.decisions.get(mid, [])
         if k < len(decided) and decided[k][1].outcome == OUTCOME_REFUSED:
@@ -1048,6 +1078,8 @@ class _EntryChecks:
             problems.append("a replay of a message id logged before")
         if reused:
             problems.append("reuses a (requester, nonce) logged before")
+        if installed != req.roster_version:
+            problems.append(f"cites roster v{req.roster_version} while v{installed} was installed")
         for problem in problems:
             report.fail(index, "freshness", f"{problem}, yet not refused")
 

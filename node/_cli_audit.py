@@ -36,7 +36,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -67,6 +67,7 @@ from hansa.federation.roster import (
     Role,
     Roster,
     decode_signed_roster,
+    roster_digest,
     verify_roster,
 )
 from hansa.node.cli import EXIT_VERIFY_FAILED
@@ -75,7 +76,13 @@ from hansa.protocol.envelope import PayloadType, decode_envelope, message_id
 from hansa.protocol.errors import ConfigError, ErrorCode, HansaError, ProtocolError
 from hansa.protocol.messages import AuditOp, AuditRequest, AuditResponse, QueryRefusal
 
-__all__ = ["fetch_city", "import_data_dir", "read_rosters", "register"]
+__all__ = [
+    "fetch_city",
+    "import_data_dir",
+    "read_rosters",
+    "read_signed_rosters",
+    "register",
+]
 
 _MAX_ROSTER_FILE = MAX_ROSTER_SIZE + 65 * MAX_ROSTER_SIGNATURES + 1024
 _PAGE = 1000
@@ -145,6 +152,11 @@ def _read_limited(path: str | Path, limit: int) -> bytes:
 
 
 def read_rosters(paths: Sequence[str | Path]) -> list[Roster]:
+    """Read roster files (see :func:`read_signed_rosters`); return the rosters."""
+    return [roster for roster, _digest in read_signed_rosters(paths)]
+
+
+def read_signed_rosters(paths: Sequence[str | Path]) -> list[tuple[Roster, bytes]]:
     """Read roster files, each checked against its own root-key threshold.
 
     Expiry is not judged here: :func:`verify_log` checks each request against the roster
@@ -154,7 +166,7 @@ def read_rosters(paths: Sequence[str | Path]) -> list[Roster]:
         paths: roster files.
 
     Returns:
-        The rosters.
+        Each roster with the SHA-256 of its signed body.
 
     Raises:
         ProtocolError: a file is not a roster.
@@ -163,7 +175,7 @@ def read_rosters(paths: Sequence[str | Path]) -> list[Roster]:
     rosters = []
     for path in paths:
         signed = decode_signed_roster(_read_limited(path, _MAX_ROSTER_FILE))
-        rosters.append(verify_roster(signed, None, 0))
+        rosters.append((verify_roster(signed, None, 0), roster_digest(signed)))
     return rosters
 
 
@@ -426,20 +438,26 @@ def _cities(store: str, wanted: Sequence[str]) -> list[str]:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    rosters = read_rosters(args.roster)
+    signed = read_signed_rosters(args.roster)
+    rosters = [roster for roster, _digest in signed]
+    digests = {roster.version: digest for roster, digest in signed}
     console = _console()
     ok = True
     for city in _cities(args.store, args.city):
         with AuditorStore.open(args.store, city) as store:
             contents = store.contents()
-        report = _verify_city(contents, rosters, args.skew_ms, args.workers)
+        report = _verify_city(contents, rosters, digests, args.skew_ms, args.workers)
         _print_report(console, report)
         ok = ok and bool(report)
     return 0 if ok else EXIT_VERIFY_FAILED
 
 
 def _verify_city(
-    contents: LogContents, rosters: Sequence[Roster], skew_ms: int, workers: int | None
+    contents: LogContents,
+    rosters: Sequence[Roster],
+    digests: Mapping[int, bytes],
+    skew_ms: int,
+    workers: int | None,
 ) -> AuditReport:
     with _progress() as progress:
         tasks: dict[str, TaskID] = {}
@@ -450,7 +468,12 @@ def _verify_city(
             progress.update(tasks[phase], completed=done, total=total)
 
         return verify_log(
-            contents, rosters, skew_ms=skew_ms, workers=workers, progress=report_progress
+            contents,
+            rosters,
+            skew_ms=skew_ms,
+            workers=workers,
+            progress=report_progress,
+            roster_digests=digests,
         )
 
 

@@ -135,14 +135,16 @@ def make_roster(node_key: SigningKey, quorum: int | None = 2) -> SignedRoster:
     return sign_roster(unsigned(roster), ROOT_KEY)
 
 
-def request(i: int, *, key: SigningKey = ANALYST_KEY, issued_at: int = NOW) -> QueryRequest:
+def request(
+    i: int, *, key: SigningKey = ANALYST_KEY, issued_at: int = NOW, roster_version: int = 1
+) -> QueryRequest:
     return QueryRequest(
         requester=ANALYST,
         audience=CITY,
         issued_at=issued_at,
         expires_at=issued_at + 60_000,
         nonce=hashlib.sha256(b"nonce%d" % i).digest()[:16],
-        roster_version=1,
+        roster_version=roster_version,
         policy=PolicyTags(
             purpose=PURPOSE, legal_basis="test", scope=ResultScope.ALLIANCE, analyst=ANALYST
         ),
@@ -733,3 +735,23 @@ def test_cli_compare_and_reconcile(clean: tuple[World, Path], tmp_path: Path) ->
     short.write_bytes(encode(bundle(world, pairs[:-1])))
     assert main(["audit", "reconcile", "--store", str(store), str(good)]) == 0
     assert main(["audit", "reconcile", "--store", str(store), str(short)]) == EXIT_VERIFY_FAILED
+
+
+def test_installed_rosters_are_checked(tmp_path: Path) -> None:
+    from hansa.node.auditlog import RosterInstalled
+
+    world = build(tmp_path, n=0)
+    digest = roster_digest(world.signed_roster)
+    with AuditLog.open(world.db, ORIGIN, durable=False) as log:
+        log.append(RosterInstalled(NOW, digest, 1))
+        serve(log, world, 1)
+        log.append(RosterInstalled(NOW + 20, bytes(32), 1))  # a forged roster v1
+        serve(log, world, 3, envelope=seal(request(3, roster_version=2), ANALYST_KEY))
+        log.checkpoint(world.log_signer)
+    import_(world, tmp_path / "store")
+    with AuditorStore.open(tmp_path / "store", CITY) as s:
+        report = verify_log(s.contents(), [world.roster], workers=0, roster_digests={1: digest})
+    assert [f.index for f in report.failures if f.check == "roster"] == [5]
+    stale = [f for f in report.failures if f.check == "freshness"]
+    assert len(stale) == 1 and "while v1 was installed" in stale[0].reason
+    assert stale[0].index == 6
