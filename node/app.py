@@ -87,6 +87,7 @@ import functools
 import hashlib
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -95,12 +96,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
+import aiohttp
 from aiohttp import web
 
 from hansa.crypto import PublicKey, SigningKey, open_envelope, seal
 from hansa.crypto.keyfile import read_key_file, write_key_file
-from hansa.crypto.note import CosignatureSigner, NoteSigner, NoteVerifier
-from hansa.federation.roster import MAX_ROSTER_SIGNATURES, MAX_ROSTER_SIZE, Role
+from hansa.crypto.note import (
+    CosignatureSigner,
+    Note,
+    NoteSignature,
+    NoteSigner,
+    NoteVerifier,
+    verify_cosignatures,
+)
+from hansa.federation.roster import MAX_ROSTER_SIGNATURES, MAX_ROSTER_SIZE, Member, Role
 from hansa.node.auditlog import (
     AnswerSent,
     AuditEntry,
@@ -198,6 +207,9 @@ WITNESSED_LOGS_FILE: Final = "witness-logs.txt"
 """The log vkeys a witness follows, one per line, in the data directory (pinned by the
 operator from each city's ``GET /v1/log/keys``)."""
 _MAX_WITNESS_BODY: Final = 128 * 1024
+COSIGNED_FILE: Final = "audit-cosigned.sqlite"
+"""Checkpoint notes with merged witness cosignatures, and pinned witness keys."""
+_PUSH_TIMEOUT_S: Final = 5.0
 
 _AUDIT_THREADS: Final = 64
 """Threads that may wait on the audit log at once. Appends block until their group
@@ -429,6 +441,11 @@ class NodeState:
         self._draining = False
         self._drainer: asyncio.Task[None] | None = None
         self.witness: Witness | None = None
+        self._cosigned: _CosignedNotes | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._push_task: asyncio.Task[None] | None = None
+        self._pushed_size = 0
+        self._witness_sizes: dict[str, int] = {}
         self._witnessed: dict[str, NoteVerifier] = {}
 
     @property
@@ -924,6 +941,7 @@ class NodeState:
                 await asyncio.to_thread(self._checkpoint_if_due)
             except HansaError as exc:
                 log.error("audit checkpoint failed: %s", exc.message)
+            self._schedule_push()
 
     # --- POST /v1/audit, GET /v1/log/keys ---------------------------------------
 
@@ -1056,11 +1074,11 @@ class NodeState:
             if op is AuditOp.CHECKPOINT:
                 # Checkpoints are cheap: the auditor gets one covering every entry.
                 cp = self._checkpoint_now(audit.size)
-                return respond(checkpoint=_note(cp), tree_size=cp.size if cp else 0)
+                return respond(checkpoint=self._served_note(cp), tree_size=cp.size if cp else 0)
             if op is AuditOp.ENTRIES:
                 leaves = _budgeted(audit.leaves(req.start, req.end), len)
                 return respond(
-                    checkpoint=_note(audit.latest_checkpoint()),
+                    checkpoint=self._served_note(audit.latest_checkpoint()),
                     entries=tuple(leaves),
                     first_index=req.start,
                     tree_size=audit.size,
@@ -1072,7 +1090,7 @@ class NodeState:
                     if envelope is not None:
                         found.append((digest, envelope))
                 return respond(
-                    checkpoint=_note(audit.latest_checkpoint()),
+                    checkpoint=self._served_note(audit.latest_checkpoint()),
                     envelopes=tuple(_budgeted(found, lambda e: len(e[1]) + 40)),
                     tree_size=audit.size,
                 )
@@ -1082,7 +1100,7 @@ class NodeState:
                 if not req.old_size <= new_size <= audit.size:
                     raise _invalid(f"no consistency proof from {req.old_size} to {new_size}")
                 return respond(
-                    checkpoint=_note(latest),
+                    checkpoint=self._served_note(latest),
                     proof=tuple(audit.consistency_proof(req.old_size, new_size)),
                     index=req.old_size,
                     tree_size=new_size,
@@ -1108,13 +1126,128 @@ class NodeState:
             if not index < size <= audit.size:
                 raise _invalid(f"entry {index} is not in a tree of size {size}")
             return respond(
-                checkpoint=_note(cp),
+                checkpoint=self._served_note(cp),
                 proof=tuple(audit.inclusion_proof(index, size)),
                 index=index,
                 tree_size=size,
             )
         except ProofError as exc:  # a local code: the request asked for the impossible
             raise _invalid(exc.message) from exc
+
+    # --- pushing checkpoints to the roster's witnesses (spec §16.5) ---------------
+
+    def _served_note(self, checkpoint: StoredCheckpoint | None) -> bytes | None:
+        """The checkpoint note with every witness cosignature the node holds."""
+        if checkpoint is None:
+            return None
+        store = self._cosigned
+        held = store.note(checkpoint.size) if store is not None else None
+        return held if held is not None else checkpoint.note
+
+    def _witnesses(self) -> list[Member]:
+        trusted = self.trust.roster
+        if trusted is None:
+            return []
+        return [
+            m
+            for m in trusted.roster.members
+            if Role.WITNESS in m.roles and m.city != self.config.city
+        ]
+
+    def _schedule_push(self) -> None:
+        """Start a push of the latest checkpoint unless one is running (best effort)."""
+        audit, session = self.audit, self._session
+        if audit is None or session is None:
+            return
+        latest = audit.latest_checkpoint()
+        if latest is None or latest.size <= self._pushed_size:
+            return
+        if self._push_task is not None and not self._push_task.done():
+            return
+        self._pushed_size = latest.size
+        witnesses = self._witnesses()
+        if witnesses:
+            self._push_task = asyncio.create_task(self._push(session, latest, witnesses))
+
+    async def _push(
+        self, session: aiohttp.ClientSession, checkpoint: StoredCheckpoint, witnesses: list[Member]
+    ) -> None:
+        lines = await asyncio.gather(
+            *(self._push_to(session, checkpoint, m) for m in witnesses), return_exceptions=True
+        )
+        signatures: list[NoteSignature] = []
+        for member, line in zip(witnesses, lines, strict=True):
+            if isinstance(line, NoteSignature):
+                signatures.append(line)
+            elif isinstance(line, BaseException):
+                log.warning("witness %s: checkpoint push failed: %s", member.city, line)
+        store = self._cosigned
+        if not signatures or store is None:
+            return
+        try:
+            base = Note.from_bytes(store.note(checkpoint.size) or checkpoint.note)
+            present = {(s.name, s.key_id) for s in base.signatures}
+            fresh = [s for s in signatures if (s.name, s.key_id) not in present]
+            merged = base.with_signatures(*fresh).to_bytes()
+            await asyncio.to_thread(store.put, checkpoint.size, merged)
+        except HansaError as exc:
+            log.error("cannot store cosignatures for size %d: %s", checkpoint.size, exc.message)
+
+    async def _push_to(
+        self, session: aiohttp.ClientSession, checkpoint: StoredCheckpoint, member: Member
+    ) -> NoteSignature | None:
+        """tlog-witness add-checkpoint at one witness; return its verified cosignature."""
+        audit = self.audit
+        if audit is None:
+            return None
+        verifier = await self._witness_verifier(session, member)
+        base = member.endpoint.rstrip("/")
+        old = self._witness_sizes.get(member.city, 0)
+        for _ in range(2):  # a 409 tells the size the witness holds: retry from it once
+            if old > checkpoint.size:
+                return None
+            proof = audit.consistency_proof(old, checkpoint.size) if 0 < old else []
+            body = encode(
+                AddCheckpoint(old_size=old, proof=tuple(proof), checkpoint=checkpoint.note)
+            )
+            async with session.post(base + WITNESS_ADD_ROUTE, data=body) as resp:
+                data = await resp.read()
+                if resp.status == 409 and resp.content_type == "text/x.tlog.size":
+                    old = int(data.decode("ascii").strip())
+                    continue
+                if resp.status != 200:
+                    raise HansaError(
+                        f"add-checkpoint answered {resp.status}", ErrorCode.UNAVAILABLE
+                    )
+            signature = NoteSignature.from_line(data.decode("utf-8").rstrip("\n"))
+            note = Note.from_bytes(checkpoint.note).with_signatures(signature)
+            if not verify_cosignatures(note, [verifier]):
+                raise HansaError("the cosignature does not verify", ErrorCode.BAD_SIGNATURE)
+            self._witness_sizes[member.city] = checkpoint.size
+            return signature
+        return None
+
+    async def _witness_verifier(
+        self, session: aiohttp.ClientSession, member: Member
+    ) -> NoteVerifier:
+        """The witness's cosignature key, pinned on first use (spec §16.1)."""
+        store = self._cosigned
+        pinned = store.witness_vkey(member.city) if store is not None else None
+        if pinned is None:
+            async with session.get(member.endpoint.rstrip("/") + LOG_KEYS_ROUTE) as resp:
+                document = json.loads(await resp.read())
+            pinned = document.get("witness_vkey") if isinstance(document, dict) else None
+            if not isinstance(pinned, str):
+                raise HansaError(f"{member.city} publishes no witness key", ErrorCode.UNKNOWN_KEY)
+            verifier = NoteVerifier.from_vkey(pinned)
+            if verifier.name != f"witness/{member.city}":
+                raise HansaError(
+                    f"{member.city}'s witness key is named {verifier.name!r}", ErrorCode.UNKNOWN_KEY
+                )
+            if store is not None:
+                await asyncio.to_thread(store.pin, member.city, pinned)
+            return verifier
+        return NoteVerifier.from_vkey(pinned)
 
     # --- POST /v1/witness/add-checkpoint, GET /v1/witness/cosignatures ------------
 
@@ -1406,6 +1539,12 @@ class NodeState:
         try:
             await asyncio.to_thread(self._open_audit)
             await asyncio.to_thread(self._open_witness)
+            self._cosigned = await asyncio.to_thread(
+                _CosignedNotes, self.config.data_dir / COSIGNED_FILE
+            )
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=_PUSH_TIMEOUT_S)
+            )
             wake = self._checkpoint_wake = asyncio.Event()
             checkpoints = asyncio.create_task(self._checkpoint_loop(wake))
             yield
@@ -1414,6 +1553,14 @@ class NodeState:
                 checkpoints.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await checkpoints
+            push, self._push_task = self._push_task, None
+            if push is not None:
+                push.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await push
+            session, self._session = self._session, None
+            if session is not None:
+                await session.close()
             pool, self._pool = self._pool, None
             # In-flight handlers have finished by now (aiohttp waits for them
             # before cleanup); wait for any thread that outlived its request.
@@ -1422,6 +1569,9 @@ class NodeState:
             witness, self.witness = self.witness, None
             if witness is not None:
                 witness.store.close()
+            cosigned, self._cosigned = self._cosigned, None
+            if cosigned is not None:
+                cosigned.close()
             self._engine = None
             self._lookup = None
             if owned:
@@ -1479,6 +1629,54 @@ def _warn_membership(trusted: TrustedRoster, city: str, signing_key: SigningKey)
         )
 
 
+class _CosignedNotes:
+    """Checkpoint notes with the witnesses' cosignatures merged in, and pinned witness keys.
+
+    Kept beside the audit store (``audit-cosigned.sqlite``): the cosignatures are not part
+    of the log, and losing them loses no entry (witnesses serve them too).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        try:
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(
+                "CREATE TABLE IF NOT EXISTS notes (size INTEGER PRIMARY KEY, note BLOB NOT NULL);"
+                "CREATE TABLE IF NOT EXISTS witness_keys"
+                " (city TEXT PRIMARY KEY, vkey TEXT NOT NULL);"
+            )
+        except sqlite3.Error as exc:
+            raise HansaError(f"cannot open {path}: {exc}", ErrorCode.INTERNAL) from exc
+
+    def _run(self, sql: str, args: tuple[object, ...]) -> tuple[object, ...] | None:
+        with self._lock:
+            try:
+                row: tuple[object, ...] | None = self._conn.execute(sql, args).fetchone()
+            except sqlite3.Error as exc:
+                raise HansaError(f"cosigned checkpoint store: {exc}", ErrorCode.INTERNAL) from exc
+        return row
+
+    def note(self, size: int) -> bytes | None:
+        row = self._run("SELECT note FROM notes WHERE size = ?", (size,))
+        return bytes(row[0]) if row is not None and isinstance(row[0], bytes) else None
+
+    def put(self, size: int, note: bytes) -> None:
+        self._run("INSERT OR REPLACE INTO notes VALUES (?, ?)", (size, note))
+
+    def witness_vkey(self, city: str) -> str | None:
+        row = self._run("SELECT vkey FROM witness_keys WHERE city = ?", (city,))
+        return str(row[0]) if row is not None else None
+
+    def pin(self, city: str, vkey: str) -> None:
+        self._run("INSERT OR IGNORE INTO witness_keys VALUES (?, ?)", (city, vkey))
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
 @dataclass
 class _LoggedState:
     """What the audit log last recorded about the roster and the settings."""
@@ -1501,10 +1699,6 @@ def _profile_in(audit: AuditLog, digest: bytes, dataset: str) -> bytes | None:
         if info.name == dataset:
             return encode(info.disclosure)
     return None
-
-
-def _note(checkpoint: StoredCheckpoint | None) -> bytes | None:
-    return None if checkpoint is None else checkpoint.note
 
 
 def _budgeted(items: Sequence[_T], size: Callable[[_T], int]) -> list[_T]:

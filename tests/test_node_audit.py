@@ -80,7 +80,11 @@ AUDITOR_KEY = SigningKey(b"o" * 32)
 ROOTS = {CITY: SigningKey(b"r" * 32), AUDITOR_CITY: SigningKey(b"s" * 32)}
 
 
-def _roster(node_key: bytes) -> bytes:
+def _roster(node_key: bytes, *, witness_url: str | None = None) -> bytes:
+    """Roster v1: melbourne answers; austin audits (and witnesses, at ``witness_url``)."""
+    austin_roles = (Role.MEMBER, Role.AUDITOR)
+    if witness_url is not None:
+        austin_roles += (Role.WITNESS,)
     roster = Roster(
         alliance="Hanse",
         version=1,
@@ -93,14 +97,15 @@ def _roster(node_key: bytes) -> bytes:
                 AUDITOR_CITY,
                 "Austin",
                 AUDITOR_KEY.public_key.raw,
-                "http://127.0.0.1:8471",
-                (Role.MEMBER, Role.AUDITOR),
+                witness_url or "http://127.0.0.1:8471",
+                austin_roles,
             ),
         ),
         analysts=tuple(
             RosterAnalyst(a.principal, a.key.public_key.raw, CITY, (PURPOSE,)) for a in (ANA, BOB)
         ),
         purposes=(PURPOSE, "planning"),
+        witness_quorum=1 if witness_url is not None else None,
     )
     doc = unsigned(roster)
     for key in ROOTS.values():
@@ -548,3 +553,55 @@ async def test_witness_routes_cosign_and_serve_cosignatures(config: NodeConfig) 
         assert len(notes) == 1
         served = open_checkpoint(notes[0].encode(), austin.verifier, witnesses=[witness])
         assert served.checkpoint.size == 2
+
+
+async def test_checkpoints_are_pushed_to_the_roster_witness_and_served_cosigned(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from hansa.crypto.keyfile import read_key_file, write_key_file
+    from hansa.crypto.note import open_checkpoint
+    from hansa.node.app import WITNESSED_LOGS_FILE
+    from hansa.node.config import load_config
+
+    # austin: a roster-less node that witnesses melbourne's log (its vkey pinned).
+    austin = init_test_node(tmp_path / "w", AUDITOR_CITY, dataset=None)
+    write_key_file(austin.data_dir / "witness.key", SigningKey(b"w" * 32))
+    toml = austin.data_dir / "node.toml"
+    toml.write_text(toml.read_text().replace('witness_key = ""', 'witness_key = "witness.key"'))
+    melbourne = init_test_node(tmp_path / "a", CITY, rows=200)
+    log_key = read_key_file(melbourne.data_dir / "log.key")
+    log_verifier = NoteVerifier(f"hansa/Hanse/{CITY}", log_key.public_key)
+    (austin.data_dir / WITNESSED_LOGS_FILE).write_text(log_verifier.vkey + "\n")
+
+    async with running_node(load_config(austin.data_dir)) as witness_node:
+        _, body, _ = await witness_node.get(LOG_KEYS_ROUTE)
+        witness = NoteVerifier.from_vkey(json.loads(body)["witness_vkey"])
+        data = _roster(read_public_key(melbourne.key_file).raw, witness_url=witness_node.url)
+        configure_alliance(
+            melbourne.data_dir, data, roster_digest(decode_signed_roster(data)), now_ms()
+        )
+        toml = melbourne.data_dir / "node.toml"
+        toml.write_text(
+            toml.read_text().replace("checkpoint_seconds = 10.0", "checkpoint_seconds = 0.1")
+        )
+        async with running_node(load_config(melbourne.data_dir)) as node:
+            cosigned = None
+            for round_ in range(100):  # bounded: at most ~5 s
+                if round_ % 10 == 0:
+                    await _query(node, ANA)  # the log grows, new checkpoints follow
+                response = await _ok(node, AuditOp.CHECKPOINT)
+                assert response.checkpoint is not None
+                opened = open_checkpoint(response.checkpoint, log_verifier, witnesses=[witness])
+                if opened.cosignatures:
+                    cosigned = opened
+                    break
+                await asyncio.sleep(0.05)
+            assert cosigned is not None, "no checkpoint came back cosigned"
+            assert cosigned.checkpoint.size == response.tree_size
+            # The witness serves what it cosigned, for melbourne's origin.
+            status, body, _ = await witness_node.get(
+                f"/v1/witness/cosignatures?origin={log_verifier.name}"
+            )
+            assert status == 200 and json.loads(body)["notes"]
