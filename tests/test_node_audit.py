@@ -82,7 +82,7 @@ ROOTS = {CITY: SigningKey(b"r" * 32), AUDITOR_CITY: SigningKey(b"s" * 32)}
 
 def _roster(node_key: bytes, *, witness_url: str | None = None) -> bytes:
     """Roster v1: melbourne answers; austin audits (and witnesses, at ``witness_url``)."""
-    austin_roles = (Role.MEMBER, Role.AUDITOR)
+    austin_roles: tuple[Role, ...] = (Role.MEMBER, Role.AUDITOR)
     if witness_url is not None:
         austin_roles += (Role.WITNESS,)
     roster = Roster(
@@ -588,6 +588,7 @@ async def test_checkpoints_are_pushed_to_the_roster_witness_and_served_cosigned(
         )
         async with running_node(load_config(melbourne.data_dir)) as node:
             cosigned = None
+            size = -1
             for round_ in range(100):  # bounded: at most ~5 s
                 if round_ % 10 == 0:
                     await _query(node, ANA)  # the log grows, new checkpoints follow
@@ -595,11 +596,11 @@ async def test_checkpoints_are_pushed_to_the_roster_witness_and_served_cosigned(
                 assert response.checkpoint is not None
                 opened = open_checkpoint(response.checkpoint, log_verifier, witnesses=[witness])
                 if opened.cosignatures:
-                    cosigned = opened
+                    cosigned, size = opened, response.tree_size
                     break
                 await asyncio.sleep(0.05)
             assert cosigned is not None, "no checkpoint came back cosigned"
-            assert cosigned.checkpoint.size == response.tree_size
+            assert cosigned.checkpoint.size == size
             # The witness serves what it cosigned, for melbourne's origin.
             status, body, _ = await witness_node.get(
                 f"/v1/witness/cosignatures?origin={log_verifier.name}"
