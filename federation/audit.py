@@ -63,7 +63,8 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from hansa.crypto.keys import key_id, verify_signed
+from hansa.crypto.envelope import open_envelope
+from hansa.crypto.keys import PublicKey, key_id, verify_signed
 from hansa.crypto.merkle import HASH_SIZE, MerkleTree, leaf_hash
 from hansa.crypto.note import Checkpoint, Note, NoteVerifier, open_checkpoint
 from hansa.federation.evidence import EvidenceBundle
@@ -71,7 +72,13 @@ from hansa.federation.roster import Role, Roster
 from hansa.protocol.codec import decode_as
 from hansa.protocol.envelope import PayloadType, decode_envelope, message_id, pae_prefix
 from hansa.protocol.errors import ConfigError, ErrorCode, HansaError
-from hansa.protocol.messages import Decision, QueryAnswer, QueryRefusal, QueryRequest
+from hansa.protocol.messages import (
+    Capabilities,
+    Decision,
+    QueryAnswer,
+    QueryRefusal,
+    QueryRequest,
+)
 
 __all__ = [
     "DEFAULT_SKEW_MS",
@@ -772,6 +779,43 @@ def _roster_keys(rosters: Sequence[Roster]) -> dict[bytes, bytes]:
     return keys
 
 
+def _check_capabilities(
+    contents: LogContents, index: int, entry: Leaf, rosters: Sequence[Roster], report: AuditReport
+) -> None:
+    """A disclosure settings change must point at the city's signed capability document.
+
+    The node records a dataset's new disclosure settings by the message id of the signed
+    capability document publishing them, stored beside the tree; that document must be
+    signed by the city's node key (in any supplied roster), name the city, and give the
+    dataset the logged settings version.
+    """
+    envelope = contents.envelopes.get(entry.first)
+    if envelope is None or hashlib.sha256(envelope).digest() != entry.first:
+        report.fail(index, "settings", "the capability document it records is not held")
+        return
+    keys = {}
+    for roster in rosters:
+        member = roster.member(contents.city)
+        if member is not None:
+            key = PublicKey(member.public_key)
+            keys[key.key_id] = key
+    try:
+        capabilities = open_envelope(envelope, keys, Capabilities).message
+    except HansaError as exc:
+        report.fail(index, "settings", f"capability document: {exc.message}")
+        return
+    published = {d.name: d.disclosure.version for d in capabilities.datasets}
+    if capabilities.city != contents.city:
+        report.fail(index, "settings", f"capability document of {capabilities.city!r}")
+    elif published.get(entry.text) != entry.version:
+        report.fail(
+            index,
+            "settings",
+            f"logged disclosure version {entry.version} of {entry.text!r}, but the signed "
+            f"capability document publishes {published.get(entry.text)}",
+        )
+
+
 def _held(contents: LogContents, report: AuditReport) -> int:
     """Return how many leaves are held contiguously from 0; report gaps and conflicts."""
     size = 0
@@ -904,6 +948,8 @@ def verify_log(
                 continue
             counts[ENTRY_NAMES[entry.kind]] += 1
             leaves.append(entry)
+            if entry.kind == SETTINGS_CHANGED and entry.outcome == SCOPE_DISCLOSURE:
+                _check_capabilities(contents, index, entry, rosters, report)
             # Every logged request and answer envelope goes to the signature checks.
             if entry.kind == REQUEST_RECEIVED:
                 digest, what = entry.first, "request"

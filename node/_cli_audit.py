@@ -51,6 +51,8 @@ from hansa.crypto.note import NoteVerifier
 from hansa.federation.audit import (
     ANSWER_SENT,
     REQUEST_RECEIVED,
+    SCOPE_DISCLOSURE,
+    SETTINGS_CHANGED,
     AuditorStore,
     AuditReport,
     AuditStoreError,
@@ -388,6 +390,8 @@ def fetch_city(
                     wanted.append(entry.first)
                 elif entry.kind == ANSWER_SENT:
                     wanted.append(entry.second)
+                elif entry.kind == SETTINGS_CHANGED and entry.outcome == SCOPE_DISCLOSURE:
+                    wanted.append(entry.first)  # the signed capability document
             missing = [h for h in wanted if store.envelope(h) is None]
             for i in range(0, len(missing), _PAGE):
                 got = client.ask(AuditOp.ENVELOPES, hashes=tuple(missing[i : i + _PAGE]))

@@ -185,6 +185,34 @@ def refusal(req_id: bytes, node_key: SigningKey) -> bytes:
     )
 
 
+def capabilities(node_key: SigningKey, version: int) -> bytes:
+    """A signed capability document publishing ``listings`` at disclosure ``version``."""
+    from hansa.protocol.messages import (
+        Capabilities,
+        ColumnInfo,
+        ColumnRole,
+        ColumnType,
+        DatasetInfo,
+        DisclosureProfile,
+    )
+
+    profile = DisclosureProfile(
+        version=version,
+        min_group_size=5,
+        dominance_p=80.0,
+        max_groups=100,
+        purposes=(PURPOSE,),
+        aggregates=(),
+    )
+    dataset = DatasetInfo(
+        "listings",
+        "v1-0123456789ab",
+        (ColumnInfo("room_type", ColumnType.TEXT, ColumnRole.DIMENSION),),
+        profile,
+    )
+    return seal(Capabilities(CITY, node_key.public_key.raw, NOW - 2, (dataset,)), node_key)
+
+
 def serve(
     log: AuditLog,
     world: World,
@@ -235,7 +263,11 @@ def build(
         [],
     )
     with AuditLog.open(world.db, ORIGIN, durable=False) as log:
-        log.append(SettingsChanged(NOW - 1, SettingsScope.DISCLOSURE, bytes(32), 3, "listings"))
+        caps = capabilities(node_key, 3)
+        log.append(
+            SettingsChanged(NOW - 1, SettingsScope.DISCLOSURE, message_id(caps), 3, "listings"),
+            [caps],
+        )
         for i in range(n):
             serve(log, world, i, refuse=i == 2)
             if i % 2 == 1:
@@ -504,7 +536,11 @@ def test_answered_stale_and_replayed_requests_are_detected(tmp_path: Path) -> No
 def test_decision_against_the_logged_disclosure_settings_is_detected(tmp_path: Path) -> None:
     world = build(tmp_path, n=1)
     with AuditLog.open(world.db, ORIGIN, durable=False) as log:
-        log.append(SettingsChanged(NOW + 50, SettingsScope.DISCLOSURE, bytes(32), 4, "listings"))
+        caps = capabilities(world.node_key, 4)
+        log.append(
+            SettingsChanged(NOW + 50, SettingsScope.DISCLOSURE, message_id(caps), 4, "listings"),
+            [caps],
+        )
         serve(log, world, 8)  # still answers under version 3
         log.checkpoint(world.log_signer)
     import_(world, tmp_path / "store")
@@ -755,3 +791,20 @@ def test_installed_rosters_are_checked(tmp_path: Path) -> None:
     stale = [f for f in report.failures if f.check == "freshness"]
     assert len(stale) == 1 and "while v1 was installed" in stale[0].reason
     assert stale[0].index == 6
+
+
+def test_settings_must_be_backed_by_the_signed_capability_document(tmp_path: Path) -> None:
+    world = build(tmp_path, n=0)
+    caps = capabilities(world.node_key, 5)
+    forged = capabilities(SigningKey(b"\x55" * 32), 6)
+    with AuditLog.open(world.db, ORIGIN, durable=False) as log:
+        scope = SettingsScope.DISCLOSURE
+        log.append(SettingsChanged(NOW, scope, message_id(caps), 6, "listings"), [caps])
+        log.append(SettingsChanged(NOW, scope, bytes(32), 6, "listings"))
+        log.append(SettingsChanged(NOW, scope, message_id(forged), 6, "listings"), [forged])
+        log.checkpoint(world.log_signer)
+    import_(world, tmp_path / "store")
+    report = verify(world, tmp_path / "store")
+    found = {f.index: f.reason for f in report.failures if f.check == "settings"}
+    assert set(found) == {1, 2, 3}, found
+    assert "publishes 5" in found[1] and "not held" in found[2]
