@@ -437,6 +437,7 @@ class NodeState:
         self._checkpoint_lock = threading.Lock()  # the policy and checkpoint signing
         self._checkpoint_wake: asyncio.Event | None = None
         self._logged = _LoggedState()
+        self._settings_lock = asyncio.Lock()
         self._log_queue: list[tuple[list[AuditEntry], list[bytes], asyncio.Future[None]]] = []
         self._draining = False
         self._drainer: asyncio.Task[None] | None = None
@@ -591,6 +592,11 @@ class NodeState:
             disclosure_version=result.disclosure_version,
             data_version=result.dataset_version,
         )
+        dataset = req.query.dataset
+        if self._logged.versions.get(dataset) != result.disclosure_version:
+            # The engine took up new settings (a reload) that the log does not yet
+            # record: record them before the first decision that applies them (§16.2).
+            await self._log_settings(dataset, result.disclosure_version)
         await self._log_reply(decision, body)
         return _Reply(body, 200, ENVELOPE_MEDIA_TYPE, "answered", "none")
 
@@ -819,6 +825,7 @@ class NodeState:
                         state.config = (entry.digest, entry.settings_version)
                     else:
                         state.disclosure[entry.subject] = entry.digest
+                        state.versions[entry.subject] = entry.settings_version
         return state
 
     def _settings_entries(
@@ -845,6 +852,7 @@ class NodeState:
             if logged is not None and _profile_in(audit, logged, dataset.name) == encode(
                 dataset.disclosure
             ):
+                state.versions[dataset.name] = dataset.disclosure.version
                 continue
             entries.append(
                 SettingsChanged(
@@ -856,6 +864,7 @@ class NodeState:
                 )
             )
             state.disclosure[dataset.name] = capabilities_id
+            state.versions[dataset.name] = dataset.disclosure.version
         if any(
             isinstance(e, SettingsChanged) and e.scope is SettingsScope.DISCLOSURE for e in entries
         ):
@@ -897,16 +906,26 @@ class NodeState:
         self.audit = audit
         log.info("audit log %s open: %d entries, origin %s", audit.path, audit.size, self.origin)
 
-    async def _log_settings(self) -> None:
-        """Record changed disclosure settings (after a catalog reload)."""
-        audit = self.audit
-        if audit is None:
-            return
-        entries, envelopes = await asyncio.to_thread(
-            self._settings_entries, audit, self._logged, None
-        )
-        if entries:
-            await self._append(entries, envelopes)
+    async def _log_settings(self, dataset: str | None = None, version: int = 0) -> None:
+        """Record changed disclosure settings (after a catalog reload, or on first use).
+
+        Args:
+            dataset: when given, only act if the log does not yet record
+                ``version`` as this dataset's disclosure version (checked again
+                under the lock, so concurrent requests log it once).
+            version: the disclosure version an answer is about to cite.
+        """
+        async with self._settings_lock:
+            audit = self.audit
+            if audit is None:
+                return
+            if dataset is not None and self._logged.versions.get(dataset) == version:
+                return
+            entries, envelopes = await asyncio.to_thread(
+                self._settings_entries, audit, self._logged, None
+            )
+            if entries:
+                await self._append(entries, envelopes)
 
     def _checkpoint_now(self, min_size: int = 0) -> StoredCheckpoint | None:
         """Return the latest checkpoint, signing one first if it covers fewer than
@@ -1684,6 +1703,8 @@ class _LoggedState:
     roster: bytes | None = None
     config: tuple[bytes, int] | None = None
     disclosure: dict[str, bytes] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
+    """The disclosure version last logged per dataset (what answers must cite)."""
 
 
 def _profile_in(audit: AuditLog, digest: bytes, dataset: str) -> bytes | None:

@@ -606,3 +606,42 @@ async def test_checkpoints_are_pushed_to_the_roster_witness_and_served_cosigned(
                 f"/v1/witness/cosignatures?origin={log_verifier.name}"
             )
             assert status == 200 and json.loads(body)["notes"]
+
+
+async def test_changed_disclosure_settings_are_logged_before_decisions_that_apply_them(
+    config: NodeConfig,
+) -> None:
+    async with running_node(config) as node:
+        audit = node.state.audit
+        assert audit is not None
+        request, reply = await _query(node, ANA)
+        before = open_envelope(reply, {node.node_key.key_id: node.node_key}, QueryAnswer)
+        # The operator edits the human-editable file and sends SIGHUP (reload).
+        toml = config.data_dir / "datasets.toml"
+        text = toml.read_text()
+        assert "min_group_size = 5 " in text
+        toml.write_text(text.replace("min_group_size = 5 ", "min_group_size = 7 ", 1))
+        assert await node.state.reload()
+        request, reply = await _query(node, ANA)
+        after = open_envelope(reply, {node.node_key.key_id: node.node_key}, QueryAnswer)
+        assert after.message.disclosure_version > before.message.disclosure_version
+        at = audit.index_of(message_id(request))
+        assert at is not None
+        entries = [decode_entry(leaf) for leaf in audit.leaves(0, at)]
+        changes = [
+            e
+            for e in entries
+            if isinstance(e, SettingsChanged) and e.scope is SettingsScope.DISCLOSURE
+        ]
+        assert [c.settings_version for c in changes] == [
+            before.message.disclosure_version,
+            after.message.disclosure_version,
+        ]
+        # The capability document recorded for the change publishes k = 7.
+        document = audit.envelope(changes[-1].digest)
+        assert document is not None
+        from hansa.protocol.envelope import decode_envelope
+        from hansa.protocol.messages import Capabilities
+
+        published = decode_as(decode_envelope(document).payload, Capabilities)
+        assert [d.disclosure.min_group_size for d in published.datasets] == [7]
