@@ -131,6 +131,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _data_dir_arg(install)
     install.add_argument("file", type=Path, metavar="FILE", help="the signed roster file")
     install.set_defaults(handler=_roster_install)
+    first = roster_sub.add_parser(
+        "set", help="make a node without a roster trust its alliance's first roster (pinned)"
+    )
+    _data_dir_arg(first)
+    first.add_argument("file", type=Path, metavar="FILE", help="the signed roster file")
+    first.add_argument(
+        "--pin",
+        required=True,
+        metavar="HEX",
+        help="SHA-256 of the roster body (hansa alliance show)",
+    )
+    first.add_argument(
+        "--min-participants", type=int, metavar="N", help="the node's minimum of cities per query"
+    )
+    first.set_defaults(handler=_roster_set)
 
     show = node_sub.add_parser("show", help="print the node's configuration")
     _data_dir_arg(show)
@@ -249,10 +264,7 @@ def _init(args: argparse.Namespace) -> int:
         raise ConfigError("--roster and --pin must be given together")
     if args.roster is not None:
         pin = parse_pin(args.pin, "--pin")
-        try:
-            roster = args.roster.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {args.roster}: {exc.strerror or exc}") from exc
+        roster = _read_roster(args.roster)
     config = init_node(
         args.data_dir,
         city=args.city,
@@ -313,11 +325,29 @@ def _trust(args: argparse.Namespace) -> int:
     return 0
 
 
-def _roster_install(args: argparse.Namespace) -> int:
+def _read_roster(path: Path) -> bytes:
     try:
-        data = args.file.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _roster_set(args: argparse.Namespace) -> int:
+    data = _read_roster(args.file)
+    pin = parse_pin(args.pin, "--pin")
+    now = time.time_ns() // 1_000_000
+    config = configure_alliance(
+        args.data_dir, data, pin, now, min_participants=args.min_participants
+    )
+    print(
+        f"node {config.city!r} now trusts the alliance roster pinned {pin.hex()[:16]}…; "
+        "restart the node to apply"
+    )
+    return 0
+
+
+def _roster_install(args: argparse.Namespace) -> int:
+    data = _read_roster(args.file)
     try:
         version = install_roster_file(args.data_dir, data)
     except ConfigError:

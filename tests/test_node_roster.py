@@ -484,7 +484,15 @@ def test_cli_init_with_roster_and_roster_install(
     assert cli.main([*args, str(tmp_path / "v1.bin")]) != 0
     assert cli.main([*args, str(tmp_path / "v1.bin"), "--pin", "00" * 32]) != 0
     assert not (fresh / "node.toml").exists()
-    configure_alliance(data_dir, v1, _pin(v1), now_ms())
+    # An existing node takes its first roster with 'roster set' (pinned).
+    set_argv = ["node", "roster", "set", "--data-dir", str(data_dir), str(tmp_path / "v1.bin")]
+    assert cli.main([*set_argv, "--pin", "00" * 32]) != 0
+    assert not load_config(data_dir).alliance.has_roster
+    assert cli.main([*set_argv, "--pin", _pin(v1).hex(), "--min-participants", "2"]) == 0
+    config = load_config(data_dir)
+    assert config.alliance.has_roster and config.alliance.min_participants == 2
+    # A second 'set' is refused: updates go through 'install' (threshold-checked).
+    assert cli.main([*set_argv, "--pin", _pin(v1).hex()]) != 0
     capsys.readouterr()
     assert cli.main(argv) == 0
     assert "version 2" in capsys.readouterr().out
