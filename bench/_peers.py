@@ -10,6 +10,13 @@ sleeping ``delay_s``, and returning those exact bytes: the peer spends no
 signature work per request, so the coordinator is what the benchmark measures.
 An unknown request gets HTTP 400.
 
+The ``aiohttp`` server also serves ``GET /v1/ws`` for ``bench/fanout.py
+--transport-compare``: a WebSocket on which every binary frame is a request
+envelope, answered (after the same delay, in order on that connection) by one
+binary frame holding the pre-signed answer; an unknown request gets a text frame
+``unknown request``. This route exists only in the benchmark (spec §10.4: v1
+specifies HTTP only).
+
 Two servers, the same behaviour: ``aiohttp`` (an ``aiohttp.web`` application)
 and ``lean`` (the default: a bare ``asyncio.Protocol`` speaking just enough
 HTTP/1.1 for this benchmark: keep-alive, ``Content-Length`` bodies, one request
@@ -34,10 +41,12 @@ from pathlib import Path
 from typing import cast
 
 import msgspec
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 MEDIA_TYPE = "application/vnd.hansa.envelope+msgpack"
 """The envelope content type (``hansa.federation.fanout.ENVELOPE_MEDIA_TYPE``)."""
+WS_PATH = "/v1/ws"
+"""The benchmark-only WebSocket route (``--transport-compare``)."""
 
 
 class Spec(msgspec.Struct, frozen=True):
@@ -127,12 +136,28 @@ async def serve(spec: Spec) -> None:
             return web.Response(status=400, text="unknown request")
         return web.Response(body=answer, content_type=MEDIA_TYPE)
 
+    async def handle_ws(request: web.Request) -> web.WebSocketResponse:
+        # One reply per binary frame, in order: the client correlates by position.
+        ws = web.WebSocketResponse(compress=False, max_msg_size=4 * 1024 * 1024)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is not WSMsgType.BINARY:
+                break
+            answer = answers.get(hashlib.sha256(msg.data).digest())
+            await asyncio.sleep(delay)
+            if answer is None:
+                await ws.send_str("unknown request")
+            else:
+                await ws.send_bytes(answer)
+        return ws
+
     runner: web.AppRunner | None = None
     if spec.server == "lean":
         ports = await serve_lean(spec, answers)
     else:
         app = web.Application()
         app.router.add_post("/v1/query", handle)
+        app.router.add_get(WS_PATH, handle_ws)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         ports = {}

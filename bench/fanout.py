@@ -67,9 +67,29 @@ measuring errors. (The peers do not run a replay guard, so the same requests
 may be re-sent every run.) An ``--old`` module without ``nonce_source`` gets
 the known nonces by swapping its module's ``secrets`` for the same source.
 
+Transport comparison (``--transport-compare``)
+-----------------------------------------------
+Issue 4 asks to measure before choosing the transport. This mode times, in
+the same run, alternating, median of ``--repeats``, cold and warm:
+
+* **http**: each pre-sealed request envelope POSTed to ``/v1/query`` over one
+  ``aiohttp.ClientSession`` with keep-alive (the transport ``fan_out`` uses);
+* **ws**: one persistent aiohttp WebSocket per city (``GET /v1/ws`` on the
+  peer), carrying the same envelope as one binary frame; the peer answers each
+  frame after the delay with one binary frame holding the same pre-signed
+  answer, and the client correlates replies by order on each connection.
+
+Both verify every reply the same way, on the event loop, as it arrives
+(:func:`~hansa.federation.fanout.verify_reply`: signature under the city's key,
+request id, responder, requester, fit to the query), so the difference is the
+transport alone. Cold opens (and closes) one session, and for ws one WebSocket
+per city, per fan-out; warm keeps them across fan-outs. The peers run the
+``aiohttp`` server here (the lean one speaks no WebSocket), for both clients.
+The decision it fed is recorded in spec §10.4.
+
 Run: ``.venv/bin/python bench/fanout.py [--n 10 100 500] [--repeats 11]
 [--peer-procs 2] [--peer-server lean|aiohttp] [--mode cold warm] [--old /tmp/fanout_old.py]
-[--verify-threads K] [--inline] [--profile]``.
+[--verify-threads K] [--inline] [--profile] [--transport-compare]``.
 """
 
 from __future__ import annotations
@@ -94,7 +114,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -143,6 +163,10 @@ REQUESTER = "ana@bench"
 ROOM_TYPES = ("Entire home/apt", "Private room", "Shared room")
 GOAL_N = 500
 GOAL_RATIO = 0.5
+WS_PATH = "/v1/ws"
+"""The peers' benchmark-only WebSocket route (``bench/_peers.py``)."""
+WS_WORTH_IT = 0.75
+"""A second transport is worth specifying only if it costs under 0.75x HTTP's overhead."""
 HERE = Path(__file__).resolve().parent
 
 QUERY = Query(dataset="listings", aggregates=(Count(),), group_by=(Dimension("room_type"),))
@@ -589,6 +613,162 @@ class Row:
         return self.ms[name] / naive if naive > 0 else float("inf")
 
 
+class TransportClients:
+    """The two transports of ``--transport-compare``, in one session mode.
+
+    Both send the pre-sealed envelopes of :attr:`Setup.prepared` and verify
+    every reply with :func:`verify_reply` on the event loop as it arrives.
+    """
+
+    def __init__(self, setup: Setup, warm: bool) -> None:
+        self.setup = setup
+        self.warm = warm
+        self.sessions: dict[str, aiohttp.ClientSession] = {}
+        self.sockets: dict[str, aiohttp.ClientWebSocketResponse] = {}
+
+    def all(self) -> dict[str, Client]:
+        """The clients by name, in table order."""
+        return {"http": self.http, "ws": self.ws}
+
+    async def __aenter__(self) -> TransportClients:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        for ws in self.sockets.values():
+            await ws.close()
+        for session in self.sessions.values():
+            await session.close()
+
+    @contextlib.asynccontextmanager
+    async def session(self, name: str) -> AsyncIterator[aiohttp.ClientSession]:
+        """The client's warm session, or (cold) a new one closed afterwards."""
+        if self.warm:
+            if name not in self.sessions:
+                self.sessions[name] = new_session()
+            yield self.sessions[name]
+            return
+        async with new_session() as session:
+            yield session
+
+    @staticmethod
+    def verified(name: str, n: int, status: int, body: bytes, request: PreparedRequest) -> None:
+        """Verify one reply as ``fan_out`` does; abort the benchmark unless it answered."""
+        verdict = verify_reply(
+            status,
+            body,
+            target=request.target,
+            request_id=request.request_id,
+            requester=REQUESTER,
+            query=QUERY,
+        )
+        if verdict.status is not CityStatus.ANSWERED:
+            raise SystemExit(f"{name} at N={n}: {request.target.city}: {verdict.detail}")
+
+    async def http(self, n: int) -> None:
+        """POST every envelope over one keep-alive session; verify each reply."""
+        headers = {"Content-Type": ENVELOPE_MEDIA_TYPE}
+
+        async def one(session: aiohttp.ClientSession, request: PreparedRequest) -> None:
+            url = request.target.endpoint + QUERY_PATH
+            async with session.post(url, data=request.envelope, headers=headers) as resp:
+                body = await resp.read()
+                status = resp.status
+            self.verified("http", n, status, body, request)
+
+        async with self.session("http") as session:
+            await asyncio.gather(*(one(session, r) for r in self.setup.prepared[n]))
+
+    async def ws(self, n: int) -> None:
+        """Send every envelope as a binary frame on the city's WebSocket; verify each reply."""
+
+        async def one(session: aiohttp.ClientSession, request: PreparedRequest) -> None:
+            city = request.target.city
+            ws = self.sockets.get(city)
+            if ws is None or ws.closed:
+                ws = await session.ws_connect(
+                    request.target.endpoint + WS_PATH,
+                    compress=0,
+                    autoping=True,
+                    max_msg_size=4 * 1024 * 1024,
+                )
+                if self.warm:
+                    self.sockets[city] = ws
+            try:
+                await ws.send_bytes(request.envelope)
+                # One request in flight per connection: the next frame is its reply.
+                msg = await ws.receive()
+                if msg.type is not aiohttp.WSMsgType.BINARY:
+                    raise SystemExit(f"ws at N={n}: {city}: got {msg.type.name} {msg.data!r}")
+                self.verified("ws", n, 200, cast(bytes, msg.data), request)
+            finally:
+                if not self.warm:
+                    await ws.close()
+
+        async with self.session("ws") as session:
+            await asyncio.gather(*(one(session, r) for r in self.setup.prepared[n]))
+
+
+async def measure_transports(
+    setup: Setup, ns: Sequence[int], modes: Sequence[str], repeats: int
+) -> list[Row]:
+    """Time http against ws per mode and N, alternating which goes first."""
+    rows = []
+    for mode in modes:
+        async with TransportClients(setup, mode == "warm") as clients:
+            named = clients.all()
+            order = list(named.values())
+            for n in ns:
+                times: list[list[float]] = [[] for _ in order]
+                for fn in order:  # warm-up, checks, and (warm) opens the connections
+                    await fn(n)
+                for r in range(repeats):
+                    for k in range(len(order)):
+                        i = (k + r) % len(order)
+                        times[i].append(await timed(order[i], n))
+                rows.append(
+                    Row(
+                        mode,
+                        n,
+                        {
+                            name: (statistics.median(t) - DELAY_S) * 1000
+                            for name, t in zip(named, times, strict=True)
+                        },
+                    )
+                )
+    return rows
+
+
+def print_transports(rows: Sequence[Row]) -> None:
+    """Print the http/ws table and the verdict (spec §10.4)."""
+    print(
+        f"Transport overhead over the slowest peer ({DELAY_S * 1000:.0f} ms), median;"
+        " both verify every reply (verify_reply, on the event loop)"
+    )
+    print(
+        f"  {'mode':<6}{'N':>5}{'http ms':>10}{'ws ms':>10}{'http us/pr':>12}"
+        f"{'ws us/pr':>10}{'ws/http':>9}"
+    )
+    for row in rows:
+        http, ws = row.ms["http"], row.ms["ws"]
+        ratio = ws / http if http > 0 else float("inf")
+        print(
+            f"  {row.mode:<6}{row.n:>5}{http:>10.1f}{ws:>10.1f}{http * 1000 / row.n:>12.0f}"
+            f"{ws * 1000 / row.n:>10.0f}{ratio:>9.2f}"
+        )
+    for row in rows:
+        if row.n != max(r.n for r in rows):
+            continue
+        http, ws = row.ms["http"], row.ms["ws"]
+        ratio = ws / http if http > 0 else float("inf")
+        cheaper, by = ("ws", 1 - ratio) if ratio < 1 else ("http", 1 - 1 / ratio)
+        worth = "worth" if ratio < WS_WORTH_IT else "NOT worth"
+        print(
+            f"  verdict ({row.mode}, N = {row.n}): {cheaper} is cheaper by {by:.0%}"
+            f" (ws/http {ratio:.2f}); a second transport is {worth} specifying"
+            f" (threshold ws/http < {WS_WORTH_IT})"
+        )
+
+
 async def measure(
     setup: Setup,
     ns: Sequence[int],
@@ -751,6 +931,11 @@ def main() -> None:
         help="also time fan_out with verify_threads=0 ('inline': no thread pool) for an A/B",
     )
     parser.add_argument("--profile", action="store_true", help="cProfile hansa at the largest N")
+    parser.add_argument(
+        "--transport-compare",
+        action="store_true",
+        help="time HTTP POST against one WebSocket per peer instead (aiohttp peers; spec §10.4)",
+    )
     args = parser.parse_args()
     ns = sorted(set(args.n))
     if not ns or ns[0] < 1 or ns[-1] > MAX_TARGETS:
@@ -758,6 +943,22 @@ def main() -> None:
     old = load_old(args.old) if args.old is not None else None
     raise_fd_limit()
     started = time.perf_counter()
+    if args.transport_compare:
+        # The lean peer server speaks no WebSocket: both transports use the aiohttp one.
+        args.peer_server = "aiohttp"
+        with peers(ns, max(1, args.peer_procs), args.peer_server) as setup:
+
+            async def compare() -> None:
+                print_transports(
+                    await measure_transports(setup, ns, args.mode, max(1, args.repeats))
+                )
+
+            run(compare)
+        print(
+            f"  ({time.perf_counter() - started:.0f} s, {args.peer_procs} peer processes,"
+            f" {args.peer_server} peer server)"
+        )
+        return
     with peers(ns, max(1, args.peer_procs), args.peer_server) as setup:
 
         async def go() -> None:
