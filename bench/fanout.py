@@ -257,6 +257,8 @@ class Setup:
     targets: dict[int, list[Target]]
     prepared: dict[int, list[PreparedRequest]]
     answers: dict[int, list[bytes]]
+    peer_pids: tuple[int, ...] = ()
+    """The peer processes (their CPU time is read from ``/proc`` by ``--transport-compare``)."""
 
     def requests(self, n: int) -> list[bytes]:
         """The request envelopes of the fan-out to ``n`` cities (for naive and raw)."""
@@ -320,7 +322,7 @@ def peers(ns: Sequence[int], procs: int, server: str = "lean") -> Iterator[Setup
             ]
             for n in ns
         }
-        yield Setup(targets, prepared, answers)
+        yield Setup(targets, prepared, answers, tuple(c.pid for c in children))
 
 
 def _stop(child: subprocess.Popen[bytes]) -> None:
@@ -625,10 +627,11 @@ class TransportClients:
         self.warm = warm
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.sockets: dict[str, aiohttp.ClientWebSocketResponse] = {}
+        self.raw_connections: dict[str, RawHttp] = {}
 
     def all(self) -> dict[str, Client]:
         """The clients by name, in table order."""
-        return {"http": self.http, "ws": self.ws}
+        return {"http": self.http, "ws": self.ws, "raw": self.raw}
 
     async def __aenter__(self) -> TransportClients:
         return self
@@ -638,6 +641,9 @@ class TransportClients:
             await ws.close()
         for session in self.sessions.values():
             await session.close()
+        for connection in self.raw_connections.values():
+            if connection.transport is not None:
+                connection.transport.close()
 
     @contextlib.asynccontextmanager
     async def session(self, name: str) -> AsyncIterator[aiohttp.ClientSession]:
@@ -707,10 +713,71 @@ class TransportClients:
         async with self.session("ws") as session:
             await asyncio.gather(*(one(session, r) for r in self.setup.prepared[n]))
 
+    async def raw(self, n: int) -> None:
+        """POST every envelope over bare keep-alive connections (:class:`RawHttp`); verify.
+
+        For scale: HTTP/1.1 without aiohttp's client, to tell the protocol's
+        cost from the library's.
+        """
+        loop = asyncio.get_running_loop()
+
+        async def one(request: PreparedRequest) -> None:
+            city = request.target.city
+            connection = self.raw_connections.get(city)
+            if connection is None or connection.transport is None:
+                port = int(request.target.endpoint.rsplit(":", 1)[1])
+                _, connection = await loop.create_connection(RawHttp, "127.0.0.1", port)
+                if self.warm:
+                    self.raw_connections[city] = connection
+            head = (
+                f"POST {QUERY_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Type: {ENVELOPE_MEDIA_TYPE}\r\n"
+                f"Content-Length: {len(request.envelope)}\r\n\r\n"
+            )
+            try:
+                body = await connection.post(head.encode() + request.envelope)
+            finally:
+                if not self.warm and connection.transport is not None:
+                    connection.transport.close()
+            self.verified("raw", n, 200, body, request)
+
+        await asyncio.gather(*(one(r) for r in self.setup.prepared[n]))
+
+
+def peer_cpu_s(pids: Sequence[int]) -> float:
+    """Return the CPU seconds (user + system) the peer processes have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:  # not Linux, or gone: the column then reads 0
+            return 0.0
+        # Fields after the parenthesised command name; utime and stime are 14th and 15th.
+        fields = stat.rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class TransportRow:
+    """One line of the transport table, per client: median wall overhead and CPU, in ms."""
+
+    mode: str
+    n: int
+    wall_ms: dict[str, float]
+    cpu_ms: dict[str, float]
+    """The coordinator process's CPU per fan-out (median)."""
+    peer_ms: dict[str, float]
+    """The peer processes' CPU per fan-out (mean over the timed runs; 10 ms ticks)."""
+
+    def ratio(self, values: dict[str, float]) -> float:
+        """ws over http for one of the three measures."""
+        return values["ws"] / values["http"] if values["http"] > 0 else float("inf")
+
 
 async def measure_transports(
     setup: Setup, ns: Sequence[int], modes: Sequence[str], repeats: int
-) -> list[Row]:
+) -> list[TransportRow]:
     """Time http against ws per mode and N, alternating which goes first."""
     rows = []
     for mode in modes:
@@ -718,54 +785,76 @@ async def measure_transports(
             named = clients.all()
             order = list(named.values())
             for n in ns:
-                times: list[list[float]] = [[] for _ in order]
+                walls: list[list[float]] = [[] for _ in order]
+                cpus: list[list[float]] = [[] for _ in order]
+                peer = [0.0 for _ in order]
                 for fn in order:  # warm-up, checks, and (warm) opens the connections
                     await fn(n)
                 for r in range(repeats):
                     for k in range(len(order)):
                         i = (k + r) % len(order)
-                        times[i].append(await timed(order[i], n))
+                        gc.collect()
+                        peer0 = peer_cpu_s(setup.peer_pids)
+                        cpu0, t0 = time.process_time(), time.perf_counter()
+                        await order[i](n)
+                        walls[i].append(time.perf_counter() - t0)
+                        cpus[i].append(time.process_time() - cpu0)
+                        peer[i] += peer_cpu_s(setup.peer_pids) - peer0
                 rows.append(
-                    Row(
+                    TransportRow(
                         mode,
                         n,
                         {
                             name: (statistics.median(t) - DELAY_S) * 1000
-                            for name, t in zip(named, times, strict=True)
+                            for name, t in zip(named, walls, strict=True)
                         },
+                        {
+                            name: statistics.median(t) * 1000
+                            for name, t in zip(named, cpus, strict=True)
+                        },
+                        {name: p / repeats * 1000 for name, p in zip(named, peer, strict=True)},
                     )
                 )
     return rows
 
 
-def print_transports(rows: Sequence[Row]) -> None:
-    """Print the http/ws table and the verdict (spec §10.4)."""
+def print_transports(rows: Sequence[TransportRow]) -> None:
+    """Print the http/ws(/raw) table and the verdict (spec §10.4)."""
     print(
-        f"Transport overhead over the slowest peer ({DELAY_S * 1000:.0f} ms), median;"
-        " both verify every reply (verify_reply, on the event loop)"
+        f"Transport overhead over the slowest peer ({DELAY_S * 1000:.0f} ms), median wall, us per"
+        " peer; all verify every reply (verify_reply, on the event loop). raw = HTTP/1.1 on bare"
+        " asyncio connections, for scale."
     )
     print(
-        f"  {'mode':<6}{'N':>5}{'http ms':>10}{'ws ms':>10}{'http us/pr':>12}"
-        f"{'ws us/pr':>10}{'ws/http':>9}"
+        "  cli/peer = CPU per fan-out of the coordinator process (median) and of the peer"
+        " processes (mean, 10 ms ticks), us per peer"
+    )
+    print(
+        f"  {'mode':<6}{'N':>5}{'http ms':>9}{'ws ms':>8}{'http/pr':>9}{'ws/pr':>7}{'raw/pr':>8}"
+        f"{'ws/http':>9}{'raw/http':>9}{'cli http':>10}{'cli ws':>8}{'cli raw':>9}"
+        f"{'peer http':>11}{'peer ws':>9}"
     )
     for row in rows:
-        http, ws = row.ms["http"], row.ms["ws"]
-        ratio = ws / http if http > 0 else float("inf")
+        w, c, p, n = row.wall_ms, row.cpu_ms, row.peer_ms, row.n
+        raw_ratio = w["raw"] / w["http"] if w["http"] > 0 else float("inf")
         print(
-            f"  {row.mode:<6}{row.n:>5}{http:>10.1f}{ws:>10.1f}{http * 1000 / row.n:>12.0f}"
-            f"{ws * 1000 / row.n:>10.0f}{ratio:>9.2f}"
+            f"  {row.mode:<6}{n:>5}{w['http']:>9.1f}{w['ws']:>8.1f}"
+            f"{w['http'] * 1000 / n:>9.0f}{w['ws'] * 1000 / n:>7.0f}{w['raw'] * 1000 / n:>8.0f}"
+            f"{row.ratio(w):>9.2f}{raw_ratio:>9.2f}"
+            f"{c['http'] * 1000 / n:>10.0f}{c['ws'] * 1000 / n:>8.0f}{c['raw'] * 1000 / n:>9.0f}"
+            f"{p['http'] * 1000 / n:>11.0f}{p['ws'] * 1000 / n:>9.0f}"
         )
+    top = max(r.n for r in rows)
     for row in rows:
-        if row.n != max(r.n for r in rows):
+        if row.n != top:
             continue
-        http, ws = row.ms["http"], row.ms["ws"]
-        ratio = ws / http if http > 0 else float("inf")
+        ratio = row.ratio(row.wall_ms)
         cheaper, by = ("ws", 1 - ratio) if ratio < 1 else ("http", 1 - 1 / ratio)
         worth = "worth" if ratio < WS_WORTH_IT else "NOT worth"
         print(
             f"  verdict ({row.mode}, N = {row.n}): {cheaper} is cheaper by {by:.0%}"
-            f" (ws/http {ratio:.2f}); a second transport is {worth} specifying"
-            f" (threshold ws/http < {WS_WORTH_IT})"
+            f" (ws/http wall {ratio:.2f}, client CPU {row.ratio(row.cpu_ms):.2f});"
+            f" a second transport is {worth} specifying (threshold ws/http < {WS_WORTH_IT})"
         )
 
 
