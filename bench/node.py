@@ -68,7 +68,14 @@ from hansa.crypto import SigningKey, seal
 from hansa.federation.fanout import build_request
 from hansa.node._cli_node import init_node
 from hansa.node.app import ENVELOPE_MEDIA_TYPE
-from hansa.node.config import NodeLimits, add_trusted_key, config_path, load_config, render_config
+from hansa.node.config import (
+    AuditConfig,
+    NodeLimits,
+    add_trusted_key,
+    config_path,
+    load_config,
+    render_config,
+)
 from hansa.protocol.envelope import PayloadType, decode_envelope
 from hansa.protocol.messages import (
     Count,
@@ -341,6 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--max-concurrent", type=int, default=NodeLimits().max_concurrent_queries)
     parser.add_argument("--engine-threads", type=int, default=NodeLimits().engine_threads)
+    parser.add_argument(
+        "--no-durable",
+        action="store_true",
+        help="[audit] durable = false: the log is written without fsync (reference only)",
+    )
     parser.add_argument("--bare", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare is not None:
@@ -365,7 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             replay_capacity=max(NodeLimits().replay_capacity, stock_size + args.distinct_stock),
         )
         config_path(data_dir).write_text(
-            render_config(city=CITY, port=0, limits=limits), encoding="utf-8"
+            render_config(
+                city=CITY, port=0, limits=limits, audit=AuditConfig(durable=not args.no_durable)
+            ),
+            encoding="utf-8",
         )
         add_trusted_key(data_dir, ANALYST, analyst.public_key.raw.hex())
         csv = write_listings_csv(root / "listings.csv", city=CITY, rows=args.rows, seed=7)
@@ -414,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.slice:g} s slices after {args.warmup:g} s warm-up each, {os.cpu_count()} CPUs "
         "shared by client and servers; "
         f"node: max_concurrent_queries={limits.max_concurrent_queries}, "
-        f"engine_threads={limits.engine_threads}; setup {setup_s:.1f} s"
+        f"engine_threads={limits.engine_threads}, audit durable={not args.no_durable}; "
+        f"setup {setup_s:.1f} s"
     )
     for phase in (repeated, cold, bare, engine_phase):
         vs_bare = f"{phase.rate / bare.rate:5.2f} x bare" if bare.rate else ""

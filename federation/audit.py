@@ -19,8 +19,9 @@ alliance roster(s) it:
    than the log's own) and that its root equals the recomputed tree at its size. All
    checkpoints are then consistent with one another exactly when each matches the same
    leaves; two checkpoints of one size with different roots are an equivocation;
-3. decodes every leaf (``hansa-audit/v1``, parsed here independently of the node's
-   encoder: the auditor does not run the node's code) and counts them by type;
+3. decodes every leaf (``hansa-audit/v1``, with the shared strict codec of
+   :mod:`hansa.protocol.auditleaf`; the node's store lives in ``hansa.node``, which the
+   auditor does not run) and counts them by type;
 4. for every ``request_received``: the stored envelope hashes to the logged id, its
    signature verifies under a key the roster (the version the request cites) names for
    the requester as an analyst, the leaf's key id is that key's, the audience is this
@@ -52,7 +53,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-import struct
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -69,9 +69,17 @@ from hansa.crypto.merkle import HASH_SIZE, MerkleTree, leaf_hash
 from hansa.crypto.note import Checkpoint, Note, NoteVerifier, open_checkpoint
 from hansa.federation.evidence import EvidenceBundle
 from hansa.federation.roster import Role, Roster
+from hansa.protocol.auditleaf import (
+    ENTRY_NAMES,
+    EntryType,
+    LeafFields,
+    Outcome,
+    SettingsScope,
+    unpack_leaf,
+)
 from hansa.protocol.codec import decode_as
 from hansa.protocol.envelope import PayloadType, decode_envelope, message_id, pae_prefix
-from hansa.protocol.errors import ConfigError, ErrorCode, HansaError
+from hansa.protocol.errors import ConfigError, ErrorCode, HansaError, ProtocolError
 from hansa.protocol.messages import (
     Capabilities,
     Decision,
@@ -82,6 +90,7 @@ from hansa.protocol.messages import (
 
 __all__ = [
     "DEFAULT_SKEW_MS",
+    "ENTRY_NAMES",
     "INLINE_LIMIT",
     "AuditFailure",
     "AuditReport",
@@ -105,39 +114,18 @@ INLINE_LIMIT: Final = 2048
 
 # --------------------------------------------------------------------------- leaves
 
-# hansa-audit/v1 (node/auditlog.py docstring, spec/): header, fixed body, u16 data.
-_MAGIC: Final = b"hansa-audit/v1\n"
-_HEADER: Final = struct.Struct(">15sBQ")
-_DATA_LEN: Final = struct.Struct(">H")
-_MAX_LEAF: Final = 65_535
-REQUEST_RECEIVED: Final = 0x01
-DECISION: Final = 0x02
-ANSWER_SENT: Final = 0x03
-ROSTER_INSTALLED: Final = 0x04
-KEY_ROTATED: Final = 0x05
-SETTINGS_CHANGED: Final = 0x06
-ENTRY_NAMES: Final = {
-    REQUEST_RECEIVED: "request_received",
-    DECISION: "decision",
-    ANSWER_SENT: "answer_sent",
-    ROSTER_INSTALLED: "roster_installed",
-    KEY_ROTATED: "key_rotated",
-    SETTINGS_CHANGED: "settings_changed",
-}
-_BODIES: Final = {
-    REQUEST_RECEIVED: struct.Struct(">32s32s"),
-    DECISION: struct.Struct(">32sBHQ"),
-    ANSWER_SENT: struct.Struct(">32s32s"),
-    ROSTER_INSTALLED: struct.Struct(">32sQ"),
-    KEY_ROTATED: struct.Struct(">32s32s"),
-    SETTINGS_CHANGED: struct.Struct(">B32sQ"),
-}
-_REQUEST_LEAF: Final = struct.Struct(">15sBQ32s32sH")
-_HAS_TEXT: Final = frozenset({DECISION, KEY_ROTATED, SETTINGS_CHANGED})
-OUTCOME_ANSWERED: Final = 1
-OUTCOME_SUPPRESSED: Final = 2
-OUTCOME_REFUSED: Final = 3
-SCOPE_DISCLOSURE: Final = 2
+# hansa-audit/v1 leaves are decoded by the one shared codec (hansa.protocol.auditleaf),
+# in its flat form; the plain int constants keep the hot loops on int comparisons.
+REQUEST_RECEIVED: Final = int(EntryType.REQUEST_RECEIVED)
+DECISION: Final = int(EntryType.DECISION)
+ANSWER_SENT: Final = int(EntryType.ANSWER_SENT)
+ROSTER_INSTALLED: Final = int(EntryType.ROSTER_INSTALLED)
+KEY_ROTATED: Final = int(EntryType.KEY_ROTATED)
+SETTINGS_CHANGED: Final = int(EntryType.SETTINGS_CHANGED)
+OUTCOME_ANSWERED: Final = int(Outcome.ANSWERED)
+OUTCOME_SUPPRESSED: Final = int(Outcome.ANSWERED_SUPPRESSED)
+OUTCOME_REFUSED: Final = int(Outcome.REFUSED)
+SCOPE_DISCLOSURE: Final = int(SettingsScope.DISCLOSURE)
 
 
 class AuditStoreError(HansaError):
@@ -146,34 +134,12 @@ class AuditStoreError(HansaError):
     default_code = ErrorCode.INTERNAL
 
 
-class Leaf(NamedTuple):
-    """A decoded ``hansa-audit/v1`` leaf, in the auditor's own flat form.
-
-    Attributes:
-        kind: the entry type byte (``REQUEST_RECEIVED`` ... ``SETTINGS_CHANGED``).
-        log_time_ms: when the node says it logged the event.
-        first: the first 32-byte field (message id, request id, roster digest, old key
-            id, or settings digest).
-        second: the second 32-byte field (requester key id, answer id, new key id) or
-            empty.
-        outcome: decision outcome (1, 2, 3), or settings scope; else 0.
-        reason: decision reason code; else 0.
-        version: disclosure, roster or settings version; else 0.
-        text: the trailing UTF-8 data (data version, key role, settings subject).
-    """
-
-    kind: int
-    log_time_ms: int
-    first: bytes
-    second: bytes = b""
-    outcome: int = 0
-    reason: int = 0
-    version: int = 0
-    text: str = ""
+Leaf = LeafFields
+"""A decoded leaf in the auditor's flat form (:class:`hansa.protocol.auditleaf.LeafFields`)."""
 
 
 def parse_leaf(leaf: bytes) -> Leaf:
-    """Decode one leaf strictly (exact length, known type and enums, UTF-8 text).
+    """Decode one leaf strictly (:func:`hansa.protocol.auditleaf.unpack_leaf`).
 
     Args:
         leaf: the leaf bytes.
@@ -184,52 +150,10 @@ def parse_leaf(leaf: bytes) -> Leaf:
     Raises:
         ValueError: the leaf is not a valid ``hansa-audit/v1`` leaf (the message says why).
     """
-    if len(leaf) == _REQUEST_LEAF.size and leaf[15] == REQUEST_RECEIVED:
-        # The common entry, in one unpack (same rules as below: magic, empty data).
-        magic, _kind, t, mid, kid, n = _REQUEST_LEAF.unpack(leaf)
-        if magic == _MAGIC and n == 0:
-            return Leaf(REQUEST_RECEIVED, t, mid, kid)
-    if len(leaf) > _MAX_LEAF:
-        raise ValueError(f"leaf of {len(leaf)} bytes exceeds {_MAX_LEAF}")
-    if len(leaf) < _HEADER.size:
-        raise ValueError("leaf is truncated")
-    magic, kind, t = _HEADER.unpack_from(leaf)
-    if magic != _MAGIC:
-        raise ValueError("bad magic")
-    body = _BODIES.get(kind)
-    if body is None:
-        raise ValueError(f"unknown entry type 0x{kind:02x}")
-    at = _HEADER.size + body.size
-    if len(leaf) < at + _DATA_LEN.size:
-        raise ValueError("leaf is truncated")
-    (n,) = _DATA_LEN.unpack_from(leaf, at)
-    if len(leaf) != at + _DATA_LEN.size + n:
-        raise ValueError("leaf length does not match its data length")
-    data = leaf[at + _DATA_LEN.size :]
-    if data and kind not in _HAS_TEXT:
-        raise ValueError(f"{ENTRY_NAMES[kind]} leaf must carry no data")
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError("leaf data is not UTF-8") from exc
-    fields = body.unpack_from(leaf, _HEADER.size)
-    if kind == DECISION:
-        mid, outcome, reason, version = fields
-        if outcome not in (OUTCOME_ANSWERED, OUTCOME_SUPPRESSED, OUTCOME_REFUSED):
-            raise ValueError(f"unknown decision outcome {outcome}")
-        if (outcome == OUTCOME_REFUSED) != (reason != 0):
-            raise ValueError("decision reason does not fit its outcome")
-        return Leaf(kind, t, mid, b"", outcome, reason, version, text)
-    if kind == ROSTER_INSTALLED:
-        digest, version = fields
-        return Leaf(kind, t, digest, version=version)
-    if kind == SETTINGS_CHANGED:
-        scope, digest, version = fields
-        if scope not in (1, SCOPE_DISCLOSURE):
-            raise ValueError(f"unknown settings scope {scope}")
-        return Leaf(kind, t, digest, b"", scope, 0, version, text)
-    first, second = fields
-    return Leaf(kind, t, first, second, text=text)
+        return unpack_leaf(leaf)
+    except ProtocolError as exc:
+        raise ValueError(exc.message) from exc
 
 
 # --------------------------------------------------------------------------- store

@@ -5,48 +5,13 @@ Every event the node sees is appended here *before* the node acts on it or repli
 fixed binary leaves; the node signs C2SP checkpoints over it (part 2). This module is a
 library: the server wires it in separately.
 
-Leaf layout (``hansa-audit/v1``)
-================================
+Leaves
+======
 
-Every leaf is at most :data:`MAX_LEAF_SIZE` (65,535) bytes, so it fits a C2SP
-``tlog-tiles`` entry bundle. All integers are unsigned big-endian; ``[32]`` is a raw
-32-byte hash. The layout is a common header, a fixed body chosen by ``entry_type``, and
-one trailing length-prefixed byte string ``data``::
-
-    offset  size  field
-    0       15    magic        "hansa-audit/v1\\n" (ASCII, version in the magic)
-    15      1     entry_type   u8, below
-    16      8     log_time_ms  u64, POSIX milliseconds when the node logged the event
-    24      B     body         fixed size B for the entry type, below
-    24+B    2     data_len     u16
-    26+B    n     data         n = data_len bytes; the leaf ends here exactly
-
-    entry_type              body fields (in order)                               B   data
-    0x01 request_received   message_id[32] requester_key_id[32]                 64  empty
-    0x02 decision           message_id[32] u8 outcome u16 reason                43  data version
-                            u64 disclosure_version                                  (UTF-8)
-    0x03 answer_sent        request_id[32] answer_id[32]                        64  empty
-    0x04 roster_installed   roster_digest[32] u64 roster_version                40  empty
-    0x05 key_rotated        old_key_id[32] new_key_id[32]                       64  key role (UTF-8)
-    0x06 settings_changed   u8 scope digest[32] u64 settings_version            41  subject (UTF-8)
-
-* ``message_id`` / ``request_id`` / ``answer_id``: SHA-256 of the exact envelope bytes
-  (:func:`hansa.protocol.envelope.message_id`). The envelopes themselves are stored
-  beside the tree, keyed by that hash (crypto-audit-anchors §6.2): an auditor checks
-  they hash to the leaf fields and verifies their signatures.
-* ``requester_key_id``, ``old_key_id``, ``new_key_id``: Hansa key ids
-  (:func:`hansa.crypto.keys.key_id`); ``old_key_id`` is 32 zero bytes for a first key.
-* ``outcome``: 1 answered, 2 answered with suppressed cells, 3 refused. ``reason`` is 0
-  for the two answered outcomes and a non-zero wire :class:`ErrorCode` for a refusal.
-  ``disclosure_version`` is the dataset's disclosure-settings version the decision
-  applied (0 when none applied, e.g. a refusal before the dataset was resolved); ``data``
-  holds the dataset's data version string (``"v<counter>-<12 hex>"``), or is empty.
-* ``scope``: 1 node configuration, 2 a dataset's disclosure settings; ``data`` names the
-  subject (the dataset for scope 2, empty for scope 1). ``digest`` is SHA-256 of the new
-  settings as the node holds them.
-* Decoding is strict: exact length (no truncation, no trailing bytes), known magic and
-  entry type, known enum values, empty ``data`` where the table says so, and valid
-  UTF-8 text. A leaf hash is ``SHA-256(0x00 || leaf)`` (RFC 9162 §2.1.1).
+Entries use the ``hansa-audit/v1`` leaf layout of :mod:`hansa.protocol.auditleaf`
+(spec §16.2), the one codec shared with the auditor; its entry types, :func:`encode_entry`
+and :func:`decode_entry` are re-exported here. A leaf hash is ``SHA-256(0x00 || leaf)``
+(RFC 9162 §2.1.1).
 
 Store
 =====
@@ -75,12 +40,10 @@ hash when read.
 
 from __future__ import annotations
 
-import enum
 import fcntl
 import logging
 import os
 import sqlite3
-import struct
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +59,23 @@ from hansa.crypto.note import (
     sign_checkpoint,
     verify_checkpoint,
 )
+from hansa.protocol.auditleaf import (
+    MAGIC,
+    MAX_LEAF_SIZE,
+    AnswerSent,
+    AuditEntry,
+    Decision,
+    EntryType,
+    KeyRotated,
+    Outcome,
+    RequestReceived,
+    RosterInstalled,
+    SettingsChanged,
+    SettingsScope,
+    decode_entry,
+    encode_entry,
+    unpack_leaf,
+)
 from hansa.protocol.envelope import message_id
 from hansa.protocol.errors import (
     ConfigError,
@@ -104,7 +84,6 @@ from hansa.protocol.errors import (
     NoteError,
     ProofError,
     ProtocolError,
-    TooLargeError,
 )
 
 __all__ = [
@@ -131,16 +110,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-MAGIC: Final = b"hansa-audit/v1\n"
-"""The leaf prefix; the format version lives in it."""
-_MAGIC_FAMILY: Final = b"hansa-audit/"
-MAX_LEAF_SIZE: Final = 65_535
-"""Largest leaf in bytes (fits a C2SP tlog-tiles entry bundle, crypto-audit-anchors §0)."""
-_HEADER: Final = struct.Struct(">15sBQ")
-_DATA_LEN: Final = struct.Struct(">H")
-_U64_MAX: Final = 2**64 - 1
-_ZERO_HASH: Final = bytes(HASH_SIZE)
-
 
 class AuditLogError(HansaError):
     """The audit log store cannot be opened or written (I/O, corruption, misuse)."""
@@ -150,353 +119,6 @@ class AuditLogError(HansaError):
 
 class InconsistentLogError(AuditLogError):
     """The stored leaves do not match a stored checkpoint: tampering or lost entries."""
-
-
-class EntryType(enum.IntEnum):
-    """``entry_type`` byte of a leaf (module docstring, "Leaf layout")."""
-
-    REQUEST_RECEIVED = 0x01
-    DECISION = 0x02
-    ANSWER_SENT = 0x03
-    ROSTER_INSTALLED = 0x04
-    KEY_ROTATED = 0x05
-    SETTINGS_CHANGED = 0x06
-
-
-class Outcome(enum.IntEnum):
-    """What the node decided about a request."""
-
-    ANSWERED = 1
-    ANSWERED_SUPPRESSED = 2
-    REFUSED = 3
-
-
-class SettingsScope(enum.IntEnum):
-    """Which settings a ``settings_changed`` entry records."""
-
-    CONFIG = 1
-    DISCLOSURE = 2
-
-
-def _field_error(message: str) -> ProtocolError:
-    return ProtocolError(message, ErrorCode.INVALID_FIELD)
-
-
-def _check_hash(value: object, name: str) -> None:
-    if not isinstance(value, bytes) or len(value) != HASH_SIZE:
-        raise _field_error(f"audit entry {name} must be {HASH_SIZE} bytes")
-
-
-def _check_uint(value: object, bits: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < (1 << bits):
-        raise _field_error(f"audit entry {name} must be an integer in 0..2^{bits}-1")
-
-
-def _check_text(value: object, name: str) -> None:
-    if not isinstance(value, str):
-        raise _field_error(f"audit entry {name} must be a string")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:  # lone surrogates
-        raise _field_error(f"audit entry {name} is not encodable as UTF-8") from exc
-
-
-@dataclass(frozen=True, slots=True)
-class RequestReceived:
-    """A signed request arrived (logged before the node evaluates it).
-
-    Attributes:
-        log_time_ms: POSIX milliseconds when logged.
-        message_id: SHA-256 of the request envelope bytes.
-        requester_key_id: the requester's Hansa key id.
-    """
-
-    log_time_ms: int
-    message_id: bytes
-    requester_key_id: bytes
-
-    def __post_init__(self) -> None:
-        _check_uint(self.log_time_ms, 64, "log_time_ms")
-        _check_hash(self.message_id, "message_id")
-        _check_hash(self.requester_key_id, "requester_key_id")
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The node's decision about a request (logged before the answer is sent).
-
-    Attributes:
-        log_time_ms: POSIX milliseconds when logged.
-        message_id: SHA-256 of the request envelope the decision is about.
-        outcome: answered, answered with suppressed cells, or refused.
-        reason: 0 when answered; the non-zero wire error code when refused.
-        disclosure_version: the disclosure-settings version applied (0: none).
-        data_version: the dataset's data version string, or empty.
-    """
-
-    log_time_ms: int
-    message_id: bytes
-    outcome: Outcome
-    reason: int = 0
-    disclosure_version: int = 0
-    data_version: str = ""
-
-    def __post_init__(self) -> None:
-        _check_uint(self.log_time_ms, 64, "log_time_ms")
-        _check_hash(self.message_id, "message_id")
-        if not isinstance(self.outcome, Outcome):
-            raise _field_error("decision outcome must be an Outcome")
-        _check_uint(self.reason, 16, "reason")
-        if (self.outcome is Outcome.REFUSED) != (self.reason != 0):
-            raise _field_error("a refusal needs a non-zero reason; an answer needs reason 0")
-        _check_uint(self.disclosure_version, 64, "disclosure_version")
-        _check_text(self.data_version, "data_version")
-
-
-@dataclass(frozen=True, slots=True)
-class AnswerSent:
-    """An answer or refusal envelope is about to be sent.
-
-    Attributes:
-        log_time_ms: POSIX milliseconds when logged.
-        request_id: SHA-256 of the request envelope answered.
-        answer_id: SHA-256 of the answer (or refusal) envelope bytes.
-    """
-
-    log_time_ms: int
-    request_id: bytes
-    answer_id: bytes
-
-    def __post_init__(self) -> None:
-        _check_uint(self.log_time_ms, 64, "log_time_ms")
-        _check_hash(self.request_id, "request_id")
-        _check_hash(self.answer_id, "answer_id")
-
-
-@dataclass(frozen=True, slots=True)
-class RosterInstalled:
-    """The node installed a new alliance roster.
-
-    Attributes:
-        log_time_ms: POSIX milliseconds when logged.
-        roster_digest: SHA-256 of the roster body.
-        roster_version: the roster's version number.
-    """
-
-    log_time_ms: int
-    roster_digest: bytes
-    roster_version: int
-
-    def __post_init__(self) -> None:
-        _check_uint(self.log_time_ms, 64, "log_time_ms")
-        _check_hash(self.roster_digest, "roster_digest")
-        _check_uint(self.roster_version, 64, "roster_version")
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRotated:
-    """One of the node's keys was replaced.
-
-    Attributes:
-        log_time_ms: POSIX milliseconds when logged.
-        old_key_id: key id of the retired key (32 zero bytes for a first key).
-        new_key_id: key id of the new key.
-        role: which key (e.g. ``"node"`` or ``"log"``).
-    """
-
-    log_time_ms: int
-    old_key_id: bytes
-    new_key_id: bytes
-    role: str = ""
-
-    def __post_init__(self) -> None:
-        _check_uint(self.log_time_ms, 64, "log_time_ms")
-        _check_hash(self.old_key_id, "old_key_id")
-        _check_hash(self.new_key_id, "new_key_id")
-        _check_text(self.role, "role")
-
-
-@dataclass(frozen=True, slots=True)
-class SettingsChanged:
-    """The node's configuration or a dataset's disclosure settings changed.
-
-    Attributes:
-        log_time_ms: POSIX milliseconds when logged.
-        scope: configuration or disclosure settings.
-        digest: SHA-256 of the new settings.
-        settings_version: the new settings version.
-        subject: the dataset name for disclosure settings; empty for configuration.
-    """
-
-    log_time_ms: int
-    scope: SettingsScope
-    digest: bytes
-    settings_version: int
-    subject: str = ""
-
-    def __post_init__(self) -> None:
-        _check_uint(self.log_time_ms, 64, "log_time_ms")
-        if not isinstance(self.scope, SettingsScope):
-            raise _field_error("settings scope must be a SettingsScope")
-        _check_hash(self.digest, "digest")
-        _check_uint(self.settings_version, 64, "settings_version")
-        _check_text(self.subject, "subject")
-
-
-AuditEntry = (
-    RequestReceived | Decision | AnswerSent | RosterInstalled | KeyRotated | SettingsChanged
-)
-"""Any decoded audit log entry."""
-
-# Fixed body layouts (module docstring table). Each is packed after the header and
-# followed by ``u16 data_len || data``.
-_REQUEST: Final = struct.Struct(">32s32s")
-_DECISION: Final = struct.Struct(">32sBHQ")
-_ANSWER: Final = struct.Struct(">32s32s")
-_ROSTER: Final = struct.Struct(">32sQ")
-_KEY: Final = struct.Struct(">32s32s")
-_SETTINGS: Final = struct.Struct(">B32sQ")
-_BODIES: Final[dict[EntryType, struct.Struct]] = {
-    EntryType.REQUEST_RECEIVED: _REQUEST,
-    EntryType.DECISION: _DECISION,
-    EntryType.ANSWER_SENT: _ANSWER,
-    EntryType.ROSTER_INSTALLED: _ROSTER,
-    EntryType.KEY_ROTATED: _KEY,
-    EntryType.SETTINGS_CHANGED: _SETTINGS,
-}
-
-
-def _parts(entry: AuditEntry) -> tuple[EntryType, bytes, bytes]:
-    """Return (type, packed body, data) of an entry."""
-    if isinstance(entry, RequestReceived):
-        body = _REQUEST.pack(entry.message_id, entry.requester_key_id)
-        return EntryType.REQUEST_RECEIVED, body, b""
-    if isinstance(entry, Decision):
-        body = _DECISION.pack(
-            entry.message_id, entry.outcome, entry.reason, entry.disclosure_version
-        )
-        return EntryType.DECISION, body, entry.data_version.encode("utf-8")
-    if isinstance(entry, AnswerSent):
-        return EntryType.ANSWER_SENT, _ANSWER.pack(entry.request_id, entry.answer_id), b""
-    if isinstance(entry, RosterInstalled):
-        body = _ROSTER.pack(entry.roster_digest, entry.roster_version)
-        return EntryType.ROSTER_INSTALLED, body, b""
-    if isinstance(entry, KeyRotated):
-        body = _KEY.pack(entry.old_key_id, entry.new_key_id)
-        return EntryType.KEY_ROTATED, body, entry.role.encode("utf-8")
-    if isinstance(entry, SettingsChanged):
-        body = _SETTINGS.pack(entry.scope, entry.digest, entry.settings_version)
-        return EntryType.SETTINGS_CHANGED, body, entry.subject.encode("utf-8")
-    raise _field_error(f"not an audit entry: {type(entry).__name__}")
-
-
-def encode_entry(entry: AuditEntry) -> bytes:
-    """Encode an entry as a ``hansa-audit/v1`` leaf.
-
-    Args:
-        entry: the entry (its fields were validated when it was built).
-
-    Returns:
-        The leaf bytes.
-
-    Raises:
-        TooLargeError: the leaf would exceed :data:`MAX_LEAF_SIZE`.
-        ProtocolError: ``entry`` is not an audit entry (code ``INVALID_FIELD``).
-    """
-    kind, body, data = _parts(entry)
-    size = _HEADER.size + len(body) + _DATA_LEN.size + len(data)
-    if size > MAX_LEAF_SIZE:
-        raise TooLargeError(f"audit leaf of {size} bytes exceeds {MAX_LEAF_SIZE}")
-    return b"".join(
-        (_HEADER.pack(MAGIC, kind, entry.log_time_ms), body, _DATA_LEN.pack(len(data)), data)
-    )
-
-
-def _text(data: bytes, name: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _field_error(f"audit leaf {name} is not valid UTF-8") from exc
-
-
-def _no_data(data: bytes, kind: EntryType) -> None:
-    if data:
-        raise _field_error(f"audit leaf of type {kind.name.lower()} must carry no data")
-
-
-def decode_entry(leaf: bytes) -> AuditEntry:
-    """Decode a ``hansa-audit/v1`` leaf strictly.
-
-    Args:
-        leaf: the leaf bytes.
-
-    Returns:
-        The entry.
-
-    Raises:
-        TooLargeError: the leaf exceeds :data:`MAX_LEAF_SIZE`.
-        ProtocolError: truncated, trailing bytes or bad magic (``MALFORMED``), another
-            format version (``UNSUPPORTED_VERSION``), or an unknown entry type, enum value,
-            non-empty data where none is allowed, or invalid UTF-8 (``INVALID_FIELD``).
-    """
-    if not isinstance(leaf, bytes | bytearray | memoryview):
-        raise ProtocolError("an audit leaf must be bytes")
-    leaf = bytes(leaf)
-    if len(leaf) > MAX_LEAF_SIZE:
-        raise TooLargeError(f"audit leaf of {len(leaf)} bytes exceeds {MAX_LEAF_SIZE}")
-    if len(leaf) < _HEADER.size:
-        raise ProtocolError("audit leaf is truncated (no complete header)")
-    magic, raw_kind, log_time_ms = _HEADER.unpack_from(leaf)
-    if magic != MAGIC:
-        if magic.startswith(_MAGIC_FAMILY):
-            raise ProtocolError(
-                f"unsupported audit leaf version {magic!r}", ErrorCode.UNSUPPORTED_VERSION
-            )
-        raise ProtocolError("not an audit leaf (bad magic)")
-    try:
-        kind = EntryType(raw_kind)
-    except ValueError as exc:
-        raise _field_error(f"unknown audit entry type 0x{raw_kind:02x}") from exc
-    body_layout = _BODIES[kind]
-    data_at = _HEADER.size + body_layout.size
-    if len(leaf) < data_at + _DATA_LEN.size:
-        raise ProtocolError("audit leaf is truncated (incomplete body)")
-    (data_len,) = _DATA_LEN.unpack_from(leaf, data_at)
-    end = data_at + _DATA_LEN.size + data_len
-    if len(leaf) < end:
-        raise ProtocolError("audit leaf is truncated (incomplete data)")
-    if len(leaf) > end:
-        raise ProtocolError("audit leaf has trailing bytes")
-    data = leaf[data_at + _DATA_LEN.size :]
-    try:
-        return _build(kind, log_time_ms, leaf, data)
-    except ValueError as exc:  # an enum byte with no member
-        raise _field_error(f"audit leaf has an invalid field: {exc}") from exc
-
-
-def _build(kind: EntryType, t: int, leaf: bytes, data: bytes) -> AuditEntry:
-    """Build the entry of type ``kind`` from its body (at offset 24) and data."""
-    at = _HEADER.size
-    if kind is EntryType.REQUEST_RECEIVED:
-        _no_data(data, kind)
-        mid, requester = _REQUEST.unpack_from(leaf, at)
-        return RequestReceived(t, mid, requester)
-    if kind is EntryType.DECISION:
-        mid, outcome, reason, disclosure = _DECISION.unpack_from(leaf, at)
-        return Decision(t, mid, Outcome(outcome), reason, disclosure, _text(data, "data version"))
-    if kind is EntryType.ANSWER_SENT:
-        _no_data(data, kind)
-        request_id, answer_id = _ANSWER.unpack_from(leaf, at)
-        return AnswerSent(t, request_id, answer_id)
-    if kind is EntryType.ROSTER_INSTALLED:
-        _no_data(data, kind)
-        digest, version = _ROSTER.unpack_from(leaf, at)
-        return RosterInstalled(t, digest, version)
-    if kind is EntryType.KEY_ROTATED:
-        old, new = _KEY.unpack_from(leaf, at)
-        return KeyRotated(t, old, new, _text(data, "key role"))
-    scope, digest, version = _SETTINGS.unpack_from(leaf, at)
-    return SettingsChanged(t, SettingsScope(scope), digest, version, _text(data, "subject"))
 
 
 # --------------------------------------------------------------------------------------
@@ -769,12 +391,14 @@ class AuditLog:
             if idx != len(hashes) or not isinstance(leaf, bytes):
                 return hashes, len(hashes)
             try:
-                entry = decode_entry(leaf)
+                fields = unpack_leaf(leaf)
             except ProtocolError:
                 return hashes, len(hashes)
-            key = _indexed_id(entry)
-            if key is not None:
-                self._by_id.setdefault(key, idx)
+            # The flat form: no entry object per leaf (a log may hold millions).
+            if fields.kind == EntryType.REQUEST_RECEIVED:
+                self._by_id.setdefault(fields.first, idx)
+            elif fields.kind == EntryType.ANSWER_SENT:
+                self._by_id.setdefault(fields.second, idx)
             hashes.append(leaf_hash(leaf))
         return hashes, None
 

@@ -21,25 +21,31 @@ from hypothesis import strategies as st
 from hansa.crypto.keys import SigningKey
 from hansa.crypto.merkle import leaf_hash, verify_consistency, verify_inclusion
 from hansa.crypto.note import NoteSigner, verify_checkpoint
+from hansa.node import auditlog
 from hansa.node.auditlog import (
+    AuditLog,
+    AuditLogError,
+    CheckpointPolicy,
+    InconsistentLogError,
+    _Job,
+)
+from hansa.protocol import auditleaf
+from hansa.protocol.auditleaf import (
     MAGIC,
     MAX_LEAF_SIZE,
     AnswerSent,
     AuditEntry,
-    AuditLog,
-    AuditLogError,
-    CheckpointPolicy,
     Decision,
-    InconsistentLogError,
+    EntryType,
     KeyRotated,
     Outcome,
     RequestReceived,
     RosterInstalled,
     SettingsChanged,
     SettingsScope,
-    _Job,
     decode_entry,
     encode_entry,
+    unpack_leaf,
 )
 from hansa.protocol.envelope import message_id
 from hansa.protocol.errors import ConfigError, ErrorCode, ProofError, ProtocolError, TooLargeError
@@ -191,9 +197,58 @@ def _patch(leaf: bytes, offset: int, value: bytes) -> bytes:
     ],
 )
 def test_bad_leaves_are_rejected_with_codes(leaf: bytes, code: ErrorCode) -> None:
-    with pytest.raises(ProtocolError) as info:
-        decode_entry(leaf)
-    assert info.value.code is code
+    for decoder in (decode_entry, unpack_leaf):  # both forms share one check
+        with pytest.raises(ProtocolError) as info:
+            decoder(leaf)
+        assert info.value.code is code
+
+
+@given(entries)
+def test_flat_and_typed_decodings_agree(entry: AuditEntry) -> None:
+    leaf = encode_entry(entry)
+    flat = unpack_leaf(leaf)
+    assert flat.kind == _KIND[type(entry)] and flat.log_time_ms == entry.log_time_ms
+    if isinstance(entry, RequestReceived):
+        assert (flat.first, flat.second) == (entry.message_id, entry.requester_key_id)
+    elif isinstance(entry, AnswerSent):
+        assert (flat.first, flat.second) == (entry.request_id, entry.answer_id)
+    elif isinstance(entry, Decision):
+        want = (entry.message_id, entry.outcome, entry.reason)
+        assert (flat.first, flat.outcome, flat.reason) == want
+        assert (flat.version, flat.text) == (entry.disclosure_version, entry.data_version)
+    elif isinstance(entry, RosterInstalled):
+        assert (flat.first, flat.version) == (entry.roster_digest, entry.roster_version)
+    elif isinstance(entry, KeyRotated):
+        assert (flat.first, flat.second, flat.text) == (
+            entry.old_key_id,
+            entry.new_key_id,
+            entry.role,
+        )
+    else:
+        want2 = (entry.scope, entry.digest, entry.settings_version, entry.subject)
+        assert (flat.outcome, flat.first, flat.version, flat.text) == want2
+
+
+_KIND: dict[type, EntryType] = {
+    RequestReceived: EntryType.REQUEST_RECEIVED,
+    Decision: EntryType.DECISION,
+    AnswerSent: EntryType.ANSWER_SENT,
+    RosterInstalled: EntryType.ROSTER_INSTALLED,
+    KeyRotated: EntryType.KEY_ROTATED,
+    SettingsChanged: EntryType.SETTINGS_CHANGED,
+}
+
+
+def test_node_store_re_exports_the_shared_codec() -> None:
+    for name in auditleaf.__all__:
+        if name in auditlog.__all__:
+            assert getattr(auditlog, name) is getattr(auditleaf, name), name
+    assert auditlog.encode_entry is encode_entry and auditlog.RequestReceived is RequestReceived
+
+
+def test_non_bytes_leaf_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        unpack_leaf("hansa-audit/v1\n" + "x" * 80)  # type: ignore[arg-type]
 
 
 def test_entries_validate_their_fields() -> None:
