@@ -60,11 +60,15 @@ how a client learns the ``roster_version`` to sign.
 
 The audit log (``spec/protocol.md`` §16, :mod:`hansa.node.auditlog`) wraps the
 pipeline: once the signature has verified, ``request_received`` (with the request
-envelope) is appended before step 3 begins; the decision and ``answer_sent`` (with the
-signed reply) are appended before the reply is written. Both appends are durable
-(fsynced) and batched on the event loop: concurrent requests queue their entries and
-one drain task commits each batch with one ``append_many`` in a thread (one
-transaction, one fsync). Unverifiable input is never logged. When the log cannot
+envelope) takes its place in the log before step 3 begins (it is queued, in log order,
+without waiting); the decision and ``answer_sent`` (with the signed reply) are queued
+after it, and the reply is written only once one commit has made all three durable
+(§16.2). So a request waits for one fsync, not two. Appends are batched on the event
+loop: concurrent requests queue their entries and one drain task commits each batch
+with one ``append_many`` in a thread (one transaction, one fsync); a request entry
+queued by a request that never reaches its reply is committed by the next batch, by
+the checkpoint task within a second, or at shutdown. Unverifiable input is never
+logged. When the log cannot
 write, the node signs nothing and answers 503 ``UNAVAILABLE`` (fail closed). Roster
 take-ups and changed configuration or disclosure settings are logged too, and a
 background task signs checkpoints (``[audit]`` checkpoint_seconds/checkpoint_entries).
@@ -210,6 +214,9 @@ _MAX_WITNESS_BODY: Final = 128 * 1024
 COSIGNED_FILE: Final = "audit-cosigned.sqlite"
 """Checkpoint notes with merged witness cosignatures, and pinned witness keys."""
 _PUSH_TIMEOUT_S: Final = 5.0
+
+_LogJob = tuple[list[AuditEntry], list[bytes], asyncio.Future[None] | None]
+"""Queued entries, their envelopes, and the caller waiting for them to be durable."""
 
 _AUDIT_THREADS: Final = 64
 """Threads that may wait on the audit log at once. Appends block until their group
@@ -438,7 +445,8 @@ class NodeState:
         self._checkpoint_wake: asyncio.Event | None = None
         self._logged = _LoggedState()
         self._settings_lock = asyncio.Lock()
-        self._log_queue: list[tuple[list[AuditEntry], list[bytes], asyncio.Future[None]]] = []
+        self._log_queue: list[_LogJob] = []
+        self._log_failed = False  # a batch failed: fail closed until a restart (§16.2)
         self._draining = False
         self._drainer: asyncio.Task[None] | None = None
         self.witness: Witness | None = None
@@ -528,12 +536,13 @@ class NodeState:
             who = self._identify(data, trust)
             if who is None:
                 raise
-            await self._log_request(who[0], who[2], data)
+            self._log_request(who[0], who[2], data)
             raise _Identified(who[0], who[1], exc) from exc
         request_id = opened.message_id
         principal = trust.principals[opened.envelope.key_id]
-        # Logged (durably) before anything is decided or done about it (spec §16.2).
-        await self._log_request(request_id, opened.envelope.key_id, data)
+        # Placed in the log before anything is decided or done about it; durable with
+        # the reply's commit, before the reply is sent (spec §16.2).
+        self._log_request(request_id, opened.envelope.key_id, data)
         req = opened.message
         if req.requester != principal:
             raise _Identified(
@@ -728,26 +737,46 @@ class NodeState:
 
     # --- the audit log (spec §16) -------------------------------------------------
 
+    def _queue_log(
+        self,
+        entries: list[AuditEntry],
+        envelopes: list[bytes],
+        done: asyncio.Future[None] | None = None,
+    ) -> None:
+        """Give entries their place in the log now; they become durable with a later batch.
+
+        Raises:
+            _AuditUnavailable: the log is not open, or an earlier batch failed.
+        """
+        if self.audit is None or self._audit_pool is None:
+            raise _AuditUnavailable("the audit log is not open")
+        if self._log_failed:
+            raise _AuditUnavailable("the audit log is unavailable")
+        self._log_queue.append((entries, envelopes, done))
+
     async def _append(self, entries: list[AuditEntry], envelopes: list[bytes]) -> None:
         """Append durably, off the event loop, batched with concurrent requests.
 
         Group commit on the event loop: callers queue their entries; one drain task
         at a time hands everything queued to the log in one ``append_many`` (one
         thread hop, one transaction, one fsync) while later callers queue for the
-        next batch. Each caller's entries stay contiguous and in order.
+        next batch. Each caller's entries stay contiguous and in order, after every
+        entry queued before them (:meth:`_queue_log`), so returning here makes those
+        durable too.
 
         Raises:
             _AuditUnavailable: the log is not open or the append failed.
         """
-        if self.audit is None or self._audit_pool is None:
-            raise _AuditUnavailable("the audit log is not open")
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._log_queue.append((entries, envelopes, done))
-        if not self._draining:
-            self._draining = True
-            self._drainer = loop.create_task(self._drain_log())
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue_log(entries, envelopes, done)
+        self._kick_log()
         await done
+
+    def _kick_log(self) -> None:
+        """Start the drain task unless it runs (it empties the queue before it ends)."""
+        if not self._draining and self._log_queue:
+            self._draining = True
+            self._drainer = asyncio.get_running_loop().create_task(self._drain_log())
 
     async def _drain_log(self) -> None:
         """Commit queued appends batch by batch until the queue is empty."""
@@ -755,12 +784,17 @@ class NodeState:
         try:
             while self._log_queue:
                 batch, self._log_queue = self._log_queue, []
-                entries = [e for job in batch for e in job[0]]
-                envelopes = [b for job in batch for b in job[1]]
+                if len(batch) == 1:
+                    entries, envelopes = batch[0][0], batch[0][1]
+                else:
+                    entries = [e for job in batch for e in job[0]]
+                    envelopes = [b for job in batch for b in job[1]]
                 audit, pool = self.audit, self._audit_pool
                 error: BaseException | None = None
                 if audit is None or pool is None:
                     error = _AuditUnavailable("the audit log is not open")
+                elif self._log_failed:
+                    error = _AuditUnavailable("the audit log is unavailable")
                 else:
                     try:
                         await loop.run_in_executor(pool, audit.append_many, entries, envelopes)
@@ -771,30 +805,35 @@ class NodeState:
                         log.exception("audit log append failed")
                         error = _AuditUnavailable("the audit log is unavailable")
                         if not isinstance(exc, Exception):
+                            self._log_failed = True
                             self._resolve_batch(batch, error)
                             raise
+                if error is not None:
+                    # A lost batch may hold request entries whose replies are queued in
+                    # a later one: nothing more may become durable after it.
+                    self._log_failed = True
                 self._resolve_batch(batch, error)
         finally:
             self._draining = False
 
     @staticmethod
-    def _resolve_batch(
-        batch: list[tuple[list[AuditEntry], list[bytes], asyncio.Future[None]]],
-        error: BaseException | None,
-    ) -> None:
-        """Resolve every caller of a batch: success when ``error`` is None."""
+    def _resolve_batch(batch: list[_LogJob], error: BaseException | None) -> None:
+        """Resolve every waiting caller of a batch: success when ``error`` is None."""
         for _, _, done in batch:
-            if done.done():
+            if done is None or done.done():
                 continue
             if error is None:
                 done.set_result(None)
             else:
                 done.set_exception(error)
 
-    async def _log_request(self, request_id: bytes, key_id: bytes, envelope: bytes) -> None:
-        """Log a verified request and keep its envelope (before the node acts on it)."""
-        entry = RequestReceived(self.clock_ms(), request_id, key_id)
-        await self._append([entry], [envelope])
+    def _log_request(self, request_id: bytes, key_id: bytes, envelope: bytes) -> None:
+        """Place a verified request and its envelope in the log (before the node acts).
+
+        Not waited for: the reply's append (:meth:`_log_reply`) commits it, in order,
+        before the reply is sent (spec §16.2).
+        """
+        self._queue_log([RequestReceived(self.clock_ms(), request_id, key_id)], [envelope])
 
     async def _log_reply(self, decision: LoggedDecision, reply: bytes) -> None:
         """Log the decision and the reply envelope (before the reply is sent)."""
@@ -956,6 +995,9 @@ class NodeState:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), period)
             wake.clear()
+            # Request entries whose requests never reached a reply (§16.6) become
+            # durable within a period even when no other request comes.
+            self._kick_log()
             try:
                 await asyncio.to_thread(self._checkpoint_if_due)
             except HansaError as exc:
@@ -1584,6 +1626,12 @@ class NodeState:
             # In-flight handlers have finished by now (aiohttp waits for them
             # before cleanup); wait for any thread that outlived its request.
             await asyncio.to_thread(pool.shutdown, wait=True)
+            if self._log_queue:  # entries of requests that never reached a reply
+                with contextlib.suppress(_AuditUnavailable):
+                    await self._append([], [])
+            drainer = self._drainer
+            if drainer is not None and not drainer.done():
+                await asyncio.wait([drainer])
             await asyncio.to_thread(self._close_audit)
             witness, self.witness = self.witness, None
             if witness is not None:

@@ -218,6 +218,7 @@ class _Job:
 
 
 _FORMAT: Final = "hansa-audit-store/v1"
+_WAL_AUTOCHECKPOINT: Final = 10_000
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS leaves (idx INTEGER PRIMARY KEY, leaf BLOB NOT NULL);
@@ -833,4 +834,9 @@ def _connect(path: Path, durable: bool) -> sqlite3.Connection:
         raise sqlite3.OperationalError(f"cannot enable WAL mode (got {mode})")
     # FULL: in WAL mode every commit fsyncs the WAL, so a returned append is on disk.
     conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
+    # The commit that crosses this many WAL pages copies them into the database (and
+    # fsyncs it) before it returns, and every waiting caller stalls behind it. 10,000
+    # pages (~40 MB of WAL) instead of SQLite's 1,000: fewer stalls and pages written
+    # once per checkpoint more often (bench/node.py (a): about +0.01-0.02 x bare).
+    conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT}")
     return conn

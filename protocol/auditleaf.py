@@ -320,9 +320,15 @@ _HAS_DATA: Final = frozenset(
 _REQUEST_LEAF: Final = struct.Struct(">15sBQ32s32sH")
 _REQUEST_LEAF_SIZE: Final = _REQUEST_LEAF.size
 _unpack_request_leaf: Final = _REQUEST_LEAF.unpack
+_pack_request_leaf: Final = _REQUEST_LEAF.pack
+_pack_pair_leaf: Final = _REQUEST_LEAF.pack  # answer_sent has the same shape
+_DECISION_HEAD: Final = struct.Struct(">15sBQ32sBHQH")
+_pack_decision_head: Final = _DECISION_HEAD.pack
+_DECISION_TEXT_MAX: Final = MAX_LEAF_SIZE - _DECISION_HEAD.size
 # Plain ints for the decoder's comparisons (an IntEnum member costs an attribute lookup).
 _REQUEST_KIND: Final = int(EntryType.REQUEST_RECEIVED)
 _DECISION_KIND: Final = int(EntryType.DECISION)
+_ANSWER_KIND: Final = int(EntryType.ANSWER_SENT)
 _ROSTER_KIND: Final = int(EntryType.ROSTER_INSTALLED)
 _SETTINGS_KIND: Final = int(EntryType.SETTINGS_CHANGED)
 _REFUSED: Final = int(Outcome.REFUSED)
@@ -367,12 +373,40 @@ def encode_entry(entry: AuditEntry) -> bytes:
         TooLargeError: the leaf would exceed :data:`MAX_LEAF_SIZE`.
         ProtocolError: ``entry`` is not an audit entry (code ``INVALID_FIELD``).
     """
-    kind, body, data = _parts(entry)
+    # The node logs these three for every request: each is one pack (header, body and
+    # data length together), the same bytes as the general path below.
+    kind = type(entry)
+    if kind is RequestReceived:
+        assert isinstance(entry, RequestReceived)
+        return _pack_request_leaf(
+            MAGIC, _REQUEST_KIND, entry.log_time_ms, entry.message_id, entry.requester_key_id, 0
+        )
+    if kind is AnswerSent:
+        assert isinstance(entry, AnswerSent)
+        return _pack_pair_leaf(
+            MAGIC, _ANSWER_KIND, entry.log_time_ms, entry.request_id, entry.answer_id, 0
+        )
+    if kind is Decision:
+        assert isinstance(entry, Decision)
+        text = entry.data_version.encode("utf-8")
+        if len(text) <= _DECISION_TEXT_MAX:
+            head = _pack_decision_head(
+                MAGIC,
+                _DECISION_KIND,
+                entry.log_time_ms,
+                entry.message_id,
+                entry.outcome,
+                entry.reason,
+                entry.disclosure_version,
+                len(text),
+            )
+            return head + text if text else head
+    code, body, data = _parts(entry)
     size = _HEADER.size + len(body) + _DATA_LEN.size + len(data)
     if size > MAX_LEAF_SIZE:
         raise TooLargeError(f"audit leaf of {size} bytes exceeds {MAX_LEAF_SIZE}")
     return b"".join(
-        (_HEADER.pack(MAGIC, kind, entry.log_time_ms), body, _DATA_LEN.pack(len(data)), data)
+        (_HEADER.pack(MAGIC, code, entry.log_time_ms), body, _DATA_LEN.pack(len(data)), data)
     )
 
 
