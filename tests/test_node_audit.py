@@ -47,6 +47,7 @@ from hansa.federation.roster import (
 from hansa.node.app import AUDIT_ROUTE, ERROR_MEDIA_TYPE, LOG_KEYS_ROUTE
 from hansa.node.auditlog import (
     AnswerSent,
+    AuditLogError,
     Decision,
     Outcome,
     RequestReceived,
@@ -256,6 +257,41 @@ async def test_request_decision_and_answer_are_logged_before_the_reply(
         assert any(isinstance(e, RosterInstalled) and e.roster_version == 1 for e in first)
         scopes = {e.scope for e in first if isinstance(e, SettingsChanged)}
         assert scopes == {SettingsScope.CONFIG, SettingsScope.DISCLOSURE}
+
+
+async def test_a_request_waits_for_one_commit_and_a_lost_batch_fails_closed(
+    config: NodeConfig,
+) -> None:
+    async with running_node(config) as node:
+        audit = node.state.audit
+        assert audit is not None
+        before = audit.commits
+        for _ in range(3):  # one at a time: no other request shares a commit
+            await _query(node, ANA)
+        # request_received is not committed on its own: it rides the reply's commit.
+        assert audit.commits - before == 3
+
+        def broken(*_args: object, **_kwargs: object) -> list[int]:
+            raise AuditLogError("disk gone")
+
+        audit.append_many = broken  # type: ignore[method-assign]
+        status, body = await node.post(_sealed(ANA))
+        assert status == 503
+        assert decode_as(body, ErrorMessage).code is ErrorCode.UNAVAILABLE
+        # The lost batch may have held request entries of replies queued after it, so
+        # the node stays closed even once the store works again (spec §16.2).
+        del audit.append_many
+        size = audit.size
+        request = _sealed(ANA)
+        status, body = await node.post(request)
+        assert status == 503
+        assert decode_as(body, ErrorMessage).code is ErrorCode.UNAVAILABLE
+        assert audit.size == size and audit.index_of(message_id(request)) is None
+
+
+def _sealed(analyst: Analyst) -> bytes:
+    request = analyst.request(CITY, count_by_room_type(), purpose=PURPOSE)
+    return analyst.seal(msgspec.structs.replace(request, roster_version=1))
 
 
 async def test_refusals_are_logged_and_unverifiable_junk_is_not(config: NodeConfig) -> None:
