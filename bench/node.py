@@ -1,6 +1,8 @@
 """Node throughput: signed grouped counts vs a bare aiohttp route, same client, same run.
 
-Run: ``.venv/bin/python bench/node.py [--seconds S] [--concurrency C] [--rows N]``
+Run: ``.venv/bin/python bench/node.py [--seconds S] [--concurrency C] [--rows N]
+[--no-durable]``. The node's audit log (spec §16) is durable (fsynced group commits)
+as in production; ``--no-durable`` writes it without fsync, for reference only.
 
 Setup (not timed): a node data directory with generated listings
 (``hansa.node.synthetic``), an analyst key trusted by the node, and two
