@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Final
@@ -84,6 +83,7 @@ from hansa.federation.roster import (
     signed_by,
     verify_roster,
 )
+from hansa.protocol.auditleaf import EntryType, unpack_leaf
 from hansa.protocol.codec import decode_as, encode
 from hansa.protocol.envelope import (
     MAX_ENVELOPE_SIZE,
@@ -173,9 +173,6 @@ RECEIPT_STATUSES: Final = frozenset({"fetched", "refused", "failed"})
 # A ``request_received`` leaf (node/auditlog.py, "Leaf layout" hansa-audit/v1): magic,
 # type 0x01, u64 log_time_ms, message_id[32], requester_key_id[32], u16 data_len = 0.
 # Parsed here because federation/ may not import node/.
-_REQUEST_LEAF: Final = struct.Struct(">15sBQ32s32sH")
-_LEAF_MAGIC: Final = b"hansa-audit/v1\n"
-_REQUEST_RECEIVED: Final = 0x01
 
 Envelope = Annotated[bytes, Meta(min_length=1, max_length=MAX_ENVELOPE_SIZE)]
 Detail = Annotated[str, Meta(max_length=MAX_DETAIL)]
@@ -726,12 +723,13 @@ def _check_entry(
 
 def _request_leaf(leaf: bytes) -> tuple[int, bytes, bytes] | None:
     """``(log_time_ms, message_id, requester_key_id)`` of a request_received leaf, or None."""
-    if len(leaf) != _REQUEST_LEAF.size:
+    try:
+        fields = unpack_leaf(leaf)
+    except HansaError:
         return None
-    magic, kind, log_time, mid, kid, data_len = _REQUEST_LEAF.unpack(leaf)
-    if magic != _LEAF_MAGIC or kind != _REQUEST_RECEIVED or data_len != 0:
+    if fields.kind != EntryType.REQUEST_RECEIVED:
         return None
-    return log_time, mid, kid
+    return fields.log_time_ms, fields.first, fields.second
 
 
 def _check_receipt(entry: CityEvidence, receipt: Receipt, roster: Roster, checks: _Checks) -> None:

@@ -1188,6 +1188,10 @@ class NodeState:
                 raise _invalid(f"entry {index} is not in a tree of size {size}")
             return respond(
                 checkpoint=self._served_note(cp),
+                # The leaf itself: a requester cannot rebuild it (it holds the
+                # node's log time) and may not fetch entries (spec §16.4).
+                entries=tuple(audit.leaves(index, index + 1)),
+                first_index=index,
                 proof=tuple(audit.inclusion_proof(index, size)),
                 index=index,
                 tree_size=size,
