@@ -117,11 +117,26 @@ class Phase:
     seconds: float
     non_200: int = 0
     refusals: int = 0
+    cpu_seconds: float = 0.0
 
     @property
     def rate(self) -> float:
         """Completed requests per second."""
         return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_us(self) -> float:
+        """The server process's CPU time (user + system) per completed request, in us."""
+        return 1e6 * self.cpu_seconds / self.requests if self.requests else 0.0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far (Linux ``/proc``; else 0)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _request(analyst: SigningKey, now: int, query: Query = QUERY) -> QueryRequest:
@@ -220,6 +235,7 @@ class Target:
     phase: Phase
     url: str
     next_body: Callable[[], bytes | None]
+    pid: int
     exhausted: bool = False
 
 
@@ -235,6 +251,7 @@ async def _slice(
     headers = {"Content-Type": ENVELOPE_MEDIA_TYPE}
     refusal_type = PayloadType.QUERY_REFUSAL.value.encode()
     phase = target.phase
+    cpu_before = _cpu_seconds(target.pid)
     started = time.perf_counter()
     stop_at = started + seconds
 
@@ -258,6 +275,7 @@ async def _slice(
     if measure:
         # Until the last in-flight request returned: a slice's tail is work too.
         phase.seconds += time.perf_counter() - started
+        phase.cpu_seconds += _cpu_seconds(target.pid) - cpu_before
 
 
 async def _interleaved(
@@ -355,6 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="[audit] durable = false: the log is written without fsync (reference only)",
     )
+    parser.add_argument(
+        "--only-repeated",
+        action="store_true",
+        help="measure only (a) and bare (e.g. while profiling the node)",
+    )
     parser.add_argument("--bare", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare is not None:
@@ -412,10 +435,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 cycle = itertools.cycle(stock)
                 targets = [
-                    Target(repeated, url, _from_stock(stock[1:])),
-                    Target(cold, url, _from_stock(distinct)),
-                    Target(bare, bare_url, lambda: next(cycle)),
+                    Target(repeated, url, _from_stock(stock[1:]), node.pid),
+                    Target(cold, url, _from_stock(distinct), node.pid),
+                    Target(bare, bare_url, lambda: next(cycle), bare_proc.pid),
                 ]
+                if args.only_repeated:
+                    del targets[1]
                 asyncio.run(
                     _interleaved(targets, args.concurrency, args.warmup, args.seconds, args.slice)
                 )
@@ -423,7 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _stop(bare_proc)
         finally:
             _stop(node)
-        engine_phase = _engine_alone(data_dir, distinct_requests, min(args.seconds, 3.0))
+        engine_phase = (
+            Phase("engine alone, distinct (no HTTP)", 0, 0.0)
+            if args.only_repeated
+            else _engine_alone(data_dir, distinct_requests, min(args.seconds, 3.0))
+        )
 
     print(f"node bench: {args.rows:,} generated listings, grouped count by room_type")
     print(
@@ -441,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if phase is not engine_phase
             else ""
         )
+        if phase.cpu_seconds:
+            extra += f"; server CPU {phase.cpu_us:.0f} us/request"
         count = f"{phase.requests:,} in {phase.seconds:.1f} s{extra}"
         print(f"  {phase.name:<34}{phase.rate:>8,.0f} /s  {vs_bare}  ({count})")
     for label, phase in (("(a) repeated", repeated), ("(b) distinct", cold)):

@@ -448,6 +448,50 @@ class MerkleTree:
         _check_leaf_hash(h)
         return self._push(bytes(h))
 
+    def extend_leaf_hashes(self, hashes: Iterable[bytes]) -> int:
+        """Append already computed leaf hashes in order, in bulk (e.g. one commit's batch).
+
+        The same state as :meth:`append_leaf_hash` for each hash in turn, but each level
+        grows once per call: the interior nodes the batch completes are hashed in one
+        pass per level, without a Python call per leaf.
+
+        Args:
+            hashes: the 32-byte leaf hashes, in log order.
+
+        Returns:
+            The 0-based index of the first new leaf (the old size).
+
+        Raises:
+            ProtocolError: a hash is not 32 bytes (code ``INVALID_FIELD``); the tree is
+                then unchanged.
+        """
+        batch = [bytes(h) for h in hashes]
+        for h in batch:
+            _check_leaf_hash(h)
+        first = old = self._size
+        new = old + len(batch)
+        levels = self._levels
+        levels[0] += b"".join(batch)
+        sha, prefix = _sha256, _NODE_PREFIX
+        k = 0
+        # Level k held ``old`` nodes and now holds ``new``: the nodes of level k + 1 from
+        # old // 2 to new // 2 are the blocks this batch just completed.
+        while new >> 1 > old >> 1:
+            if k + 1 == len(levels):
+                levels.append(bytearray())
+            with memoryview(levels[k]) as view:
+                levels[k + 1] += b"".join(
+                    [
+                        sha(prefix + view[i : i + 64]).digest()
+                        for i in range((old >> 1) * 64, (new >> 1) * 64, 64)
+                    ]
+                )
+            old >>= 1
+            new >>= 1
+            k += 1
+        self._size = first + len(batch)
+        return first
+
     def _push(self, h: bytes) -> int:
         levels = self._levels
         index = self._size

@@ -215,7 +215,8 @@ COSIGNED_FILE: Final = "audit-cosigned.sqlite"
 """Checkpoint notes with merged witness cosignatures, and pinned witness keys."""
 _PUSH_TIMEOUT_S: Final = 5.0
 
-_LogJob = tuple[list[AuditEntry], list[bytes], asyncio.Future[None] | None]
+_LogJob = tuple[list[AuditEntry], list[tuple[bytes, bytes]], asyncio.Future[None] | None]
+"""Queued entries, their envelopes as (message id, bytes), and the caller waiting, if any."""
 """Queued entries, their envelopes, and the caller waiting for them to be durable."""
 
 _AUDIT_THREADS: Final = 64
@@ -740,10 +741,13 @@ class NodeState:
     def _queue_log(
         self,
         entries: list[AuditEntry],
-        envelopes: list[bytes],
+        envelopes: list[tuple[bytes, bytes]],
         done: asyncio.Future[None] | None = None,
     ) -> None:
         """Give entries their place in the log now; they become durable with a later batch.
+
+        ``envelopes`` are (message id, envelope bytes) pairs: the node hashed each one
+        when it opened or sealed it, and the log does not hash it again.
 
         Raises:
             _AuditUnavailable: the log is not open, or an earlier batch failed.
@@ -755,6 +759,12 @@ class NodeState:
         self._log_queue.append((entries, envelopes, done))
 
     async def _append(self, entries: list[AuditEntry], envelopes: list[bytes]) -> None:
+        """Append durably (see :meth:`_append_hashed`), hashing the envelopes here."""
+        await self._append_hashed(entries, [(message_id(b), b) for b in envelopes])
+
+    async def _append_hashed(
+        self, entries: list[AuditEntry], envelopes: list[tuple[bytes, bytes]]
+    ) -> None:
         """Append durably, off the event loop, batched with concurrent requests.
 
         Group commit on the event loop: callers queue their entries; one drain task
@@ -784,11 +794,9 @@ class NodeState:
         try:
             while self._log_queue:
                 batch, self._log_queue = self._log_queue, []
-                if len(batch) == 1:
-                    entries, envelopes = batch[0][0], batch[0][1]
-                else:
-                    entries = [e for job in batch for e in job[0]]
-                    envelopes = [b for job in batch for b in job[1]]
+                entries = [e for job in batch for e in job[0]]
+                ids = [pair[0] for job in batch for pair in job[1]]
+                envelopes = [pair[1] for job in batch for pair in job[1]]
                 audit, pool = self.audit, self._audit_pool
                 error: BaseException | None = None
                 if audit is None or pool is None:
@@ -797,7 +805,10 @@ class NodeState:
                     error = _AuditUnavailable("the audit log is unavailable")
                 else:
                     try:
-                        await loop.run_in_executor(pool, audit.append_many, entries, envelopes)
+                        append = functools.partial(
+                            audit.append_many, entries, envelopes, envelope_ids=ids
+                        )
+                        await loop.run_in_executor(pool, append)
                     except HansaError as exc:
                         log.error("audit log append failed: %s", exc.message)
                         error = _AuditUnavailable("the audit log is unavailable")
@@ -833,12 +844,15 @@ class NodeState:
         Not waited for: the reply's append (:meth:`_log_reply`) commits it, in order,
         before the reply is sent (spec §16.2).
         """
-        self._queue_log([RequestReceived(self.clock_ms(), request_id, key_id)], [envelope])
+        self._queue_log(
+            [RequestReceived(self.clock_ms(), request_id, key_id)], [(request_id, envelope)]
+        )
 
     async def _log_reply(self, decision: LoggedDecision, reply: bytes) -> None:
         """Log the decision and the reply envelope (before the reply is sent)."""
-        sent = AnswerSent(decision.log_time_ms, decision.message_id, message_id(reply))
-        await self._append([decision, sent], [reply])
+        answer_id = message_id(reply)
+        sent = AnswerSent(decision.log_time_ms, decision.message_id, answer_id)
+        await self._append_hashed([decision, sent], [(answer_id, reply)])
         audit, wake = self.audit, self._checkpoint_wake
         if (
             audit is not None

@@ -483,7 +483,11 @@ class AuditLog:
         return self.append_many([entry], envelopes)[0]
 
     def append_many(
-        self, entries: Sequence[AuditEntry], envelopes: Iterable[bytes] = ()
+        self,
+        entries: Sequence[AuditEntry],
+        envelopes: Iterable[bytes] = (),
+        *,
+        envelope_ids: Sequence[bytes] | None = None,
     ) -> list[int]:
         """Append entries in order, contiguously, and return once they are durable.
 
@@ -494,6 +498,10 @@ class AuditLog:
         Args:
             entries: the entries, in order.
             envelopes: envelopes to store beside the tree, keyed by SHA-256.
+            envelope_ids: the SHA-256 (message id) of each envelope, in order, when the
+                caller has them already (the node computed them when it opened or
+                sealed the envelopes); else they are computed here. Trusted: a wrong id
+                stores an envelope that :meth:`envelope` then reports as edited.
 
         Returns:
             The leaf indices, contiguous and in order.
@@ -501,9 +509,16 @@ class AuditLog:
         Raises:
             AuditLogError: the store is closed or the commit failed.
             TooLargeError: an entry is too large.
+            ConfigError: ``envelope_ids`` does not have one id per envelope.
         """
         leaves = [encode_entry(e) for e in entries]
-        envs = [(message_id(bytes(b)), bytes(b)) for b in envelopes]
+        if envelope_ids is None:
+            envs = [(message_id(bytes(b)), bytes(b)) for b in envelopes]
+        else:
+            blobs = [bytes(b) for b in envelopes]
+            if len(blobs) != len(envelope_ids) or any(len(h) != HASH_SIZE for h in envelope_ids):
+                raise ConfigError("append_many needs one 32-byte id per envelope")
+            envs = list(zip([bytes(h) for h in envelope_ids], blobs, strict=True))
         if not leaves and not envs:
             return []
         # Hashing happens here, in the caller's thread, not under the write lock.
@@ -576,13 +591,15 @@ class AuditLog:
                 pass
             self._fail(batch, self._broken)
             return
+        hashes = [h for job in batch for h in job.hashes] if len(batch) > 1 else batch[0].hashes
         with self._state_lock:
+            self._tree.extend_leaf_hashes(hashes)  # one pass per level, not one call per leaf
+            by_id = self._by_id
             for job in batch:
-                for index, h, entry in zip(job.indices, job.hashes, job.entries, strict=True):
-                    self._tree.append_leaf_hash(h)
+                for index, entry in zip(job.indices, job.entries, strict=True):
                     key = _indexed_id(entry)
                     if key is not None:
-                        self._by_id.setdefault(key, index)
+                        by_id.setdefault(key, index)
         for job in batch:
             job.done = True
 

@@ -676,3 +676,20 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_entry(tmp_path: Path) -
     assert len(acked) >= 20  # the children really did acknowledge entries
     with AuditLog.open(db, ORIGIN, verifier=signer.verifier) as log:
         assert len(log.checkpoints()) >= 2  # and signed checkpoints that were re-verified
+
+
+def test_envelope_ids_given_by_the_caller_key_the_envelopes(tmp_path: Path) -> None:
+    with AuditLog.open(tmp_path / "a.db", ORIGIN) as log:
+        entry, env = _request(0)
+        log.append_many([entry], [env], envelope_ids=[entry.message_id])
+        assert log.envelope(entry.message_id) == env
+        with pytest.raises(ConfigError):
+            log.append_many([_request(1)[0]], [env], envelope_ids=[])
+        with pytest.raises(ConfigError):
+            log.append_many([_request(1)[0]], [env], envelope_ids=[b"short"])
+        assert log.size == 1  # a rejected call appends nothing
+        # A wrong id is caught when the envelope is read (it does not hash to its key).
+        other, other_env = _request(2)
+        log.append_many([other], [other_env], envelope_ids=[bytes(32)])
+        with pytest.raises(InconsistentLogError):
+            log.envelope(bytes(32))

@@ -475,3 +475,32 @@ def test_bad_proof_requests_raise_proof_error() -> None:
         with pytest.raises(ProofError) as exc:
             call()
         assert exc.value.code is ErrorCode.PROOF
+
+
+@given(st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=6))
+def test_extend_leaf_hashes_matches_one_at_a_time(batches: list[int]) -> None:
+    one, bulk = MerkleTree(), MerkleTree()
+    n = 0
+    for k in batches:
+        hashes = [leaf_hash(i.to_bytes(4, "big")) for i in range(n, n + k)]
+        for h in hashes:
+            one.append_leaf_hash(h)
+        assert bulk.extend_leaf_hashes(hashes) == n
+        n += k
+        assert bulk.size == one.size == n
+        assert bulk.root() == one.root()
+        if n:
+            assert bulk.inclusion_proof(n // 2) == one.inclusion_proof(n // 2)
+            assert bulk.consistency_proof(max(1, n // 3)) == one.consistency_proof(max(1, n // 3))
+    grown = MerkleTree.from_leaf_hashes(bulk.leaf_hash_at(i) for i in range(n))
+    assert grown.root() == bulk.root()
+
+
+def test_extend_leaf_hashes_rejects_bad_lengths_atomically() -> None:
+    tree = MerkleTree()
+    h = leaf_hash(b"a")
+    tree.extend_leaf_hashes([h])
+    with pytest.raises(ProtocolError) as exc:
+        tree.extend_leaf_hashes([h, h[:31]])
+    assert exc.value.code is ErrorCode.INVALID_FIELD
+    assert tree.size == 1 and tree.root() == root_hash([b"a"])
