@@ -1,8 +1,11 @@
 """Node throughput: signed grouped counts vs a bare aiohttp route, same client, same run.
 
 Run: ``.venv/bin/python bench/node.py [--seconds S] [--concurrency C] [--rows N]
-[--no-durable]``. The node's audit log (spec §16) is durable (fsynced group commits)
-as in production; ``--no-durable`` writes it without fsync, for reference only.
+[--no-durable] [--only-repeated]``. The node's audit log (spec §16) is durable (fsynced
+group commits) as in production; ``--no-durable`` writes it without fsync, for reference
+only. ``--only-repeated`` measures (a) and bare alone (quicker; e.g. while profiling the
+node with py-spy). Each server phase also reports the server process's CPU time (user +
+system, from ``/proc``) per request over its measured slices.
 
 Setup (not timed): a node data directory with generated listings
 (``hansa.node.synthetic``), an analyst key trusted by the node, and two
