@@ -421,7 +421,9 @@ class NodeState:
         self.guard = ReplayGuard(config.city, config.limits.freshness())
         self.pending = 0
         self.metrics = NodeMetrics(
-            in_flight=lambda: float(self.pending), replay_entries=lambda: float(len(self.guard))
+            in_flight=lambda: float(self.pending),
+            replay_entries=lambda: float(len(self.guard)),
+            witness_alarms=lambda: float(self.witness.alarm_count if self.witness else 0),
         )
         self._engine: AnswerEngine | None = None
         self._pool: ThreadPoolExecutor | None = None

@@ -212,6 +212,7 @@ class NodeMetrics:
     Args:
         in_flight: returns the number of queries executing or queued.
         replay_entries: returns the number of entries in the replay cache.
+        witness_alarms: returns the number of equivocations this node's witness holds.
     """
 
     def __init__(
@@ -219,6 +220,7 @@ class NodeMetrics:
         *,
         in_flight: Callable[[], float] = lambda: 0.0,
         replay_entries: Callable[[], float] = lambda: 0.0,
+        witness_alarms: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.requests = Counter(
             "hansa_requests_total",
@@ -240,6 +242,11 @@ class NodeMetrics:
                 "hansa_replay_cache_entries",
                 "Requests remembered by the replay cache.",
                 replay_entries,
+            ),
+            Gauge(
+                "hansa_witness_equivocation_alarms",
+                "Proven equivocations (two inconsistent signed checkpoints) this witness holds.",
+                witness_alarms,
             ),
         )
 

@@ -650,6 +650,7 @@ async def test_health_and_metrics(node_dir: NodeConfig, analyst: Analyst) -> Non
     assert "hansa_query_duration_seconds_count 2" in text
     assert 'hansa_query_duration_seconds_bucket{le="+Inf"} 2' in text
     assert "hansa_replay_cache_entries 1" in text
+    assert "hansa_witness_equivocation_alarms 0" in text
 
 
 def test_histogram_buckets_are_cumulative() -> None:
@@ -674,6 +675,12 @@ def test_counter_labels_are_escaped() -> None:
     with pytest.raises(ValueError):
         c.inc()
     assert NodeMetrics().render().endswith("\n")
+    # The witness alarm gauge reads the live count (issue 5: alarm as a metric).
+    alarms = [0.0]
+    metrics = NodeMetrics(witness_alarms=lambda: alarms[0])
+    assert "hansa_witness_equivocation_alarms 0" in metrics.render()
+    alarms[0] = 2.0
+    assert "hansa_witness_equivocation_alarms 2" in metrics.render()
 
 
 # --- fuzzing a live node -----------------------------------------------------------------
