@@ -132,7 +132,6 @@ def verify_fixture(tmp: Path, entries: int, analysts: int = 4) -> tuple[Roster, 
                 principal = f"a{i % analysts}@{VERIFY_CITY}"
                 request = QueryRequest(
                     requester=principal,
-                    audience=VERIFY_CITY,
                     issued_at=NOW_MS + i,
                     expires_at=NOW_MS + i + 60_000,
                     nonce=i.to_bytes(16, "big"),

@@ -91,7 +91,6 @@ def sample_request(targets: int = 4) -> QueryRequest:
     cities = first + tuple(f"city-{i:04d}" for i in range(targets - len(first)))
     return QueryRequest(
         requester="ana@melbourne",
-        audience="austin",
         issued_at=1_767_225_600_000,
         expires_at=1_767_225_660_000,
         nonce=bytes(range(16)),

@@ -80,7 +80,6 @@ RAW_QUANTILE_SQL = (
 def _request(query: Query) -> QueryRequest:
     return QueryRequest(
         requester="bench@example",
-        audience="bench",
         issued_at=1,
         expires_at=2,
         nonce=bytes(16),

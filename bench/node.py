@@ -152,7 +152,7 @@ def _request(analyst: SigningKey, now: int, query: Query = QUERY) -> QueryReques
             analyst=ANALYST,
         ),
         requester=ANALYST,
-        audience=CITY,
+        targets=(CITY,),
         issued_at=now,
         expires_at=now + 240_000,
     )

@@ -24,8 +24,8 @@ alliance roster(s) it:
    auditor does not run) and counts them by type;
 4. for every ``request_received``: the stored envelope hashes to the logged id, its
    signature verifies under a key the roster (the version the request cites) names for
-   the requester as an analyst, the leaf's key id is that key's, the audience is this
-   city; the freshness rules (``issued_at - skew <= log_time <= expires_at + skew``) and
+   the requester as an analyst, the leaf's key id is that key's, this city is among
+   its targets; the freshness rules (``issued_at - skew <= log_time <= expires_at + skew``) and
    replay rules (no repeated message id or (requester, nonce)) hold unless the node
    refused the request;
 5. for every ``decision`` and ``answer_sent``: the request was logged before it; the
@@ -473,7 +473,7 @@ class AuditorStore:
 class _Req(NamedTuple):
     kid: bytes
     requester: str
-    audience: str
+    targets: tuple[str, ...]
     issued_at: int
     expires_at: int
     nonce: bytes
@@ -548,7 +548,7 @@ def _check_one(data: bytes, want: str) -> _Wire:
                 0,
                 env.key_id,
                 r.requester,
-                r.audience,
+                r.targets,
                 r.issued_at,
                 r.expires_at,
                 r.nonce,
@@ -1026,8 +1026,8 @@ class _EntryChecks:
                     "request",
                     f"signer is not analyst {req.requester!r} in roster v{roster.version}",
                 )
-        if req.audience != self.city:
-            report.fail(index, "request", f"addressed to {req.audience!r}, not {self.city!r}")
+        if self.city not in req.targets:
+            report.fail(index, "request", f"not addressed to {self.city!r}: not among its targets")
         nonce = (req.requester, req.nonce)
         reused = k == 0 and nonce in self.nonces
         self.nonces.add(nonce)
@@ -1275,10 +1275,11 @@ def reconcile(
     analysts = {b.requester for b in bundles}
     held: set[bytes] = set()
     for bundle in bundles:
+        request_id = message_id(bundle.request)
         for ev in bundle.cities:
             if ev.reply is None:
                 continue
-            answer_id, request_id = message_id(ev.reply), message_id(ev.request)
+            answer_id = message_id(ev.reply)
             held.add(answer_id)
             if ev.city not in logged:
                 report.unaudited.add(ev.city)

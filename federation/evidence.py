@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 After a fan-out (:func:`hansa.federation.fanout.fan_out`) the analyst keeps
 an :class:`EvidenceBundle` (issue 4, part 3): the query and policy asked,
-the signed roster used, every city's exact signed request envelope and
-exact signed reply envelope (answer or refusal), the status the analyst
+the signed roster used, the exact signed request envelope (one request,
+signed once, addressed to every target: spec §7.1), every city's exact
+signed reply envelope (answer or refusal), the status the analyst
 claims for cities without a signed reply (timeout, unreachable, protocol
 error, bad signature), the quorum, and the combined result as claimed.
 
@@ -17,17 +18,16 @@ error, bad signature), the quorum, and the combined result as claimed.
    verifier gives a pin, that the body's SHA-256 matches. Expiry is judged
    at the time the requests were issued (the signed ``issued_at``), not
    now: a bundle stays checkable after the roster it used has expired.
-2. **Every request.** Signed by a key the roster names for the requester
-   in the analyst role, allowed the purpose, addressed to its city, and
-   carrying the same query, policy, targets, quorum and validity window as
-   every other request.
+2. **The request.** Signed by a key the roster names for the requester in
+   the analyst role, allowed the purpose, and carrying the bundle's query,
+   policy, targets, quorum and validity window.
 3. **Every reply.** Signed by that city's node key from the roster, citing
    that request's message id, the city as responder and the requester; an
    answer must fit the query. The claimed status must agree with what is
    signed: "answered" needs a signed answer, "refused" a signed refusal
    (with the same code); the unsigned statuses carry no reply and are
    reported as the analyst's *unsigned claim*.
-4. **Coverage.** Exactly one entry per target city of the signed requests:
+4. **Coverage.** Exactly one entry per target city of the signed request:
    a dropped city or a dropped refusal is a failure.
 5. **The combination.** ``combine_answers`` is re-run over exactly the
    verified answers and compared with the claimed rows (keys, contributors,
@@ -138,11 +138,12 @@ __all__ = [
     "verify_bundle",
 ]
 
-BUNDLE_FORMAT_VERSION: Final = 1
-"""The only bundle format version this code writes and reads."""
+BUNDLE_FORMAT_VERSION: Final = 2
+"""The only bundle format version this code writes and reads (1 held one request per
+city, from before requests were addressed to all their targets)."""
 
 MAX_BUNDLE_SIZE: Final = 512 * 1024 * 1024
-"""Largest bundle accepted: two envelopes per city would allow more for
+"""Largest bundle accepted: a reply and a receipt per city would allow more for
 :data:`MAX_TARGETS` cities of maximal answers, but a real bundle is orders of
 magnitude smaller; this bound only stops a hostile file from exhausting memory."""
 
@@ -254,7 +255,6 @@ class CityEvidence(_EvidenceWire, frozen=True, tag="city-evidence"):
         city: the city id.
         status: the claimed status (a ``fanout.CityStatus`` value).
         code: the claimed error code (the refusal's for ``refused``), or None.
-        request: the exact signed request envelope sent to the city.
         reply: the exact signed reply envelope (answer or refusal), or None.
         detail: the analyst's one-line explanation (unsigned).
         receipt: the city's receipt for the request, when one was asked for
@@ -264,7 +264,6 @@ class CityEvidence(_EvidenceWire, frozen=True, tag="city-evidence"):
     city: CityId
     status: Annotated[str, Meta(min_length=1, max_length=32)]
     code: int | None
-    request: Envelope
     reply: Envelope | None
     detail: Detail = ""
     receipt: Receipt | None = None
@@ -282,6 +281,7 @@ class EvidenceBundle(_EvidenceWire, frozen=True, tag="evidence-bundle"):
         quorum: the signed quorum.
         issued_at: the requests' ``issued_at`` (ms since the epoch).
         expires_at: the requests' ``expires_at``.
+        request: the exact signed request envelope sent to every target.
         roster: the signed roster the targets and keys were taken from.
         roster_digest: SHA-256 of the roster body (what an operator pins).
         cities: one entry per target, in target order.
@@ -298,6 +298,7 @@ class EvidenceBundle(_EvidenceWire, frozen=True, tag="evidence-bundle"):
     quorum: Annotated[int, Meta(ge=1, le=MAX_TARGETS)]
     issued_at: Millis
     expires_at: Millis
+    request: Envelope
     roster: SignedRoster
     roster_digest: Digest
     cities: Annotated[tuple[CityEvidence, ...], Meta(max_length=MAX_TARGETS)]
@@ -356,8 +357,8 @@ def build_bundle(
 ) -> bytes:
     """Encode the evidence of one fan-out as bundle bytes.
 
-    The requester and policy are read from the (sealed) requests themselves,
-    so the bundle states exactly what was signed.
+    The requester and policy are read from the sealed request itself, so the
+    bundle states exactly what was signed.
 
     Args:
         result: the fan-out's result (every city's request and reply bytes).
@@ -368,12 +369,13 @@ def build_bundle(
         The bundle file bytes.
 
     Raises:
-        ProtocolError: the result has no cities, its first request cannot be
+        ProtocolError: the result has no cities, its request cannot be
             decoded, or the bundle would exceed :data:`MAX_BUNDLE_SIZE`.
     """
     if not result.cities:
         raise ProtocolError("a fan-out without cities has no evidence", ErrorCode.INVALID_FIELD)
-    first = decode_as(decode_envelope(result.cities[0].request).payload, QueryRequest)
+    sealed = result.cities[0].request
+    first = decode_as(decode_envelope(sealed).payload, QueryRequest)
     bundle = EvidenceBundle(
         format_version=BUNDLE_FORMAT_VERSION,
         requester=first.requester,
@@ -383,6 +385,7 @@ def build_bundle(
         quorum=result.quorum,
         issued_at=result.issued_at,
         expires_at=result.expires_at,
+        request=sealed,
         roster=signed_roster,
         roster_digest=roster_digest(signed_roster),
         cities=tuple(
@@ -390,7 +393,6 @@ def build_bundle(
                 city=c.city,
                 status=str(c.status.value),
                 code=None if c.code is None else int(c.code),
-                request=c.request,
                 reply=c.reply,
                 detail=_trim(c.detail),
                 receipt=None if receipts is None else receipts.get(c.city),
@@ -584,11 +586,9 @@ def _against_trusted(
     )
 
 
-def _open_request(
-    entry: CityEvidence, roster: Roster, bundle: EvidenceBundle, checks: _Checks
-) -> QueryRequest | None:
+def _open_request(roster: Roster, bundle: EvidenceBundle, checks: _Checks) -> QueryRequest | None:
     try:
-        opened = open_envelope(entry.request, roster.keys_for_role(Role.ANALYST), QueryRequest)
+        opened = open_envelope(bundle.request, roster.keys_for_role(Role.ANALYST), QueryRequest)
     except HansaError as exc:
         checks.add("request signature", False, f"{exc.message} [{exc.code.name}]")
         return None
@@ -618,11 +618,6 @@ def _open_request(
         same,
         "the signed request differs from the bundle's query, policy, targets, quorum or "
         "validity window",
-    )
-    checks.add(
-        "audience",
-        request.audience == entry.city,
-        f"the request is addressed to {request.audience!r}",
     )
     checks.add(
         "roster version",
@@ -675,16 +670,21 @@ def _open_reply(
 
 
 def _check_entry(
-    entry: CityEvidence, roster: Roster, bundle: EvidenceBundle
+    entry: CityEvidence,
+    roster: Roster,
+    bundle: EvidenceBundle,
+    request: QueryRequest | None,
+    request_id: bytes,
 ) -> tuple[CityVerdict, QueryAnswer | None]:
     checks = _Checks()
     status = entry.status
     checks.add("status", status in _STATUSES, f"unknown status {status[:32]!r}")
-    request = _open_request(entry, roster, bundle, checks)
     answer: QueryAnswer | None = None
     signed = False
-    if request is not None and entry.reply is not None:
-        reply = _open_reply(entry, request, message_id(entry.request), roster, checks)
+    if request is None:
+        checks.add("request", False, "the signed request did not verify (see above)")
+    elif entry.reply is not None:
+        reply = _open_reply(entry, request, request_id, roster, checks)
         if isinstance(reply, QueryAnswer):
             try:
                 combine_answers(request.query, (reply,))
@@ -717,7 +717,7 @@ def _check_entry(
             f"claimed {status!r} without the signed reply that status needs",
         )
     if entry.receipt is not None and request is not None:
-        _check_receipt(entry, entry.receipt, roster, checks)
+        _check_receipt(entry, entry.receipt, roster, bundle.request, checks)
     return CityVerdict(entry.city, status, signed, tuple(checks.items)), answer
 
 
@@ -732,7 +732,9 @@ def _request_leaf(leaf: bytes) -> tuple[int, bytes, bytes] | None:
     return fields.log_time_ms, fields.first, fields.second
 
 
-def _check_receipt(entry: CityEvidence, receipt: Receipt, roster: Roster, checks: _Checks) -> None:
+def _check_receipt(
+    entry: CityEvidence, receipt: Receipt, roster: Roster, sealed: bytes, checks: _Checks
+) -> None:
     """Check a city's receipt (module docstring, step 6); failures go to ``checks``."""
     if receipt.status not in RECEIPT_STATUSES:
         checks.add("receipt", False, f"unknown receipt status {receipt.status[:32]!r}")
@@ -787,10 +789,10 @@ def _check_receipt(entry: CityEvidence, receipt: Receipt, roster: Roster, checks
         return
     assert parsed is not None
     _, logged_id, logged_key = parsed
-    envelope = decode_envelope(entry.request)
+    envelope = decode_envelope(sealed)
     if not checks.add(
         "receipt leaf",
-        logged_id == message_id(entry.request) and logged_key == envelope.key_id,
+        logged_id == message_id(sealed) and logged_key == envelope.key_id,
         "the logged leaf names another request or signing key",
     ):
         return
@@ -920,7 +922,12 @@ def verify_bundle(
     if now_ms is not None and now_ms >= roster.expires_ms:
         notes.append("the roster has expired since the requests were issued (not a failure)")
 
-    # Coverage: exactly one entry per target city of the signed requests.
+    request_checks = _Checks()
+    request = _open_request(roster, bundle, request_checks)
+    failures.extend(f"request: {c.name}: {c.detail}" for c in request_checks.items if not c.ok)
+    request_id = message_id(bundle.request)
+
+    # Coverage: exactly one entry per target city of the signed request.
     entry_cities = [e.city for e in bundle.cities]
     if len(set(entry_cities)) != len(entry_cities):
         failures.append("coverage: a city has more than one entry")
@@ -936,7 +943,7 @@ def verify_bundle(
     lines: list[CityVerdict] = []
     answers: list[QueryAnswer] = []
     for entry in bundle.cities:
-        line, answer = _check_entry(entry, roster, bundle)
+        line, answer = _check_entry(entry, roster, bundle, request, request_id)
         lines.append(line)
         failures.extend(f"{entry.city}: {reason}" for reason in line.failures)
         if answer is not None:

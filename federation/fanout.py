@@ -6,19 +6,18 @@ Theory of operation
 It is the one module of :mod:`hansa.federation` that does network I/O, so
 nothing else in the package imports it (``hansa.federation`` stays pure).
 
-1. **Requests.** One :class:`~hansa.protocol.messages.QueryRequest` per
-   target city, built by :func:`build_request`. Every signed body carries the
-   same ``targets`` tuple, the same ``quorum``, ``issued_at`` and
-   ``expires_at = issued_at + deadline``, so each node can check its own
-   minimum of participating cities against the signed list (spec §7); the
-   audience and a fresh 16-byte nonce differ per city. The request ids
-   (SHA-256 of each envelope) are what the replies must cite.
-   :func:`prepare_requests` builds and signs them without sending;
-   :func:`send_prepared` sends such a list; :func:`fan_out` does both, but
-   interleaved: requests are signed in chunks of :data:`_PREPARE_CHUNK`
-   (above :data:`VERIFY_THREAD_THRESHOLD` targets, in the thread pool, where
-   libsodium signs without the GIL), and each chunk goes on the wire as soon
-   as it is signed, so signing overlaps the cities' own time.
+1. **One request.** One :class:`~hansa.protocol.messages.QueryRequest`,
+   built by :func:`build_request` and signed once, is addressed to every
+   target city: its signed ``targets`` tuple is the audience (spec §7.1), so
+   each node answers only if it is listed and checks its own minimum of
+   participating cities against the list. It carries the ``quorum``,
+   ``issued_at``, ``expires_at = issued_at + deadline`` and one fresh 16-byte
+   nonce. Every city gets the same envelope bytes and every reply must cite
+   their SHA-256 (the request id). One signature instead of one per city:
+   at N = 500 that was 500 Ed25519 signatures and 500 copies of the
+   500-city target list (~5 KB each) per fan-out (``bench/fanout.py``).
+   :func:`prepare_requests` signs it without sending; :func:`send_prepared`
+   sends it; :func:`fan_out` does both.
 2. **Transport.** All requests go out concurrently over one
    ``aiohttp.ClientSession`` (one keep-alive connection pool,
    ``TCPConnector(limit=...)``). The deadline is enforced for the fan-out as
@@ -61,7 +60,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final
@@ -161,7 +160,7 @@ class Target:
     """One city to ask.
 
     Attributes:
-        city: the city id (the request's audience).
+        city: the city id (one of the request's targets).
         endpoint: base URL of the city's node, e.g. ``http://127.0.0.1:8470``.
         node_key: the only key the city's replies are accepted under.
     """
@@ -184,7 +183,7 @@ class CityResult:
         reply: the verified signed reply envelope (answer or refusal) exactly
             as received, for the evidence bundle; ``None`` unless ``ANSWERED``
             or ``REFUSED``.
-        request: the sealed request envelope sent to this city.
+        request: the sealed request envelope sent (the same bytes to every city).
         latency_ms: from the first send to the end of verification (to the
             deadline for ``TIMEOUT``).
         detail: a one-line human readable explanation.
@@ -384,13 +383,16 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
-    """One city's signed request, ready to send (see :func:`prepare_requests`).
+    """The fan-out's signed request for one of its cities (see :func:`prepare_requests`).
+
+    Every city of one fan-out shares ``request``, ``envelope`` and
+    ``request_id``: one request, signed once, addressed to all the targets.
 
     Attributes:
-        target: the city it is for.
+        target: the city it is sent to.
         request: the signed request body.
         envelope: the sealed envelope bytes, sent as they are (also on a retry).
-        request_id: their message id, which the city's reply must cite.
+        request_id: their message id, which every city's reply must cite.
     """
 
     target: Target
@@ -404,10 +406,9 @@ def build_request(
     policy: PolicyTags,
     *,
     requester: str,
-    audience: str,
+    targets: Sequence[str],
     issued_at: int,
     expires_at: int,
-    targets: Sequence[str] | None = None,
     quorum: int = 1,
     roster_version: int = 0,
     nonce: bytes | None = None,
@@ -415,17 +416,16 @@ def build_request(
     """Build one unsigned :class:`~hansa.protocol.messages.QueryRequest` (spec §7).
 
     The one place requests are put together: :func:`prepare_requests` builds
-    every fan-out request with it, and so do the tests and benchmarks that
-    send a single request.
+    the fan-out's request with it, and so do the tests and benchmarks that
+    send a request themselves.
 
     Args:
         query: the aggregate query.
         policy: the signed policy tags.
         requester: the principal the signing key speaks for.
-        audience: the city the request is for.
+        targets: every city the request is addressed to, in order.
         issued_at: ms since the epoch.
         expires_at: ms since the epoch, after ``issued_at``.
-        targets: every city of the fan-out, in order (``None``: just ``audience``).
         quorum: the signed quorum.
         roster_version: the roster version the targets were taken from.
         nonce: 16 bytes (``None``: fresh from :func:`secrets.token_bytes`).
@@ -435,59 +435,23 @@ def build_request(
 
     Raises:
         ProtocolError: ``INVALID_FIELD`` when the request breaks a rule checked
-            on construction (expiry after issue, unique targets that include the
-            audience, a quorum within them).
+            on construction (expiry after issue, unique targets, a quorum
+            within them).
     """
     try:
         return QueryRequest(
             requester=requester,
-            audience=audience,
             issued_at=issued_at,
             expires_at=expires_at,
             nonce=secrets.token_bytes(16) if nonce is None else nonce,
             roster_version=roster_version,
             policy=policy,
             query=query,
-            targets=(audience,) if targets is None else tuple(targets),
+            targets=tuple(targets),
             quorum=quorum,
         )
     except ValueError as exc:
         raise ProtocolError(str(exc), ErrorCode.INVALID_FIELD) from exc
-
-
-@dataclass(frozen=True, slots=True)
-class _Template:
-    """What every request of one fan-out shares; seals slices of it (pure, thread-safe)."""
-
-    query: Query
-    policy: PolicyTags
-    signer: SigningKey
-    requester: str
-    cities: tuple[str, ...]
-    quorum: int
-    roster_version: int
-    issued_at: int
-    expires_at: int
-
-    def prepare(self, targets: Sequence[Target], nonces: Sequence[bytes]) -> list[PreparedRequest]:
-        """Build and seal the requests to ``targets`` with their ``nonces``."""
-        out = []
-        for target, nonce in zip(targets, nonces, strict=True):
-            request = build_request(
-                self.query,
-                self.policy,
-                requester=self.requester,
-                audience=target.city,
-                issued_at=self.issued_at,
-                expires_at=self.expires_at,
-                targets=self.cities,
-                quorum=self.quorum,
-                roster_version=self.roster_version,
-                nonce=nonce,
-            )
-            envelope = seal(request, self.signer)
-            out.append(PreparedRequest(target, request, envelope, message_id(envelope)))
-        return out
 
 
 def prepare_requests(
@@ -503,14 +467,14 @@ def prepare_requests(
     expires_at: int,
     nonce_source: Callable[[int], bytes] = secrets.token_bytes,
 ) -> list[PreparedRequest]:
-    """Build and sign the fan-out's requests, one per target, without sending them.
+    """Build and sign the fan-out's one request, without sending it.
 
-    Every body carries the same ``targets`` tuple (the target cities in this
-    order), ``quorum``, ``issued_at`` and ``expires_at``; the audience and the
-    16-byte nonce differ per city (spec §7). Ed25519 signing is deterministic,
-    so the same inputs and nonces give byte-identical envelopes: a caller
-    that supplies ``nonce_source`` (a benchmark, a test) knows the request
-    ids in advance.
+    The request is addressed to every target: its signed ``targets`` tuple
+    lists the cities in this order (spec §7.1), with the ``quorum``,
+    ``issued_at``, ``expires_at`` and one 16-byte nonce. Ed25519 signing is
+    deterministic, so the same inputs and nonce give byte-identical
+    envelopes: a caller that supplies ``nonce_source`` (a benchmark, a test)
+    knows the request id in advance.
 
     Args:
         query: the aggregate query.
@@ -522,28 +486,31 @@ def prepare_requests(
         roster_version: the roster version the targets were taken from.
         issued_at: ms since the epoch.
         expires_at: ms since the epoch (the requests' deadline).
-        nonce_source: called with 16 once per target, in target order.
+        nonce_source: called once with 16, for the request's nonce.
 
     Returns:
-        One :class:`PreparedRequest` per target, in target order.
+        One :class:`PreparedRequest` per target, in target order, all sharing
+        the one signed request.
 
     Raises:
         ProtocolError: ``INVALID_FIELD`` for no, too many or duplicate targets,
             a quorum outside ``1..len(targets)``, or expiry not after issue.
     """
     _check_targets(targets, quorum)
-    template = _Template(
+    request = build_request(
         query,
         policy,
-        signer,
-        requester,
-        tuple(t.city for t in targets),
-        quorum,
-        roster_version,
-        issued_at,
-        expires_at,
+        requester=requester,
+        targets=[t.city for t in targets],
+        issued_at=issued_at,
+        expires_at=expires_at,
+        quorum=quorum,
+        roster_version=roster_version,
+        nonce=nonce_source(16),
     )
-    return template.prepare(targets, [nonce_source(16) for _ in targets])
+    envelope = seal(request, signer)
+    request_id = message_id(envelope)
+    return [PreparedRequest(target, request, envelope, request_id) for target in targets]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -554,12 +521,6 @@ def _query_url(endpoint: str) -> yarl.URL:
 
 _HEADERS: Final = {"Content-Type": ENVELOPE_MEDIA_TYPE}
 """Shared by every request (aiohttp copies it into its own multidict)."""
-
-_PREPARE_CHUNK: Final = 16
-"""Requests signed per chunk while :func:`fan_out` sends: the first chunk is on
-the wire while the rest are still being signed (about 35 µs each with 500
-targets, ~17 ms in all), so signing overlaps the cities' time instead of
-preceding it; chunks this small keep the event loop free between them."""
 
 
 @dataclass(slots=True)
@@ -773,32 +734,22 @@ class _Coordinator:
                 verdict.answer,
             )
 
-    async def run(self, chunks: AsyncIterator[Sequence[PreparedRequest]]) -> list[CityResult]:
-        """Send every chunk as soon as it is prepared; collect results until the deadline."""
+    async def run(self, requests: Sequence[PreparedRequest]) -> list[CityResult]:
+        """Send every request at once; collect results until the deadline."""
         loop = self.loop
-        attempts: list[_Attempt] = []
-        tasks: list[asyncio.Task[CityResult]] = []
+        started = loop.time()
+        attempts = [_Attempt(prepared, started) for prepared in requests]
+        tasks = [loop.create_task(self.ask(attempt)) for attempt in attempts]
         try:
-            async for chunk in chunks:
-                started = loop.time()
-                for prepared in chunk:
-                    attempt = _Attempt(prepared, started)
-                    attempts.append(attempt)
-                    tasks.append(loop.create_task(self.ask(attempt)))
-                # Let the new requests start on the wire before the next chunk is signed.
-                await asyncio.sleep(0)
             # One timer for the whole fan-out, not one per city (spec: one deadline).
             if tasks:
                 await asyncio.wait(tasks, timeout=max(0.0, self.deadline - loop.time()))
         except BaseException:
-            # The caller cancelled us (or signing failed): leave no request running.
+            # The caller cancelled us: leave no request running.
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        finally:
-            if isinstance(chunks, AsyncGenerator):
-                await chunks.aclose()
         results = []
         late: list[asyncio.Task[CityResult]] = []
         for attempt, task in zip(attempts, tasks, strict=True):
@@ -836,14 +787,9 @@ def _check_run(deadline_s: float, max_attempts: int) -> None:
         raise ProtocolError("max_attempts must be >= 1", ErrorCode.INVALID_FIELD)
 
 
-_Source = Callable[[ThreadPoolExecutor | None], AsyncIterator[Sequence[PreparedRequest]]]
-"""Yields the requests to send, chunk by chunk; may sign them in the given pool."""
-
-
 async def _send(
-    source: _Source,
+    requests: Sequence[PreparedRequest],
     *,
-    count: int,
     query: Query,
     requester: str,
     deadline: float,
@@ -855,7 +801,7 @@ async def _send(
 ) -> list[CityResult]:
     workers = verify_threads if verify_threads is not None else (os.cpu_count() or 1)
     executor = None
-    if count > VERIFY_THREAD_THRESHOLD and workers > 0:
+    if len(requests) > VERIFY_THREAD_THRESHOLD and workers > 0:
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hansa-fanout")
     loop = asyncio.get_running_loop()
     verifier = _Verifier(loop, executor, workers, requester, query)
@@ -875,7 +821,7 @@ async def _send(
             max_attempts=max_attempts,
             on_status=on_status,
         )
-        return await coordinator.run(source(executor))
+        return await coordinator.run(requests)
     finally:
         if own_session:
             await session.close()
@@ -955,17 +901,12 @@ async def send_prepared(
     _check_run(deadline_s, max_attempts)
     if not prepared:
         raise ProtocolError("at least one target city is needed", ErrorCode.INVALID_FIELD)
-    first = prepared[0].request
-    cities = first.targets
+    first = prepared[0]
+    cities = first.request.targets
     same = len(prepared) == len(cities) and all(
         p.target.city == city
-        and p.request.audience == city
-        and (p.request.targets is cities or p.request.targets == cities)
-        and p.request.query == first.query
-        and p.request.quorum == first.quorum
-        and p.request.requester == first.requester
-        and p.request.issued_at == first.issued_at
-        and p.request.expires_at == first.expires_at
+        and p.request_id == first.request_id
+        and (p.envelope is first.envelope or p.envelope == first.envelope)
         for p, city in zip(prepared, cities, strict=False)
     )
     if not same:
@@ -973,16 +914,12 @@ async def send_prepared(
             "the prepared requests are not one fan-out's, in target order",
             ErrorCode.INVALID_FIELD,
         )
+    request = first.request
     deadline = asyncio.get_running_loop().time() + deadline_s
-
-    async def source(_: ThreadPoolExecutor | None) -> AsyncIterator[Sequence[PreparedRequest]]:
-        yield prepared
-
     results = await _send(
-        source,
-        count=len(prepared),
-        query=first.query,
-        requester=first.requester,
+        prepared,
+        query=request.query,
+        requester=request.requester,
         deadline=deadline,
         session=session,
         on_status=on_status,
@@ -990,7 +927,9 @@ async def send_prepared(
         connection_limit=connection_limit,
         verify_threads=verify_threads,
     )
-    return _result(first.query, cities, first.quorum, first.issued_at, first.expires_at, results)
+    return _result(
+        request.query, cities, request.quorum, request.issued_at, request.expires_at, results
+    )
 
 
 async def fan_out(
@@ -1013,15 +952,14 @@ async def fan_out(
 ) -> FanOutResult:
     """Send one signed query to every target city and combine the answers.
 
-    The same as :func:`prepare_requests` then :func:`send_prepared`, except
-    that the requests are signed in chunks interleaved with sending, so the
-    first cities are already working while the last requests are signed.
+    The same as :func:`prepare_requests` then :func:`send_prepared`: one
+    request, signed once, addressed to every target (spec §7.1).
 
     Args:
         query: the aggregate query.
-        policy: purpose, legal basis, scope and analyst (signed in every request).
+        policy: purpose, legal basis, scope and analyst (signed in the request).
         targets: the cities to ask (unique city ids; signed, in this order,
-            in every request).
+            in the request).
         signer: the analyst's signing key.
         requester: the principal the key speaks for.
         quorum: how many cities must answer for a combined result (signed).
@@ -1036,9 +974,9 @@ async def fan_out(
         now_ms: the wall clock in integer ms since the epoch.
         max_attempts: attempts per city on connection failures (>= 1).
         connection_limit: size of the pool created when ``session`` is None.
-        verify_threads: signing and verification threads when there are more
-            than :data:`VERIFY_THREAD_THRESHOLD` targets (``None``: one per
-            core; ``0``: sign and verify on the event loop).
+        verify_threads: verification threads when there are more than
+            :data:`VERIFY_THREAD_THRESHOLD` targets (``None``: one per core;
+            ``0``: verify on the event loop).
         nonce_source: the requests' nonces (see :func:`prepare_requests`).
 
     Returns:
@@ -1055,54 +993,22 @@ async def fan_out(
     deadline = asyncio.get_running_loop().time() + deadline_s
     issued_at = now_ms()
     expires_at = issued_at + max(1, round(deadline_s * 1000))
-    template = _Template(
+    # Signed before anything is sent: a request that breaks a rule is refused
+    # with nothing on the wire.
+    prepared = prepare_requests(
         query,
         policy,
-        signer,
-        requester,
-        tuple(t.city for t in targets),
-        quorum,
-        roster_version,
-        issued_at,
-        expires_at,
+        targets,
+        signer=signer,
+        requester=requester,
+        quorum=quorum,
+        roster_version=roster_version,
+        issued_at=issued_at,
+        expires_at=expires_at,
+        nonce_source=nonce_source,
     )
-    # Drawn here, in target order, whichever thread then signs.
-    nonces = [nonce_source(16) for _ in targets]
-    size = _PREPARE_CHUNK
-    # The first chunk is signed before anything is sent, so a request that
-    # breaks a rule is refused with nothing on the wire (the rules checked on
-    # construction are the same for every city).
-    first = template.prepare(targets[:size], nonces[:size])
-
-    async def source(
-        executor: ThreadPoolExecutor | None,
-    ) -> AsyncIterator[Sequence[PreparedRequest]]:
-        yield first
-        slices = [
-            (targets[i : i + size], nonces[i : i + size]) for i in range(size, len(targets), size)
-        ]
-        if executor is None:
-            for chunk_targets, chunk_nonces in slices:
-                yield template.prepare(chunk_targets, chunk_nonces)
-            return
-        # In the pool, off the event loop: libsodium signs without the GIL
-        # while the loop writes the chunks already signed (all are queued at
-        # once; verification batches queue behind them).
-        loop = asyncio.get_running_loop()
-        pending = [
-            loop.run_in_executor(executor, template.prepare, chunk_targets, chunk_nonces)
-            for chunk_targets, chunk_nonces in slices
-        ]
-        try:
-            for future in pending:
-                yield await future
-        finally:
-            for future in pending:
-                future.cancel()
-
     results = await _send(
-        source,
-        count=len(targets),
+        prepared,
         query=query,
         requester=requester,
         deadline=deadline,

@@ -26,8 +26,8 @@ happens before any work of the next (``spec/protocol.md`` §8):
    (``PURPOSE_NOT_ALLOWED``); with or without one, ``len(targets)`` and
    ``quorum`` must reach ``[alliance] min_participants``
    (``QUORUM_TOO_SMALL``).
-4. **Freshness**: audience, time window and replay (``ReplayGuard``, with the
-   current wall-clock time).
+4. **Freshness**: addressed to this city (one of the signed ``targets``), time
+   window and replay (``ReplayGuard``, with the current wall-clock time).
 5. **Work**: first ``engine.cached_answer(request)`` on the event loop, when
    the engine has one (``QueryEngine``'s result cache: the request rules run,
    then a lookup, no DuckDB); on a miss ``engine.answer(request)`` in a
@@ -562,7 +562,7 @@ class NodeState:
                 message_id=request_id,
                 requester=principal,
                 nonce=req.nonce,
-                audience=req.audience,
+                audience=req.targets,
                 issued_at=req.issued_at,
                 expires_at=req.expires_at,
                 now_ms=self.clock_ms(),

@@ -264,7 +264,7 @@ class NodeConfig:
 
     Attributes:
         data_dir: the node's data directory (absolute).
-        city: this node's city id (the audience requests must name).
+        city: this node's city id (requests must list it among their targets).
         host: address to listen on.
         port: TCP port to listen on (0 = any free port, printed at start-up).
         key_file: path of the node's signing key file (absolute).
@@ -700,7 +700,7 @@ def render_config(
 
 [node]
 # This node's city id: lower-case letters, digits, '.' and '-'. Requests must be
-# addressed to it (their `audience`), and it names the node in every signed answer.
+# addressed to it (listed in their `targets`), and it names the node in every signed answer.
 city = {q(city)}
 # Address to listen on. Keep 127.0.0.1 unless a reverse proxy or firewall
 # fronts the node.

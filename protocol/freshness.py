@@ -3,7 +3,8 @@
 The guard is pure: callers pass ``now_ms`` (integer milliseconds since the
 Unix epoch), so tests are deterministic. A request is accepted once when
 
-1. its audience is this city;
+1. it is addressed to this city (a query request to all its ``targets``,
+   an audit request to its one ``audience``);
 2. ``issued_at - max_skew <= now`` (not future-dated beyond the skew);
 3. ``now < expires_at`` (not expired);
 4. ``expires_at - issued_at <= max_validity``;
@@ -100,7 +101,7 @@ class ReplayGuard:
             message_id=message_id,
             requester=request.requester,
             nonce=request.nonce,
-            audience=request.audience,
+            audience=request.targets,
             issued_at=request.issued_at,
             expires_at=request.expires_at,
             now_ms=now_ms,
@@ -112,7 +113,7 @@ class ReplayGuard:
         message_id: bytes,
         requester: str,
         nonce: bytes,
-        audience: str,
+        audience: str | tuple[str, ...],
         issued_at: int,
         expires_at: int,
         now_ms: int,
@@ -125,7 +126,8 @@ class ReplayGuard:
             message_id: SHA-256 of the request envelope.
             requester: the requester's principal id.
             nonce: the request's 16-byte nonce.
-            audience: the city the request is addressed to.
+            audience: the city the request is addressed to, or the cities (a
+                query request's ``targets``; this city must be one of them).
             issued_at: request ``issued_at`` (ms).
             expires_at: request ``expires_at`` (ms).
             now_ms: the current time (ms).
@@ -153,11 +155,13 @@ class ReplayGuard:
         self._pairs[pair_key] = forget_at
         heapq.heappush(self._expiry, (forget_at, message_id, pair_key))
 
-    def check_window(self, *, audience: str, issued_at: int, expires_at: int, now_ms: int) -> None:
+    def check_window(
+        self, *, audience: str | tuple[str, ...], issued_at: int, expires_at: int, now_ms: int
+    ) -> None:
         """Apply rules 1–4 without touching the cache.
 
         Args:
-            audience: the city the request is addressed to.
+            audience: the city the request is addressed to, or the cities.
             issued_at: request ``issued_at`` (ms).
             expires_at: request ``expires_at`` (ms).
             now_ms: the current time (ms).
@@ -166,9 +170,16 @@ class ReplayGuard:
             FreshnessError: as for :meth:`check`, except the replay codes.
             ProtocolError: (``INVALID_FIELD``) ``expires_at <= issued_at``.
         """
-        if audience != self.audience:
+        # A str is one city: never a substring test (`"a" in "ab"`).
+        if isinstance(audience, str):
+            elsewhere = audience != self.audience
+        else:
+            elsewhere = self.audience not in audience
+        if elsewhere:
+            shown = audience if isinstance(audience, str) else ", ".join(audience[:5])
+            more = "" if isinstance(audience, str) or len(audience) <= 5 else ", ..."
             raise FreshnessError(
-                f"request is addressed to {audience[:64]!r}, not {self.audience!r}",
+                f"request is addressed to {shown[:300]!r}{more}, not to {self.audience!r}",
                 ErrorCode.WRONG_AUDIENCE,
             )
         if expires_at <= issued_at:

@@ -533,10 +533,13 @@ class PolicyTags(_Wire, frozen=True, tag="policy"):
 
 
 class QueryRequest(_Wire, frozen=True, tag="query-request"):
-    """A signed request for one city to answer one aggregate query."""
+    """A signed request for every city in ``targets`` to answer one aggregate query.
+
+    One envelope, signed once, addressed to all of its targets (spec §7.1): each
+    target city answers it if it is one of them.
+    """
 
     requester: PrincipalId
-    audience: CityId
     issued_at: Millis
     expires_at: Millis
     nonce: Nonce
@@ -552,8 +555,6 @@ class QueryRequest(_Wire, frozen=True, tag="query-request"):
         targets = self.targets
         if len(set(targets)) != len(targets):
             raise ValueError("targets must be unique")
-        if self.audience not in targets:
-            raise ValueError("audience must be one of the targets")
         if self.quorum > len(targets):
             raise ValueError("quorum exceeds the number of targets")
 
@@ -967,7 +968,7 @@ def _check_request(value: QueryRequest) -> None:
     _REQUEST_NAMES.check([
         value.requester, policy.analyst, _GROUP,
         policy.purpose, _GROUP,
-        value.audience, *value.targets, _GROUP,
+        *value.targets, _GROUP,
         query.dataset, *filter(None, map(_COLUMN, columns)),
     ])
     # fmt: on

@@ -273,7 +273,6 @@ def query_request() -> W:
         "QueryRequest",
         "query-request",
         requester="ana@melbourne",
-        audience="cape-town",
         issued_at=ISSUED,
         expires_at=EXPIRES,
         nonce=NONCE,
@@ -816,11 +815,11 @@ def messages_vectors() -> Json:
         "expires_at > issued_at (§7.1)",
     )
     bad(
-        "audience-not-a-target",
+        "no-targets",
         "QueryRequest",
-        replace_fields(request, targets=["chicago", "melbourne"]),
+        replace_fields(request, targets=[], quorum=1),
         f,
-        "audience must be one of the targets (§7.1)",
+        "at least one target (§7.1)",
     )
     bad(
         "duplicate-targets",

@@ -120,7 +120,7 @@ class Analyst:
         requester: str | None = None,
         purpose: str = PURPOSE,
     ) -> QueryRequest:
-        """Build a fresh request addressed to ``city`` (valid for ``validity_ms``).
+        """Build a fresh request addressed to ``city`` (or to ``targets``; valid for ``validity_ms``).
 
         Built by :func:`hansa.federation.fanout.build_request`, as the fan-out
         builds its requests.
@@ -135,10 +135,9 @@ class Analyst:
                 analyst=self.principal,
             ),
             requester=self.principal if requester is None else requester,
-            audience=city,
             issued_at=issued,
             expires_at=issued + validity_ms,
-            targets=targets,
+            targets=(city,) if targets is None else targets,
             nonce=nonce,
         )
 

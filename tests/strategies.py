@@ -179,13 +179,12 @@ policy_tags: Final = st.builds(
 
 @st.composite
 def query_requests(draw: st.DrawFn) -> m.QueryRequest:
-    """A request whose audience is a target and whose quorum fits the targets."""
+    """A request whose quorum fits its targets."""
     targets = draw(_unique_tuple(city_ids, min_size=1, max_size=5))
     issued_at = draw(st.integers(min_value=0, max_value=2**53 - 1))
     expires_at = draw(st.integers(min_value=issued_at + 1, max_value=2**53))
     return m.QueryRequest(
         requester=draw(principal_ids),
-        audience=draw(st.sampled_from(targets)),
         issued_at=issued_at,
         expires_at=expires_at,
         nonce=draw(nonces),
@@ -493,7 +492,6 @@ QUERY = m.Query(
 )
 REQUEST = m.QueryRequest(
     requester="ana@melbourne",
-    audience="oslo",
     issued_at=1_000,
     expires_at=61_000,
     nonce=bytes(range(16)),

@@ -140,7 +140,6 @@ def request(
 ) -> QueryRequest:
     return QueryRequest(
         requester=ANALYST,
-        audience=CITY,
         issued_at=issued_at,
         expires_at=issued_at + 60_000,
         nonce=hashlib.sha256(b"nonce%d" % i).digest()[:16],
@@ -551,10 +550,11 @@ def test_decision_against_the_logged_disclosure_settings_is_detected(tmp_path: P
 # --- reconcile -------------------------------------------------------------------------
 
 
-def bundle(world: World, pairs: list[tuple[bytes, bytes]]) -> EvidenceBundle:
+def bundle(world: World, sealed: bytes, reply: bytes) -> EvidenceBundle:
+    """A one-city bundle holding one request and its reply."""
     req = request(0)
     return EvidenceBundle(
-        format_version=1,
+        format_version=2,
         requester=ANALYST,
         query=req.query,
         policy=req.policy,
@@ -562,9 +562,10 @@ def bundle(world: World, pairs: list[tuple[bytes, bytes]]) -> EvidenceBundle:
         quorum=1,
         issued_at=NOW,
         expires_at=NOW + 60_000,
+        request=sealed,
         roster=world.signed_roster,
         roster_digest=roster_digest(world.signed_roster),
-        cities=tuple(CityEvidence(CITY, "answered", None, r, a) for r, a in pairs),
+        cities=(CityEvidence(CITY, "answered", None, reply),),
         quorum_met=True,
         combined=None,
     )
@@ -575,7 +576,7 @@ def test_reconcile_accounts_for_every_answer(clean: tuple[World, Path]) -> None:
     with AuditorStore.open(store, CITY) as s:
         logs = {CITY: s.contents()}
     pairs = list(zip(world.requests, world.answers, strict=True))
-    full = reconcile(logs, [bundle(world, pairs[:3]), bundle(world, pairs[3:])])
+    full = reconcile(logs, [bundle(world, r, a) for r, a in pairs])
     assert full, full.failures
     assert full.bundle_answers == full.logged_answers == 6
 
@@ -587,10 +588,10 @@ def test_answer_held_by_analyst_but_not_logged_is_detected(clean: tuple[World, P
     pairs = list(zip(world.requests, world.answers, strict=True))
     extra_req = seal(request(99), ANALYST_KEY)
     extra = (extra_req, answer(message_id(extra_req), world.node_key))
-    result = reconcile(logs, [bundle(world, [*pairs, extra])])
+    result = reconcile(logs, [bundle(world, r, a) for r, a in [*pairs, extra]])
     assert [("does not record" in f) for f in result.failures] == [True]
     # and a logged answer no bundle holds
-    result = reconcile(logs, [bundle(world, pairs[1:])])
+    result = reconcile(logs, [bundle(world, r, a) for r, a in pairs[1:]])
     assert len(result.failures) == 1 and "no bundle holds" in result.failures[0]
 
 
@@ -679,7 +680,7 @@ def test_fetch_from_a_live_node_incrementally_and_verify(tmp_path: Path) -> None
                 purpose="research", legal_basis="t", scope=ResultScope.ALLIANCE, analyst=ANALYST
             ),
             requester=ANALYST,
-            audience=CITY,
+            targets=(CITY,),
             issued_at=time.time_ns() // 1_000_000,
             expires_at=time.time_ns() // 1_000_000 + 60_000,
             roster_version=1,
@@ -726,11 +727,13 @@ def test_cli_compare_and_reconcile(clean: tuple[World, Path], tmp_path: Path) ->
         main(["audit", "compare", "--store", str(store), "--other", str(tmp_path / "other")]) == 0
     )
     pairs = list(zip(world.requests, world.answers, strict=True))
-    good, short = tmp_path / "good.bundle", tmp_path / "short.bundle"
-    good.write_bytes(encode(bundle(world, pairs)))
-    short.write_bytes(encode(bundle(world, pairs[:-1])))
-    assert main(["audit", "reconcile", "--store", str(store), str(good)]) == 0
-    assert main(["audit", "reconcile", "--store", str(store), str(short)]) == EXIT_VERIFY_FAILED
+    files = []
+    for i, (sealed, reply) in enumerate(pairs):
+        files.append(tmp_path / f"{i}.bundle")
+        files[-1].write_bytes(encode(bundle(world, sealed, reply)))
+    every = [str(f) for f in files]
+    assert main(["audit", "reconcile", "--store", str(store), *every]) == 0
+    assert main(["audit", "reconcile", "--store", str(store), *every[:-1]]) == EXIT_VERIFY_FAILED
 
 
 def test_installed_rosters_are_checked(tmp_path: Path) -> None:

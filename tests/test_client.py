@@ -269,7 +269,8 @@ async def test_requests_carry_the_roster_version_targets_and_endpoints(
         request = decode_as(decode_envelope(city.request).payload, QueryRequest)
         assert request.roster_version == alliance.roster.version == 1
         assert request.targets == ANSWERING and request.quorum == 2
-        assert request.audience == city.city and request.requester == ANALYST
+        assert request.requester == ANALYST
+    assert len({city.request for city in result.cities}) == 1  # one request for all
     assert [t.endpoint for t in alliance.targets(ANSWERING)] == [
         m.endpoint for m in alliance.roster.members[: len(ANSWERING)]
     ]

@@ -65,7 +65,6 @@ SPEC = DatasetSpec(
 def request(query: Query, purpose: str = "research") -> QueryRequest:
     return QueryRequest(
         requester="ana@example",
-        audience="austin",
         issued_at=1,
         expires_at=2,
         nonce=bytes(16),

@@ -126,7 +126,6 @@ def engine(catalog: Catalog) -> Iterator[QueryEngine]:
 def request(query: Query, purpose: str = "research") -> QueryRequest:
     return QueryRequest(
         requester="ana@example",
-        audience="austin",
         issued_at=1,
         expires_at=2,
         nonce=bytes(16),

@@ -184,7 +184,6 @@ def load_city(root: Path, rows: list[tuple[Any, ...]], k: int) -> Path:
 def request(query: Query, city: str, targets: tuple[str, ...]) -> QueryRequest:
     return QueryRequest(
         requester="ana@example",
-        audience=city,
         issued_at=1,
         expires_at=2,
         nonce=bytes(16),

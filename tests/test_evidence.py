@@ -245,8 +245,8 @@ def test_bundle_round_trips_and_holds_the_exact_envelopes(alliance: Alliance) ->
     assert bundle.roster == alliance.signed_roster
     assert bundle.roster_digest == roster_digest(alliance.signed_roster)
     assert [e.city for e in bundle.cities] == list(CITIES)
+    assert {city.request for city in alliance.result.cities} == {bundle.request}
     for city, evidence in zip(alliance.result.cities, bundle.cities, strict=True):
-        assert evidence.request == city.request
         assert evidence.reply == city.reply
         assert evidence.status == city.status.value
     assert alliance.result.combined is not None
@@ -436,25 +436,27 @@ def test_claimed_extra_row_and_changed_contributors_are_rejected(alliance: Allia
     assert failures_mention(data, "contributors differ")
 
 
-def test_request_for_one_city_with_a_different_query_is_rejected(alliance: Alliance) -> None:
+def test_request_with_a_different_query_is_rejected(alliance: Alliance) -> None:
     bundle = decoded(alliance)
-    original = decode_as(decode_envelope(entry(bundle, "copenhagen").request).payload, QueryRequest)
+    original = decode_as(decode_envelope(bundle.request).payload, QueryRequest)
     other = msgspec.structs.replace(
         original, query=Query(dataset=original.query.dataset, aggregates=(Count(),))
     )
     forged = seal(other, alliance.analyst.key)  # the analyst's own valid signature
-    data = replaced(bundle, "copenhagen", request=forged)
-    verdict = verify_bundle(data)
+    verdict = verify_bundle(encode(msgspec.structs.replace(bundle, request=forged)))
     assert not verdict.ok
-    assert any(f.startswith("copenhagen: request body") for f in verdict.failures)
-    assert any(f.startswith("copenhagen: reply cites request") for f in verdict.failures)
+    assert any(f.startswith("request: request body") for f in verdict.failures)
+    # No city answered the substituted request: every signed reply cites the real one.
+    for city in ANSWERING:
+        assert any(f.startswith(f"{city}: reply cites request") for f in verdict.failures)
 
 
 def test_request_signed_by_a_key_the_roster_does_not_name_is_rejected(alliance: Alliance) -> None:
     bundle = decoded(alliance)
-    original = decode_as(decode_envelope(entry(bundle, "berlin").request).payload, QueryRequest)
+    original = decode_as(decode_envelope(bundle.request).payload, QueryRequest)
     forged = seal(original, SigningKey(b"\x55" * 32))
-    assert failures_mention(replaced(bundle, "berlin", request=forged), "request signature")
+    data = encode(msgspec.structs.replace(bundle, request=forged))
+    assert failures_mention(data, "request: request signature")
 
 
 def test_answer_moved_to_another_city_is_rejected(alliance: Alliance) -> None:
@@ -477,9 +479,10 @@ def test_garbage_is_an_invalid_verdict_not_a_crash(data: bytes) -> None:
 
 def test_read_bundle_refuses_another_format_version(alliance: Alliance) -> None:
     bundle = decoded(alliance)
-    with pytest.raises(ProtocolError) as info:
-        read_bundle(encode(msgspec.structs.replace(bundle, format_version=2)))
-    assert info.value.code is ErrorCode.UNSUPPORTED_VERSION
+    for version in (1, 3):  # 1: one request per city, before spec §7.1's one request
+        with pytest.raises(ProtocolError) as info:
+            read_bundle(encode(msgspec.structs.replace(bundle, format_version=version)))
+        assert info.value.code is ErrorCode.UNSUPPORTED_VERSION
 
 
 def test_answers_are_real_query_answers(alliance: Alliance) -> None:
@@ -571,7 +574,7 @@ def make_receipt(
     status: str = "fetched",
 ) -> Receipt:
     """A receipt as a node following spec §16 signs it: the request's leaf in a real tree."""
-    request = entry(decoded(alliance), city).request
+    request = decoded(alliance).request
     kid = decode_envelope(request).key_id
     mid = message_id(request) if logged_id is None else logged_id
     filler = [encode_entry(AnswerSent(5, bytes([i]) * 32, bytes(32))) for i in range(5)]
@@ -620,9 +623,9 @@ def test_valid_receipts_verify_and_the_log_key_is_flagged_tofu(alliance: Allianc
 
 
 def test_bundles_without_receipts_still_decode_and_verify(alliance: Alliance) -> None:
-    # An old bundle's city entries have no trailing receipt element at all.
+    # A writer that never asked for receipts may leave out the trailing element.
     raw = msgspec.msgpack.decode(alliance.bundle)
-    cities_at = 11
+    cities_at = 12  # after the tag and 11 fields (request at 9)
     for city in raw[cities_at]:
         assert city[-1] is None
         del city[-1]

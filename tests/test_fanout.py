@@ -168,20 +168,20 @@ def independently_verified(result: FanOutResult, targets: Sequence[Target]) -> l
 
 @dataclass
 class Peer:
-    """A small aiohttp server posing as nodes; the mode is the first path segment."""
+    """A small aiohttp server posing as nodes: ``/{mode}/{city}/v1/query``."""
 
     url: str
     key: SigningKey
     hits: dict[str, int] = field(default_factory=dict)
 
     def target(self, city: str, mode: str, key: SigningKey | None = None) -> Target:
-        return Target(city, f"{self.url}/{mode}", (key or self.key).public_key)
+        return Target(city, f"{self.url}/{mode}/{city}", (key or self.key).public_key)
 
 
-def stub_answer(request_id: bytes, request: QueryRequest, n: int) -> QueryAnswer:
+def stub_answer(request_id: bytes, request: QueryRequest, city: str, n: int) -> QueryAnswer:
     return QueryAnswer(
         request_id=request_id,
-        responder=request.audience,
+        responder=city,
         requester=request.requester,
         issued_at=request.issued_at,
         dataset=request.query.dataset,
@@ -218,11 +218,12 @@ async def peer() -> AsyncIterator[Peer]:
         request_id = message_id(body)
         if mode == "other-request":
             request_id = hashlib.sha256(b"some other request").digest()
-        reply = stub_answer(request_id, req, n=len(req.audience))
+        city = request.match_info["city"]
+        reply = stub_answer(request_id, req, city, n=len(city))
         return web.Response(body=seal(reply, key), content_type=ENVELOPE_MEDIA_TYPE)
 
     app = web.Application()
-    app.router.add_post("/{mode}/v1/query", handle)
+    app.router.add_post("/{mode}/{city}/v1/query", handle)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     try:
@@ -270,21 +271,23 @@ async def test_all_answer_and_the_combination_is_over_the_verified_answers(
     assert combined_total == total > 0
 
 
-async def test_every_request_signs_the_same_targets_quorum_and_deadline(
+async def test_one_request_signs_the_targets_quorum_and_deadline(
     configs: dict[str, NodeConfig], analyst: Analyst
 ) -> None:
     async with nodes(configs, ANSWERING[:3]) as targets:
         result = await ask(analyst, targets, quorum=2, deadline_s=2.5)
-    requests = [decode_as(decode_envelope(r.request).payload, QueryRequest) for r in result.cities]
-    assert [r.audience for r in requests] == list(ANSWERING[:3])
-    assert {r.targets for r in requests} == {ANSWERING[:3]}
-    assert {r.quorum for r in requests} == {2}
-    assert {(r.issued_at, r.expires_at) for r in requests} == {
-        (result.issued_at, result.expires_at)
-    }
+    # One envelope, signed once, sent to every city (spec §7.1).
+    assert len({r.request for r in result.cities}) == 1
+    request = decode_as(decode_envelope(result.cities[0].request).payload, QueryRequest)
+    assert request.targets == ANSWERING[:3]
+    assert request.quorum == 2
+    assert (request.issued_at, request.expires_at) == (result.issued_at, result.expires_at)
     assert result.expires_at - result.issued_at == 2500
-    assert len({r.nonce for r in requests}) == 3 and all(len(r.nonce) == 16 for r in requests)
-    assert {decode_envelope(r.request).key_id for r in result.cities} == {analyst.key.key_id}
+    assert len(request.nonce) == 16
+    assert decode_envelope(result.cities[0].request).key_id == analyst.key.key_id
+    # Every city answered that one request.
+    request_id = message_id(result.cities[0].request)
+    assert all(r.answer is not None and r.answer.request_id == request_id for r in result.cities)
 
 
 async def test_stopped_node_is_unreachable_and_the_rest_combine(
@@ -456,7 +459,7 @@ _NODE_KEY = SigningKey(b"\x42" * 32)
 _ANALYST = Analyst.create("ana@amsterdam", seed=b"\x21" * 32)
 _REQUEST = _ANALYST.seal(_ANALYST.request("lisbon", count_by_room_type()))
 _REQUEST_BODY = decode_as(decode_envelope(_REQUEST).payload, QueryRequest)
-_GOOD_REPLY = seal(stub_answer(message_id(_REQUEST), _REQUEST_BODY, 7), _NODE_KEY)
+_GOOD_REPLY = seal(stub_answer(message_id(_REQUEST), _REQUEST_BODY, "lisbon", 7), _NODE_KEY)
 _TARGET = Target("lisbon", "http://127.0.0.1:9", _NODE_KEY.public_key)
 
 
@@ -478,7 +481,7 @@ def test_the_good_reply_is_answered() -> None:
 
 
 def test_answer_for_another_city_or_requester_is_bad_signature() -> None:
-    other_city = stub_answer(message_id(_REQUEST), _REQUEST_BODY, 7)
+    other_city = stub_answer(message_id(_REQUEST), _REQUEST_BODY, "lisbon", 7)
     for reply in (
         msgspec.structs.replace(other_city, responder="madrid"),
         msgspec.structs.replace(other_city, requester="eve@madrid"),
@@ -487,7 +490,7 @@ def test_answer_for_another_city_or_requester_is_bad_signature() -> None:
 
 
 def test_answer_that_does_not_fit_the_query_is_a_protocol_error() -> None:
-    wrong = stub_answer(message_id(_REQUEST), _REQUEST_BODY, 7)
+    wrong = stub_answer(message_id(_REQUEST), _REQUEST_BODY, "lisbon", 7)
     wrong = msgspec.structs.replace(wrong, dataset="other")
     assert _classify(seal(wrong, _NODE_KEY)) is CityStatus.PROTOCOL_ERROR
 
@@ -548,7 +551,7 @@ def test_prepared_requests_are_reproducible_and_sign_one_fan_out(analyst: Analys
     targets = [Target(c, "http://127.0.0.1:9", key) for c in ("lisbon", "madrid", "naples")]
     nonces = KnownNonces()
     prepared = _prepare(analyst, targets, nonce_source=nonces, quorum=2)
-    assert nonces.calls == [16, 16, 16]
+    assert nonces.calls == [16]  # one request, one nonce
     assert [p.target for p in prepared] == targets
     again = _prepare(analyst, targets, quorum=2)
     assert [p.envelope for p in again] == [p.envelope for p in prepared]  # deterministic
@@ -558,8 +561,7 @@ def test_prepared_requests_are_reproducible_and_sign_one_fan_out(analyst: Analys
         assert body == p.request
         assert body.targets == ("lisbon", "madrid", "naples") and body.quorum == 2
         assert body.roster_version == 3 and body.expires_at - body.issued_at == 30_000
-    assert [p.request.audience for p in prepared] == ["lisbon", "madrid", "naples"]
-    assert len({p.request.nonce for p in prepared}) == 3
+    assert len({p.envelope for p in prepared}) == 1  # signed once, sent to all
     # Any other nonce gives another envelope, so ids cannot be guessed without the source.
     fresh = _prepare(analyst, targets, quorum=2, nonce_source=secrets.token_bytes)
     assert not {p.request_id for p in fresh} & {p.request_id for p in prepared}
@@ -590,21 +592,30 @@ def test_build_request_defaults_and_refusals(analyst: Analyst) -> None:
         count_by_room_type(),
         policy(analyst),
         requester=analyst.principal,
-        audience="lisbon",
+        targets=("lisbon",),
         issued_at=1_000,
         expires_at=2_000,
     )
     assert request.targets == ("lisbon",) and request.quorum == 1
     assert request.roster_version == 0 and len(request.nonce) == 16
-    bad: list[dict[str, Any]] = [{"targets": ("madrid",)}, {"expires_at": 1_000}, {"quorum": 2}]
+    bad: list[dict[str, Any]] = [
+        {"targets": ("madrid", "madrid")},
+        {"targets": ()},
+        {"expires_at": 1_000},
+        {"quorum": 2},
+    ]
     for changes in bad:
-        fields: dict[str, Any] = {"issued_at": 1_000, "expires_at": 2_000, **changes}
+        fields: dict[str, Any] = {
+            "issued_at": 1_000,
+            "expires_at": 2_000,
+            "targets": ("lisbon",),
+            **changes,
+        }
         with pytest.raises(ProtocolError) as info:
             build_request(
                 count_by_room_type(),
                 policy(analyst),
                 requester=analyst.principal,
-                audience="lisbon",
                 **fields,
             )
         assert info.value.code is ErrorCode.INVALID_FIELD
@@ -672,10 +683,9 @@ async def test_many_targets_with_a_slow_one_meet_the_deadline(
     assert elapsed < deadline + 10  # returned at the deadline, not the peer's 60 s
     assert result.by_status(CityStatus.ANSWERED) == tuple(cities[:-1])
     assert result.city(cities[-1]).status is CityStatus.TIMEOUT
-    assert len({r.request for r in result.cities}) == n
-    requests = [decode_as(decode_envelope(r.request).payload, QueryRequest) for r in result.cities]
-    assert [r.audience for r in requests] == cities  # chunks signed off-loop, still in order
-    assert {r.targets for r in requests} == {tuple(cities)}
+    assert len({r.request for r in result.cities}) == 1
+    request = decode_as(decode_envelope(result.cities[0].request).payload, QueryRequest)
+    assert request.targets == tuple(cities)
     assert result.combined is not None
     assert result.combined == combine_answers(result.query, result.answers)
 

@@ -93,7 +93,19 @@ def test_wrong_audience() -> None:
     guard = ReplayGuard(CITY, LIMITS)
     _refused(guard, ErrorCode.WRONG_AUDIENCE, audience="melbourne")
     _refused(guard, ErrorCode.WRONG_AUDIENCE, audience="Cape-Town")
+    # A string is one city, never a substring test; a tuple is a query's targets.
+    _refused(guard, ErrorCode.WRONG_AUDIENCE, audience="cape-town-east")
+    _refused(guard, ErrorCode.WRONG_AUDIENCE, audience=("melbourne", "cape-town-east"))
+    _refused(guard, ErrorCode.WRONG_AUDIENCE, audience=())
     assert len(guard) == 0
+
+
+def test_a_request_to_several_targets_is_accepted_by_each_listed_city() -> None:
+    targets = ("melbourne", CITY, "oslo")
+    for city in targets:
+        guard = ReplayGuard(city, LIMITS)
+        _check(guard, audience=targets)
+        assert len(guard) == 1
 
 
 def test_future_dated_beyond_the_skew() -> None:
@@ -214,13 +226,13 @@ def test_limits_are_validated(limits: dict[str, int]) -> None:
 
 
 def test_check_request_reads_the_request_fields() -> None:
-    guard = ReplayGuard(REQUEST.audience, LIMITS)
+    guard = ReplayGuard(REQUEST.targets[0], LIMITS)
     now = REQUEST.issued_at
     guard.check_request(REQUEST, message_id=_id(1), now_ms=now)
     with pytest.raises(FreshnessError) as info:
         guard.check_request(REQUEST, message_id=_id(2), now_ms=now)
     assert info.value.code == ErrorCode.REPLAYED
-    other = ReplayGuard("lyon", LIMITS)
+    other = ReplayGuard("rome", LIMITS)  # not one of the targets
     with pytest.raises(FreshnessError) as info:
         other.check_request(REQUEST, message_id=_id(1), now_ms=now)
     assert info.value.code == ErrorCode.WRONG_AUDIENCE
@@ -228,7 +240,7 @@ def test_check_request_reads_the_request_fields() -> None:
 
 @given(req=query_requests(), offset=st.integers(min_value=-(10**6), max_value=10**6))
 def test_generated_requests_get_a_verdict(req: m.QueryRequest, offset: int) -> None:
-    guard = ReplayGuard(req.audience, LIMITS)
+    guard = ReplayGuard(req.targets[-1], LIMITS)
     try:
         guard.check_request(req, message_id=_id(0), now_ms=req.issued_at + offset)
     except HansaError as exc:
