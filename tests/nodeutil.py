@@ -120,7 +120,7 @@ class Analyst:
         requester: str | None = None,
         purpose: str = PURPOSE,
     ) -> QueryRequest:
-        """Build a fresh request addressed to ``city`` (or to ``targets``; valid for ``validity_ms``).
+        """Build a fresh request to ``city`` (or ``targets``), valid for ``validity_ms``.
 
         Built by :func:`hansa.federation.fanout.build_request`, as the fan-out
         builds its requests.

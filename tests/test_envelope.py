@@ -190,7 +190,7 @@ def test_a_signed_truncated_or_extended_body_is_rejected(
 
 def test_a_signed_body_breaking_a_rule_is_an_invalid_field() -> None:
     tree = msgpack.unpackb(encode(REQUEST))
-    tree[10] = 4  # quorum above the three targets
+    tree[9] = 4  # quorum above the three targets
     sealed = seal_bytes(PayloadType.QUERY_REQUEST, msgpack.packb(tree), KEY)
     with pytest.raises(ProtocolError) as info:
         open_envelope(sealed, TRUSTED, m.QueryRequest)

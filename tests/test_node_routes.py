@@ -262,7 +262,8 @@ def bad_cases(analyst: Analyst, stranger: Analyst) -> list[tuple[str, bytes, str
         ),
         (
             "wrong audience",
-            a.seal(a.request("cape-town", good, targets=("cape-town", CITY))),
+            # Signed for other cities only: this node is not among the targets.
+            a.seal(a.request("cape-town", good, targets=("cape-town", "lagos"))),
             env,
             200,
             {ErrorCode.WRONG_AUDIENCE},
