@@ -5,7 +5,7 @@ msgpack file ``{"delay_s": float, "cities": [[city, {request_id: answer}], ...]}
 One aiohttp server (on uvloop when available) listens on one fresh
 127.0.0.1 port per city, so every city is a separate TCP connection for the
 coordinator, as real cities are. A request is answered by looking up the
-SHA-256 of its body (its message id) among the answers signed in advance,
+SHA-256 of its body (its message id) among that city's answers signed in advance,
 sleeping ``delay_s``, and returning those exact bytes: the peer spends no
 signature work per request, so the coordinator is what the benchmark measures.
 An unknown request gets HTTP 400.
@@ -33,6 +33,7 @@ port listens; the process exits when its stdin closes (the parent ended).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import socket
@@ -109,13 +110,18 @@ class LeanPeer(asyncio.Protocol):
         )
 
 
-async def serve_lean(spec: Spec, answers: dict[bytes, bytes]) -> dict[str, int]:
-    """Listen with the lean server on one port per city; return the ports."""
+async def serve_lean(spec: Spec) -> dict[str, int]:
+    """Listen with the lean server on one port per city; return the ports.
+
+    Each port answers with its own city's answers: every city gets the same
+    request (spec §7.1), so the request id alone does not say which city's
+    signed answer to send.
+    """
     loop = asyncio.get_running_loop()
     ports: dict[str, int] = {}
-    for city, _ in spec.cities:
+    for city, by_id in spec.cities:
         server = await loop.create_server(
-            lambda: LeanPeer(answers, spec.delay_s), "127.0.0.1", 0, backlog=1024
+            functools.partial(LeanPeer, by_id, spec.delay_s), "127.0.0.1", 0, backlog=1024
         )
         ports[city] = server.sockets[0].getsockname()[1]
     return ports
@@ -123,14 +129,17 @@ async def serve_lean(spec: Spec, answers: dict[bytes, bytes]) -> dict[str, int]:
 
 async def serve(spec: Spec) -> None:
     """Listen for every city of ``spec``; print the ports; run until stdin closes."""
-    answers: dict[bytes, bytes] = {}
-    for _city, by_id in spec.cities:
-        answers.update(by_id)
+    by_port: dict[int, dict[bytes, bytes]] = {}
     delay = spec.delay_s
+
+    def answers(request: web.Request) -> dict[bytes, bytes]:
+        """The answers of the city whose port the request came in on."""
+        assert request.transport is not None
+        return by_port.get(request.transport.get_extra_info("sockname")[1], {})
 
     async def handle(request: web.Request) -> web.Response:
         body = await request.read()
-        answer = answers.get(hashlib.sha256(body).digest())
+        answer = answers(request).get(hashlib.sha256(body).digest())
         await asyncio.sleep(delay)
         if answer is None:
             return web.Response(status=400, text="unknown request")
@@ -140,10 +149,11 @@ async def serve(spec: Spec) -> None:
         # One reply per binary frame, in order: the client correlates by position.
         ws = web.WebSocketResponse(compress=False, max_msg_size=4 * 1024 * 1024)
         await ws.prepare(request)
+        mine = answers(request)
         async for msg in ws:
             if msg.type is not WSMsgType.BINARY:
                 break
-            answer = answers.get(hashlib.sha256(msg.data).digest())
+            answer = mine.get(hashlib.sha256(msg.data).digest())
             await asyncio.sleep(delay)
             if answer is None:
                 await ws.send_str("unknown request")
@@ -153,7 +163,7 @@ async def serve(spec: Spec) -> None:
 
     runner: web.AppRunner | None = None
     if spec.server == "lean":
-        ports = await serve_lean(spec, answers)
+        ports = await serve_lean(spec)
     else:
         app = web.Application()
         app.router.add_post("/v1/query", handle)
@@ -161,11 +171,12 @@ async def serve(spec: Spec) -> None:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         ports = {}
-        for city, _ in spec.cities:
+        for city, by_id in spec.cities:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", 0))
             ports[city] = sock.getsockname()[1]
+            by_port[ports[city]] = by_id
             await web.SockSite(runner, sock, backlog=1024).start()
     sys.stdout.write(json.dumps(ports) + "\n")
     sys.stdout.flush()
