@@ -8,6 +8,7 @@ binary MessagePack. Editing commands write a new file::
         [--roles CITY=member,witness ...] [--purpose TOKEN ...] [--witness-quorum Q]
     hansa alliance add-member FILE --out OUT --city CITY --endpoint URL --key KEYFILE
         [--name NAME] [--roles member,witness] [--root-key KEYFILE] [--threshold T]
+    hansa alliance set-key FILE --out OUT --city CITY --key KEYFILE
     hansa alliance remove-member FILE --out OUT --city CITY [--threshold T]
     hansa alliance add-analyst FILE --out OUT --principal ID --key KEYFILE
         --home-city CITY --purposes a,b
@@ -142,6 +143,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--root-key", metavar="KEYFILE", help="the city's governance key file")
     p.set_defaults(handler=_add_member)
+
+    p = cmds.add_parser(
+        "set-key", help="name a member city's new node key (next version, unsigned)"
+    )
+    _edit_args(p)
+    p.add_argument("--city", required=True, help="the city id")
+    p.add_argument(
+        "--key", required=True, metavar="KEYFILE", help="its new node key (hansa node rotate-key)"
+    )
+    p.set_defaults(handler=_set_key)
 
     p = cmds.add_parser("remove-member", help="remove a member city (next version, unsigned)")
     _edit_args(p)
@@ -373,6 +384,21 @@ def _add_member(args: argparse.Namespace) -> int:
     if args.root_key is not None:
         roots = (*roots, _root(args.city, read_public_key(args.root_key).raw))
     return _edit(args, members=(*roster.members, member), root_keys=roots)
+
+
+def _set_key(args: argparse.Namespace) -> int:
+    roster = decode_roster(_read(args.file).body)
+    old = roster.member(args.city)
+    if old is None:
+        raise ConfigError(f"{args.city!r} is not a member")
+    key = read_public_key(args.key).raw
+    if key == old.public_key:
+        raise ConfigError(f"the roster already names this key for {args.city!r}")
+    # Only the node key changes: the city's root (governance) key, if it was the old
+    # node key, stays until the alliance replaces it, so the city can still sign.
+    member = _member(old.city, old.name, key, old.endpoint, old.roles)
+    members = tuple(member if m.city == args.city else m for m in roster.members)
+    return _edit(args, members=members)
 
 
 def _remove_member(args: argparse.Namespace) -> int:

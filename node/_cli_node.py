@@ -1,4 +1,4 @@
-"""``hansa node`` commands: ``init``, ``serve``, ``trust``, ``roster`` and ``show``.
+"""``hansa node`` commands: ``init``, ``serve``, ``trust``, ``roster``, ``rotate-key``, ``show``.
 
 * ``hansa node init --data-dir DIR --city CITY [--port N] [--host H]
   [--passphrase-env VAR] [--roster FILE --pin HEX] [--min-participants N]``
@@ -16,6 +16,10 @@
   until SIGTERM/SIGINT (see :mod:`hansa.node.server`).
 * ``hansa node trust --data-dir DIR --principal ana@melbourne (--key HEX |
   --key-file PATH)`` adds a requester key to ``node.toml``.
+* ``hansa node rotate-key --data-dir DIR`` replaces the node key with a fresh
+  one (same passphrase protection) and keeps the old key file under
+  ``retired/`` beside it. The node logs ``key_rotated`` when it next starts
+  (spec §16.2); the alliance names the new key with ``hansa alliance set-key``.
 * ``hansa node show --data-dir DIR`` prints the configuration.
 """
 
@@ -27,7 +31,7 @@ import os
 import time
 from pathlib import Path
 
-from hansa.crypto.keyfile import read_public_key, write_key_file
+from hansa.crypto.keyfile import read_key_file, read_public_key, write_key_file
 from hansa.crypto.keys import SigningKey
 from hansa.node.config import (
     DEFAULT_PORT,
@@ -47,7 +51,7 @@ from hansa.node.config import (
 )
 from hansa.protocol.errors import ConfigError, HansaError
 
-__all__ = ["init_node", "install_roster_file", "register"]
+__all__ = ["init_node", "install_roster_file", "register", "rotate_node_key"]
 
 _DATA_DIR_ENV = "HANSA_DATA_DIR"
 
@@ -146,6 +150,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--min-participants", type=int, metavar="N", help="the node's minimum of cities per query"
     )
     first.set_defaults(handler=_roster_set)
+
+    rotate = node_sub.add_parser(
+        "rotate-key",
+        help="replace the node key (the old one is kept under keys/retired/); "
+        "the node logs the change when it next starts",
+    )
+    _data_dir_arg(rotate)
+    rotate.set_defaults(handler=_rotate_key)
 
     show = node_sub.add_parser("show", help="print the node's configuration")
     _data_dir_arg(show)
@@ -357,6 +369,60 @@ def _roster_install(args: argparse.Namespace) -> int:
     print(
         f"installed roster version {version}; a running node takes it up on SIGHUP "
         "(or POST the file to /v1/roster)"
+    )
+    return 0
+
+
+RETIRED_DIR = "retired"
+"""Beside the node key file: the keys it replaced (``hansa node rotate-key``)."""
+
+
+def rotate_node_key(config: NodeConfig) -> tuple[SigningKey, SigningKey, Path]:
+    """Replace the node key with a fresh one; keep the old key file under ``retired/``.
+
+    The new key is written with the same passphrase protection as the old one. A
+    running node keeps signing with the key it loaded; when it next starts it logs a
+    ``key_rotated`` entry (spec §16.2) before it signs anything with the new key.
+
+    Args:
+        config: the node's configuration.
+
+    Returns:
+        The old key, the new key, and where the old key file was kept.
+
+    Raises:
+        KeyFileError: a key file cannot be read or written.
+        ConfigError: the passphrase variable is not set.
+    """
+    passphrase = config.passphrase()
+    old = read_key_file(config.key_file, passphrase=passphrase)
+    new = SigningKey.generate()
+    retired = config.key_file.parent / RETIRED_DIR
+    retired.mkdir(mode=0o700, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = retired / f"{config.key_file.stem}-{stamp}-{old.public_key.key_id.hex()[:16]}.key"
+    # The old key is written (0600, atomically) before the new one replaces it, so a
+    # crash between the two loses no key.
+    write_key_file(kept, old, passphrase=passphrase)
+    write_key_file(config.key_file, new, passphrase=passphrase, overwrite=True)
+    return old, new, kept
+
+
+def _rotate_key(args: argparse.Namespace) -> int:
+    config = load_config(args.data_dir)
+    old, new, kept = rotate_node_key(config)
+    print(f"rotated the node key of {config.city!r}")
+    print(f"  old key      {old.public_key.raw.hex()} (kept in {kept})")
+    print(f"  new key      {new.public_key.raw.hex()}")
+    print(f"  key id       {new.public_key.key_id.hex()}")
+    print("next:")
+    print(
+        f"  the alliance names the new key: hansa alliance set-key ROSTER --out NEXT "
+        f"--city {config.city} --key {config.key_file}, then signs and installs NEXT"
+    )
+    print(
+        f"  restart the node (hansa node serve --data-dir {args.data_dir}): it logs the "
+        "rotation and signs with the new key from then on"
     )
     return 0
 

@@ -119,6 +119,7 @@ from hansa.node.auditlog import (
     AuditEntry,
     AuditLog,
     CheckpointPolicy,
+    KeyRotated,
     Outcome,
     RequestReceived,
     RosterInstalled,
@@ -140,6 +141,7 @@ from hansa.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hansa.node.metrics import NodeMetrics
 from hansa.node.witness import WITNESS_DB, Witness, WitnessConflict, WitnessStore
 from hansa.node.witness import http_status as witness_status
+from hansa.protocol.auditleaf import KEY_ROLE_LOG, KEY_ROLE_NODE, KEY_ROLE_WITNESS
 from hansa.protocol.codec import decode_as, encode
 from hansa.protocol.envelope import MAX_PAYLOAD_SIZE, decode_envelope, message_id, pae
 from hansa.protocol.errors import (
@@ -434,6 +436,7 @@ class NodeState:
         origin = config.log_origin(roster.roster.alliance if roster is not None else None)
         self.log_signer = NoteSigner(origin, log_key or SigningKey.generate())
         self.log_verifier = NoteVerifier(origin, self.log_signer.signing_key.public_key)
+        self._witness_key = witness_key
         self.witness_signer = (
             CosignatureSigner(f"witness/{config.city}", witness_key)
             if witness_key is not None
@@ -875,6 +878,8 @@ class NodeState:
                 entry = decode_entry(leaf)
                 if isinstance(entry, RosterInstalled):
                     state.roster = entry.roster_digest
+                elif isinstance(entry, KeyRotated):
+                    state.keys[entry.role] = entry.new_key_id
                 elif isinstance(entry, SettingsChanged):
                     if entry.scope is SettingsScope.CONFIG:
                         state.config = (entry.digest, entry.settings_version)
@@ -926,6 +931,35 @@ class NodeState:
             envelopes.append(capabilities)
         return entries, envelopes
 
+    def _key_entries(self, state: _LoggedState) -> list[AuditEntry]:
+        """``key_rotated`` entries for every key that differs from the one last logged.
+
+        The node key signs answers and refusals, the log key checkpoints, the witness
+        key cosignatures. A key the log has never recorded is logged with an all-zero
+        old key id (its first use); a key replaced while the node was down (``hansa node
+        rotate-key``, or a restored backup) is logged with the key it replaced, before
+        the node signs anything with it (spec §16.2).
+        """
+        keys = [(KEY_ROLE_NODE, self.signing_key), (KEY_ROLE_LOG, self.log_signer.signing_key)]
+        if self._witness_key is not None:
+            keys.append((KEY_ROLE_WITNESS, self._witness_key))
+        entries: list[AuditEntry] = []
+        now = self.clock_ms()
+        for role, key in keys:
+            new = key.public_key.key_id
+            old = state.keys.get(role)
+            if old != new:
+                entries.append(KeyRotated(now, old or bytes(32), new, role))
+                if old is not None:
+                    log.warning(
+                        "audit log: the %s key changed (%s… -> %s…); logged as key_rotated",
+                        role,
+                        old.hex()[:16],
+                        new.hex()[:16],
+                    )
+                state.keys[role] = new
+        return entries
+
     def _open_audit(self) -> None:
         """Open the log, record what changed while the node was down (blocking)."""
         cfg = self.config
@@ -939,7 +973,7 @@ class NodeState:
             if audit.repaired:
                 log.warning("audit log: %d damaged tail entries were removed", audit.repaired)
             state = self._logged_state(audit)
-            entries: list[AuditEntry] = []
+            entries: list[AuditEntry] = self._key_entries(state)
             trusted = self.trust.roster
             if trusted is not None and state.roster != trusted.digest:
                 entries.append(RosterInstalled(self.clock_ms(), trusted.digest, trusted.version))
@@ -1769,6 +1803,8 @@ class _LoggedState:
     """What the audit log last recorded about the roster and the settings."""
 
     roster: bytes | None = None
+    keys: dict[str, bytes] = field(default_factory=dict)
+    """The key id last logged per role (``key_rotated`` entries)."""
     config: tuple[bytes, int] | None = None
     disclosure: dict[str, bytes] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)

@@ -68,6 +68,9 @@ from hansa.protocol.errors import ErrorCode, ProtocolError, TooLargeError
 
 __all__ = [
     "ENTRY_NAMES",
+    "KEY_ROLE_LOG",
+    "KEY_ROLE_NODE",
+    "KEY_ROLE_WITNESS",
     "MAGIC",
     "MAX_LEAF_SIZE",
     "AnswerSent",
@@ -91,6 +94,12 @@ MAGIC: Final = b"hansa-audit/v1\n"
 _MAGIC_FAMILY: Final = b"hansa-audit/"
 MAX_LEAF_SIZE: Final = 65_535
 """Largest leaf in bytes (fits a C2SP tlog-tiles entry bundle, crypto-audit-anchors §0)."""
+KEY_ROLE_NODE: Final = "node"
+"""``key_rotated`` role of the node key (signs answers, refusals, capabilities)."""
+KEY_ROLE_LOG: Final = "log"
+"""``key_rotated`` role of the log key (signs checkpoints)."""
+KEY_ROLE_WITNESS: Final = "witness"
+"""``key_rotated`` role of the witness key (cosigns other cities' checkpoints)."""
 HASH_SIZE: Final = 32
 """Size of every hash field (SHA-256; the same as ``hansa.crypto.merkle.HASH_SIZE``)."""
 _HEADER: Final = struct.Struct(">15sBQ")
