@@ -138,6 +138,7 @@ from hansa.federation.fanout import (
     send_prepared,
     verify_reply,
 )
+from hansa.federation.transport import HttpPool
 from hansa.protocol.messages import (
     MAX_TARGETS,
     Count,
@@ -432,6 +433,7 @@ class Clients:
         self.verify_threads = verify_threads
         self.with_inline = inline
         self.sessions: dict[str, aiohttp.ClientSession] = {}
+        self.pools: dict[str, HttpPool] = {}
         self.raw_connections: dict[str, RawHttp] = {}
 
     def all(self) -> dict[str, Client]:
@@ -453,12 +455,22 @@ class Clients:
             self.sessions[name] = new_session()
         return self.sessions[name]
 
+    def pool(self, name: str) -> HttpPool | None:
+        """The Hansa client's own warm pool (``None`` when cold: it makes its own)."""
+        if not self.warm:
+            return None
+        if name not in self.pools:
+            self.pools[name] = HttpPool(limit=DEFAULT_CONNECTION_LIMIT)
+        return self.pools[name]
+
     async def __aenter__(self) -> Clients:
         return self
 
     async def __aexit__(self, *_: object) -> None:
         for session in self.sessions.values():
             await session.close()
+        for pool in self.pools.values():
+            await pool.close()
         for connection in self.raw_connections.values():
             if connection.transport is not None:
                 connection.transport.close()
@@ -480,7 +492,7 @@ class Clients:
             requester=REQUESTER,
             quorum=n,
             deadline_s=DEADLINE_S,
-            session=self.session("hansa"),
+            pool=self.pool("hansa"),
             now_ms=lambda: ISSUED_AT,
             nonce_source=Nonces(n),
             verify_threads=self.verify_threads,
@@ -497,7 +509,7 @@ class Clients:
             requester=REQUESTER,
             quorum=n,
             deadline_s=DEADLINE_S,
-            session=self.session("inline"),
+            pool=self.pool("inline"),
             now_ms=lambda: ISSUED_AT,
             nonce_source=Nonces(n),
             verify_threads=0,
@@ -509,7 +521,7 @@ class Clients:
         result = await send_prepared(
             self.setup.prepared[n],
             deadline_s=DEADLINE_S,
-            session=self.session("prepared"),
+            pool=self.pool("prepared"),
             verify_threads=self.verify_threads,
         )
         self.check("prepared", n, result)

@@ -665,7 +665,9 @@ def check_answer(query: Query, answer: QueryAnswer) -> None:
         seen.add(typed)
 
 
-def combine_answers(query: Query, answers: Iterable[QueryAnswer]) -> CombinedResult:
+def combine_answers(
+    query: Query, answers: Iterable[QueryAnswer], *, checked: bool = False
+) -> CombinedResult:
     """Merge the cities' answers to one query, cell by cell.
 
     Released cells are merged by typed group key across cities; a city's
@@ -675,6 +677,10 @@ def combine_answers(query: Query, answers: Iterable[QueryAnswer]) -> CombinedRes
     Args:
         query: the query every answer answers.
         answers: the answers to combine (at most one per city).
+        checked: every answer already passed :func:`check_answer` against
+            ``query`` (the fan-out checks each reply as it arrives): the
+            per-state validity checks are not repeated. Everything that
+            concerns several answers together is still checked.
 
     Returns:
         The :class:`CombinedResult`.
@@ -715,6 +721,8 @@ def combine_answers(query: Query, answers: Iterable[QueryAnswer]) -> CombinedRes
             for position, (aggregate, state) in enumerate(
                 zip(aggregates, group.states, strict=True)
             ):
+                if checked:
+                    break
                 try:
                     _check_state(aggregate, state)
                 except ProtocolError as exc:

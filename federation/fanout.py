@@ -19,19 +19,23 @@ nothing else in the package imports it (``hansa.federation`` stays pure).
    :func:`prepare_requests` signs it without sending; :func:`send_prepared`
    sends it; :func:`fan_out` does both.
 2. **Transport.** All requests go out concurrently over one
-   ``aiohttp.ClientSession`` (one keep-alive connection pool,
-   ``TCPConnector(limit=...)``). The deadline is enforced for the fan-out as
+   :class:`~hansa.federation.transport.HttpPool` (keep-alive HTTP/1.1
+   connections, one per city, at most ``connection_limit`` open): a lean
+   client on llhttp, because aiohttp's ``ClientSession`` cost more per
+   request than verifying the reply (``bench/transport.py``,
+   ``bench/fanout.py``). The deadline is enforced for the fan-out as
    a whole: one ``asyncio.wait`` with the time left to the deadline, after
    which every city still pending is cancelled and gets ``TIMEOUT`` (or
    ``UNREACHABLE`` when its connection attempts had failed), so a slow city
    never holds the others back.
 3. **Retries** happen only for connection failures, i.e. the connection was
    refused or reset before any response arrived
-   (``aiohttp.ClientConnectionError``), with exponential backoff plus jitter,
+   (:class:`~hansa.federation.transport.ConnectFailed`), with exponential
+   backoff plus jitter,
    at most ``max_attempts`` times and only while the deadline leaves room for
    the backoff. The *same* envelope bytes are re-sent: if a reset request did
    reach the node, the node's replay guard answers ``REPLAYED`` rather than
-   answering twice, and the evidence holds exactly one request per city.
+   answering twice, and the evidence holds the one request.
 4. **Verification** as replies arrive (:func:`verify_reply`): each reply is
    opened with :func:`hansa.crypto.open_envelope` against that city's node
    key only, must cite the request id sent to that city, name the city as
@@ -52,24 +56,27 @@ nothing else in the package imports it (``hansa.federation`` stays pure).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import enum
-import functools
 import logging
 import os
+import queue
 import random
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Final
-
-import aiohttp
-import yarl
+from typing import ClassVar, Final
 
 from hansa.crypto import PublicKey, SigningKey, open_envelope, seal
 from hansa.federation.combine import CombinedResult, check_answer, combine_answers
+from hansa.federation.transport import (
+    DEFAULT_LIMIT,
+    BadResponse,
+    ConnectFailed,
+    HttpPool,
+    TransportError,
+)
 from hansa.protocol.codec import decode_as
 from hansa.protocol.envelope import MAX_ENVELOPE_SIZE, PayloadType, decode_envelope, message_id
 from hansa.protocol.errors import ErrorCode, HansaError, ProtocolError, SignatureError
@@ -125,7 +132,7 @@ against ``verify_threads=0`` in one run (N = 500, cold sessions: 175 ms with
 the pool vs 221 ms inline; warm: equal, under a load average of 4).
 """
 
-DEFAULT_CONNECTION_LIMIT: Final = 512
+DEFAULT_CONNECTION_LIMIT: Final = DEFAULT_LIMIT
 """Most simultaneous connections of the pool :func:`fan_out` creates itself."""
 
 DEFAULT_MAX_ATTEMPTS: Final = 3
@@ -360,27 +367,6 @@ def verify_reply(
     return ReplyVerdict(CityStatus.ANSWERED, None, reply.decision.value, reply)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    declared = resp.content_length
-    if declared is not None:
-        if declared > limit:
-            raise _BodyTooLarge(f"reply declares {declared} bytes, over the limit of {limit}")
-        # aiohttp frames the body by the declared length, so one read is bounded.
-        return await resp.read()
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_chunked(65536):
-        size += len(chunk)
-        if size > limit:
-            raise _BodyTooLarge(f"reply exceeds the limit of {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
     """The fan-out's signed request for one of its cities (see :func:`prepare_requests`).
@@ -513,16 +499,6 @@ def prepare_requests(
     return [PreparedRequest(target, request, envelope, request_id) for target in targets]
 
 
-@functools.lru_cache(maxsize=1024)
-def _query_url(endpoint: str) -> yarl.URL:
-    """The parsed query URL of an endpoint, parsed once (aiohttp takes a URL as is)."""
-    return yarl.URL(endpoint.rstrip("/") + QUERY_PATH)
-
-
-_HEADERS: Final = {"Content-Type": ENVELOPE_MEDIA_TYPE}
-"""Shared by every request (aiohttp copies it into its own multidict)."""
-
-
 @dataclass(slots=True)
 class _Attempt:
     """Mutable per-city progress, read when the deadline cuts a city off."""
@@ -533,29 +509,110 @@ class _Attempt:
     last_failure: str | None = None
 
 
-class _Verifier:
-    """Runs :func:`verify_reply` inline, or in a thread pool in batches.
+_BATCH: Final = 16
+"""Most replies a verification thread takes from its queue at once: enough that a
+burst costs one loop wake-up per batch, few enough that both threads get work."""
 
-    With a pool, replies that arrive in one event-loop iteration go to the
-    threads as one batch per worker: one ``submit`` and one
-    ``call_soon_threadsafe`` per batch rather than per reply, which is what
-    the event loop paid for (lock waits in ``_adjust_thread_count``).
+_Work = tuple[
+    asyncio.AbstractEventLoop,
+    "asyncio.Future[ReplyVerdict]",
+    "PreparedRequest",
+    int,
+    bytes,
+    str,
+    Query,
+]
+
+
+class _VerifyThreads:
+    """Daemon threads that verify replies for every fan-out of the process.
+
+    Started once (per thread count) and kept: creating a ``ThreadPoolExecutor`` per
+    fan-out cost two thread starts, and its ``submit`` a lock shared with busy
+    workers, each time (``bench/fanout.py --profile``). A reply goes in through one
+    ``SimpleQueue.put`` (C, no Python lock); a thread takes up to :data:`_BATCH`
+    queued replies, verifies them (libsodium releases the GIL, so both cores check
+    signatures while the event loop reads sockets) and hands the verdicts back with
+    one ``call_soon_threadsafe`` per batch and event loop.
     """
+
+    _pools: ClassVar[dict[int, _VerifyThreads]] = {}
+    _pools_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, count: int) -> None:
+        self.queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        for i in range(count):
+            thread = threading.Thread(
+                target=self._work, name=f"hansa-verify-{count}-{i}", daemon=True
+            )
+            thread.start()
+
+    @classmethod
+    def get(cls, count: int) -> _VerifyThreads:
+        """The process's threads for ``count`` (started on first use)."""
+        pool = cls._pools.get(count)
+        if pool is None:
+            with cls._pools_lock:
+                pool = cls._pools.get(count)
+                if pool is None:
+                    pool = cls._pools[count] = _VerifyThreads(count)
+        return pool
+
+    def _work(self) -> None:
+        get, get_nowait = self.queue.get, self.queue.get_nowait
+        while True:
+            batch = [get()]
+            try:
+                while len(batch) < _BATCH:
+                    batch.append(get_nowait())
+            except queue.Empty:
+                pass
+            by_loop: dict[
+                asyncio.AbstractEventLoop,
+                list[tuple[asyncio.Future[ReplyVerdict], ReplyVerdict]],
+            ] = {}
+            for loop, future, prepared, status, body, requester, query in batch:
+                try:
+                    verdict = verify_reply(
+                        status,
+                        body,
+                        target=prepared.target,
+                        request_id=prepared.request_id,
+                        requester=requester,
+                        query=query,
+                    )
+                except Exception as exc:  # verify_reply never raises; never lose a city
+                    verdict = ReplyVerdict(
+                        CityStatus.PROTOCOL_ERROR, None, f"verification failed: {exc!r}"[:300]
+                    )
+                by_loop.setdefault(loop, []).append((future, verdict))
+            for loop, verdicts in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_settle, verdicts)
+                except RuntimeError:  # the loop closed after its deadline: nobody waits
+                    pass
+
+
+def _settle(verdicts: list[tuple[asyncio.Future[ReplyVerdict], ReplyVerdict]]) -> None:
+    for future, verdict in verdicts:
+        if not future.done():  # else cancelled at the deadline
+            future.set_result(verdict)
+
+
+class _Verifier:
+    """Runs :func:`verify_reply` inline, or on the process's verification threads."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        executor: ThreadPoolExecutor | None,
-        workers: int,
+        threads: _VerifyThreads | None,
         requester: str,
         query: Query,
     ) -> None:
         self.loop = loop
-        self.executor = executor
-        self.workers = max(1, workers)
+        self.threads = threads
         self.requester = requester
         self.query = query
-        self.pending: list[tuple[asyncio.Future[ReplyVerdict], PreparedRequest, int, bytes]] = []
 
     def now(self, prepared: PreparedRequest, status: int, body: bytes) -> ReplyVerdict:
         return verify_reply(
@@ -570,57 +627,19 @@ class _Verifier:
     def later(
         self, prepared: PreparedRequest, status: int, body: bytes
     ) -> asyncio.Future[ReplyVerdict]:
+        assert self.threads is not None
         future: asyncio.Future[ReplyVerdict] = self.loop.create_future()
-        self.pending.append((future, prepared, status, body))
-        if len(self.pending) == 1:
-            self.loop.call_soon(self._flush)
+        self.threads.queue.put(
+            (self.loop, future, prepared, status, body, self.requester, self.query)
+        )
         return future
-
-    def _flush(self) -> None:
-        batch, self.pending = self.pending, []
-        assert self.executor is not None
-        size = -(-len(batch) // self.workers)
-        for at in range(0, len(batch), size):
-            part = batch[at : at + size]
-            work = [(p, status, body) for _, p, status, body in part]
-            done = self.executor.submit(self._run, work)
-            done.add_done_callback(functools.partial(self._deliver, part))
-
-    def _run(self, work: list[tuple[PreparedRequest, int, bytes]]) -> list[ReplyVerdict]:
-        return [self.now(p, status, body) for p, status, body in work]
-
-    def _deliver(
-        self,
-        part: list[tuple[asyncio.Future[ReplyVerdict], PreparedRequest, int, bytes]],
-        done: concurrent.futures.Future[list[ReplyVerdict]],
-    ) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self._settle, part, done)
-        except RuntimeError:  # the loop closed after the deadline: nobody waits
-            pass
-
-    @staticmethod
-    def _settle(
-        part: list[tuple[asyncio.Future[ReplyVerdict], PreparedRequest, int, bytes]],
-        done: concurrent.futures.Future[list[ReplyVerdict]],
-    ) -> None:
-        exc = None if done.cancelled() else done.exception()
-        for i, (future, *_) in enumerate(part):
-            if future.done():  # cancelled at the deadline
-                continue
-            if done.cancelled():
-                future.cancel()
-            elif exc is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(done.result()[i])
 
 
 class _Coordinator:
     def __init__(
         self,
         *,
-        session: aiohttp.ClientSession,
+        pool: HttpPool,
         deadline: float,
         verifier: _Verifier,
         threaded: bool,
@@ -628,7 +647,7 @@ class _Coordinator:
         on_status: Callable[[CityResult], None] | None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.session = session
+        self.pool = pool
         self.deadline = deadline
         self.verifier = verifier
         self.threaded = threaded
@@ -680,13 +699,18 @@ class _Coordinator:
             attempt.attempts += 1
             try:
                 # Inside the try: a malformed endpoint is that city's error, not the fan-out's.
-                url = _query_url(prepared.target.endpoint)
-                async with self.session.post(url, data=prepared.envelope, headers=_HEADERS) as resp:
-                    status = resp.status
-                    body = await _read_limited(resp, MAX_ENVELOPE_SIZE)
-            except aiohttp.ClientConnectionError as exc:
+                endpoint = self.pool.endpoint(prepared.target.endpoint)
+                response = await self.pool.post(
+                    endpoint,
+                    QUERY_PATH,
+                    prepared.envelope,
+                    ENVELOPE_MEDIA_TYPE,
+                    max_body=MAX_ENVELOPE_SIZE,
+                )
+                status, body = response.status, response.body
+            except ConnectFailed as exc:
                 # Refused or reset before a response (spec: retry only these).
-                attempt.last_failure = _one_line(str(exc) or type(exc).__name__)
+                attempt.last_failure = _one_line(exc.message)
                 delay = BACKOFF_BASE_S * 2 ** (attempt.attempts - 1)
                 delay *= 1.0 + random.random() / 2  # noqa: S311 (jitter, not secrets)
                 if (
@@ -702,15 +726,16 @@ class _Coordinator:
                     )
                 await asyncio.sleep(delay)
                 continue
-            except _BodyTooLarge as exc:
-                return self.done(attempt, CityStatus.PROTOCOL_ERROR, ErrorCode.TOO_LARGE, str(exc))
-            except aiohttp.ClientError as exc:
+            except BadResponse as exc:
+                code = ErrorCode.TOO_LARGE if exc.code is ErrorCode.TOO_LARGE else None
                 return self.done(
                     attempt,
                     CityStatus.PROTOCOL_ERROR,
-                    None,
-                    f"bad HTTP reply: {_one_line(str(exc) or type(exc).__name__)}",
+                    code,
+                    f"bad HTTP reply: {_one_line(exc.message)}",
                 )
+            except TransportError as exc:  # a bad endpoint URL, or the pool was closed
+                return self.done(attempt, CityStatus.PROTOCOL_ERROR, None, _one_line(exc.message))
             except Exception as exc:
                 # Never lose a city to an unforeseen failure: it gets a status too.
                 log.exception("unexpected failure asking %s", prepared.target.city)
@@ -793,41 +818,35 @@ async def _send(
     query: Query,
     requester: str,
     deadline: float,
-    session: aiohttp.ClientSession | None,
+    pool: HttpPool | None,
     on_status: Callable[[CityResult], None] | None,
     max_attempts: int,
     connection_limit: int,
     verify_threads: int | None,
 ) -> list[CityResult]:
     workers = verify_threads if verify_threads is not None else (os.cpu_count() or 1)
-    executor = None
+    threads = None
     if len(requests) > VERIFY_THREAD_THRESHOLD and workers > 0:
-        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hansa-fanout")
+        threads = _VerifyThreads.get(workers)
     loop = asyncio.get_running_loop()
-    verifier = _Verifier(loop, executor, workers, requester, query)
-    own_session = session is None
-    if session is None:
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=connection_limit, limit_per_host=0),
-            # The deadline is enforced by the coordinator, not per request.
-            timeout=aiohttp.ClientTimeout(total=None),
-        )
+    verifier = _Verifier(loop, threads, requester, query)
+    own_pool = pool is None
+    if pool is None:
+        # No per-request timeout: the coordinator enforces the one deadline.
+        pool = HttpPool(limit=connection_limit)
     try:
         coordinator = _Coordinator(
-            session=session,
+            pool=pool,
             deadline=deadline,
             verifier=verifier,
-            threaded=executor is not None,
+            threaded=threads is not None,
             max_attempts=max_attempts,
             on_status=on_status,
         )
         return await coordinator.run(requests)
     finally:
-        if own_session:
-            await session.close()
-        if executor is not None:
-            # A check still running past the deadline finishes on its own.
-            executor.shutdown(wait=False, cancel_futures=True)
+        if own_pool:
+            await pool.close()
 
 
 def _result(
@@ -846,7 +865,8 @@ def _result(
         reason = f"quorum not met: {len(answers)} of {quorum} required cities answered"
     else:
         try:
-            combined = combine_answers(query, answers)
+            # verify_reply ran check_answer on each: the states are not re-checked.
+            combined = combine_answers(query, answers, checked=True)
         except HansaError as exc:
             reason = f"the answers could not be combined: {_one_line(exc.message)}"
     return FanOutResult(
@@ -867,7 +887,7 @@ async def send_prepared(
     prepared: Sequence[PreparedRequest],
     *,
     deadline_s: float,
-    session: aiohttp.ClientSession | None = None,
+    pool: HttpPool | None = None,
     on_status: Callable[[CityResult], None] | None = None,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     connection_limit: int = DEFAULT_CONNECTION_LIMIT,
@@ -879,13 +899,13 @@ async def send_prepared(
         prepared: one fan-out's requests, in target order (as returned).
         deadline_s: the time budget from now, in seconds. The signed
             ``expires_at`` is the nodes' limit; this is the coordinator's.
-        session: an ``aiohttp.ClientSession`` to reuse (the caller owns it);
-            when ``None`` one is created with a keep-alive
-            ``TCPConnector(limit=connection_limit)`` and closed afterwards.
+        pool: an :class:`~hansa.federation.transport.HttpPool` to reuse (the
+            caller owns it); when ``None`` one of ``connection_limit``
+            keep-alive connections is created and closed afterwards.
         on_status: called on the event loop with each city's result as soon
             as it is known (for a live display); its exceptions are logged.
         max_attempts: attempts per city on connection failures (>= 1).
-        connection_limit: size of the pool created when ``session`` is None.
+        connection_limit: size of the pool created when ``pool`` is None.
         verify_threads: verification threads when there are more than
             :data:`VERIFY_THREAD_THRESHOLD` targets (``None``: one per core;
             ``0``: verify on the event loop).
@@ -921,7 +941,7 @@ async def send_prepared(
         query=request.query,
         requester=request.requester,
         deadline=deadline,
-        session=session,
+        pool=pool,
         on_status=on_status,
         max_attempts=max_attempts,
         connection_limit=connection_limit,
@@ -942,7 +962,7 @@ async def fan_out(
     quorum: int,
     deadline_s: float,
     roster_version: int = 0,
-    session: aiohttp.ClientSession | None = None,
+    pool: HttpPool | None = None,
     on_status: Callable[[CityResult], None] | None = None,
     now_ms: Callable[[], int] = _wall_ms,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
@@ -966,14 +986,14 @@ async def fan_out(
         deadline_s: the whole fan-out's time budget in seconds; also the
             requests' validity (``expires_at = issued_at + deadline``).
         roster_version: the roster version the targets were taken from.
-        session: an ``aiohttp.ClientSession`` to reuse (the caller owns it);
-            when ``None`` one is created with a keep-alive
-            ``TCPConnector(limit=connection_limit)`` and closed afterwards.
+        pool: an :class:`~hansa.federation.transport.HttpPool` to reuse (the
+            caller owns it); when ``None`` one of ``connection_limit``
+            keep-alive connections is created and closed afterwards.
         on_status: called on the event loop with each city's result as soon
             as it is known (for a live display); its exceptions are logged.
         now_ms: the wall clock in integer ms since the epoch.
         max_attempts: attempts per city on connection failures (>= 1).
-        connection_limit: size of the pool created when ``session`` is None.
+        connection_limit: size of the pool created when ``pool`` is None.
         verify_threads: verification threads when there are more than
             :data:`VERIFY_THREAD_THRESHOLD` targets (``None``: one per core;
             ``0``: verify on the event loop).
@@ -1012,7 +1032,7 @@ async def fan_out(
         query=query,
         requester=requester,
         deadline=deadline,
-        session=session,
+        pool=pool,
         on_status=on_status,
         max_attempts=max_attempts,
         connection_limit=connection_limit,

@@ -66,6 +66,7 @@ cannot contain a comma.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import functools
 import io
@@ -80,8 +81,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
-
-import aiohttp
 
 from hansa.crypto.envelope import open_envelope, seal
 from hansa.crypto.keyfile import read_key_file
@@ -107,6 +106,7 @@ from hansa.federation.roster import (
     roster_digest,
     verify_roster,
 )
+from hansa.federation.transport import BadResponse, ConnectFailed, HttpPool
 from hansa.protocol.codec import decode_as, encode
 from hansa.protocol.envelope import MAX_ENVELOPE_SIZE, PayloadType, decode_envelope, message_id
 from hansa.protocol.errors import (
@@ -1071,7 +1071,7 @@ class Alliance:
         deadline_s: float = DEFAULT_DEADLINE_S,
         max_groups: int = 1000,
         on_status: Callable[[CityResult], None] | None = None,
-        session: aiohttp.ClientSession | None = None,
+        pool: HttpPool | None = None,
         receipts: bool = True,
     ) -> QueryResult:
         """Ask the alliance one signed question and combine the answers.
@@ -1093,7 +1093,9 @@ class Alliance:
             deadline_s: the whole fan-out's time budget, in seconds.
             max_groups: most groups a city may return.
             on_status: called with each city's result as it arrives.
-            session: an ``aiohttp.ClientSession`` to reuse (the caller owns it).
+            pool: an :class:`~hansa.federation.transport.HttpPool` to reuse
+                (the caller owns it); by default one is opened for this
+                query's fan-out and receipts, and closed after.
             receipts: fetch receipts after the fan-out.
 
         Returns:
@@ -1126,31 +1128,35 @@ class Alliance:
             decode_as(encode(policy), PolicyTags)
         except HansaError as exc:
             raise QueryError(f"invalid policy tags: {exc.message}", exc.code) from exc
-        result = await fan_out(
-            query,
-            policy,
-            targets,
-            signer=self.signer,
-            requester=self.principal,
-            quorum=len(targets) if quorum is None else quorum,
-            deadline_s=deadline_s,
-            roster_version=self.roster.version,
-            session=session,
-            on_status=on_status,
-        )
-        per_city = {
-            answer.responder: combine_answers(query, (answer,)) for answer in result.answers
-        }
-        fetched: dict[str, Receipt] = {}
-        if receipts:
-            fetched = await fetch_receipts(
-                result,
+        async with contextlib.AsyncExitStack() as stack:
+            if pool is None:
+                # One pool for the fan-out and the receipts: their connections are reused.
+                pool = await stack.enter_async_context(HttpPool())
+            result = await fan_out(
+                query,
+                policy,
                 targets,
                 signer=self.signer,
                 requester=self.principal,
+                quorum=len(targets) if quorum is None else quorum,
+                deadline_s=deadline_s,
                 roster_version=self.roster.version,
-                session=session,
+                pool=pool,
+                on_status=on_status,
             )
+            fetched: dict[str, Receipt] = {}
+            if receipts:
+                fetched = await fetch_receipts(
+                    result,
+                    targets,
+                    signer=self.signer,
+                    requester=self.principal,
+                    roster_version=self.roster.version,
+                    pool=pool,
+                )
+        per_city = {
+            answer.responder: combine_answers(query, (answer,)) for answer in result.answers
+        }
         return QueryResult(
             result, self.signed_roster, self.roster, self.principal, per_city, fetched
         )
@@ -1246,7 +1252,7 @@ async def fetch_receipts(
     signer: SigningKey,
     requester: str,
     roster_version: int,
-    session: aiohttp.ClientSession | None = None,
+    pool: HttpPool | None = None,
     attempts: int = RECEIPT_ATTEMPTS,
     timeout_s: float = RECEIPT_TIMEOUT_S,
     backoff_s: float = 0.2,
@@ -1269,7 +1275,8 @@ async def fetch_receipts(
         signer: the analyst's key (the one that signed the requests).
         requester: the analyst principal.
         roster_version: the roster version to sign into the receipt requests.
-        session: an ``aiohttp.ClientSession`` to reuse (the caller owns it).
+        pool: an :class:`~hansa.federation.transport.HttpPool` to reuse (the
+            caller owns it); by default one is opened and closed here.
         attempts: the most attempts per city (at least 1).
         timeout_s: the time budget of one attempt.
         backoff_s: the pause after the first failed attempt (doubling).
@@ -1290,10 +1297,10 @@ async def fetch_receipts(
     fetcher = _ReceiptFetcher(
         signer, requester, roster_version, max(1, attempts), timeout_s, backoff_s, clock
     )
-    if session is not None:
-        receipts = await asyncio.gather(*(fetcher.fetch(session, c, t) for c, t in wanted))
+    if pool is not None:
+        receipts = await asyncio.gather(*(fetcher.fetch(pool, c, t) for c, t in wanted))
     else:
-        async with aiohttp.ClientSession() as own:
+        async with HttpPool() as own:
             receipts = await asyncio.gather(*(fetcher.fetch(own, c, t) for c, t in wanted))
     return {c.city: r for (c, _), r in zip(wanted, receipts, strict=True)}
 
@@ -1312,9 +1319,7 @@ class _ReceiptFetcher:
     backoff_s: float
     clock: Callable[[], int]
 
-    async def fetch(
-        self, session: aiohttp.ClientSession, city: CityResult, target: Target
-    ) -> Receipt:
+    async def fetch(self, pool: HttpPool, city: CityResult, target: Target) -> Receipt:
         origin: str | None = None
         vkey: str | None = None
         last = "not attempted"
@@ -1322,28 +1327,27 @@ class _ReceiptFetcher:
             try:
                 async with asyncio.timeout(self.timeout_s):
                     if vkey is None:
-                        origin, vkey = await self._log_keys(session, target)
-                    return await self._receipt(session, city, target, attempt, origin, vkey)
+                        origin, vkey = await self._log_keys(pool, target)
+                    return await self._receipt(pool, city, target, attempt, origin, vkey)
             except _Retry as exc:
                 last = str(exc)
             except TimeoutError:
                 last = f"no reply within {self.timeout_s:g} s"
-            except aiohttp.ClientError as exc:
-                last = f"{type(exc).__name__}: {exc}"
+            except (ConnectFailed, BadResponse) as exc:  # the network: worth another try
+                last = exc.message
             except HansaError as exc:  # not worth retrying: the reply itself is wrong
                 return Receipt("failed", attempt, None, origin, vkey, _detail(exc.message))
             if attempt < self.attempts:
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
         return Receipt("failed", self.attempts, None, origin, vkey, _detail(last))
 
-    async def _log_keys(self, session: aiohttp.ClientSession, target: Target) -> tuple[str, str]:
-        url = target.endpoint.rstrip("/") + LOG_KEYS_PATH
-        async with session.get(url) as resp:
-            body = await resp.content.read(_MAX_LOG_KEYS + 1)
-            status = resp.status
+    async def _log_keys(self, pool: HttpPool, target: Target) -> tuple[str, str]:
+        endpoint = pool.endpoint(target.endpoint)
+        reply = await pool.get(endpoint, LOG_KEYS_PATH, max_body=_MAX_LOG_KEYS)
+        status, body = reply.status, reply.body
         if status in _RETRY_STATUSES:
             raise _Retry(f"GET {LOG_KEYS_PATH}: HTTP {status}")
-        if status != 200 or len(body) > _MAX_LOG_KEYS:
+        if status != 200:
             raise ProtocolError(f"GET {LOG_KEYS_PATH}: HTTP {status}")
         try:
             keys = json.loads(body)
@@ -1357,7 +1361,7 @@ class _ReceiptFetcher:
 
     async def _receipt(
         self,
-        session: aiohttp.ClientSession,
+        pool: HttpPool,
         city: CityResult,
         target: Target,
         attempt: int,
@@ -1375,11 +1379,15 @@ class _ReceiptFetcher:
             op=AuditOp.RECEIPT,
             message_id=message_id(city.request),
         )
-        url = target.endpoint.rstrip("/") + AUDIT_PATH
-        headers = {"Content-Type": ENVELOPE_MEDIA_TYPE}
-        async with session.post(url, data=seal(request, self.signer), headers=headers) as resp:
-            body = await resp.content.read(MAX_ENVELOPE_SIZE + 1)
-            status = resp.status
+        endpoint = pool.endpoint(target.endpoint)
+        reply = await pool.post(
+            endpoint,
+            AUDIT_PATH,
+            seal(request, self.signer),
+            ENVELOPE_MEDIA_TYPE,
+            max_body=MAX_ENVELOPE_SIZE,
+        )
+        status, body = reply.status, reply.body
         if status in _RETRY_STATUSES:
             raise _Retry(f"POST {AUDIT_PATH}: HTTP {status}")
         if status != 200:

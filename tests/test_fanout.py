@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import msgspec
 import pytest
 from aiohttp import web
@@ -43,6 +42,7 @@ from hansa.federation.fanout import (
     send_prepared,
     verify_reply,
 )
+from hansa.federation.transport import HttpPool
 from hansa.node.app import ENVELOPE_MEDIA_TYPE as NODE_ENVELOPE_MEDIA_TYPE
 from hansa.node.catalog import Catalog
 from hansa.node.config import NodeConfig
@@ -126,7 +126,7 @@ async def ask(
     deadline_s: float = DEADLINE_S,
     query: Query | None = None,
     seen: list[CityResult] | None = None,
-    session: aiohttp.ClientSession | None = None,
+    pool: HttpPool | None = None,
     verify_threads: int | None = None,
 ) -> FanOutResult:
     return await fan_out(
@@ -138,7 +138,7 @@ async def ask(
         quorum=quorum,
         deadline_s=deadline_s,
         on_status=seen.append if seen is not None else None,
-        session=session,
+        pool=pool,
         verify_threads=verify_threads,
     )
 
@@ -414,11 +414,11 @@ async def test_many_targets_verify_in_threads_over_one_pool(analyst: Analyst) ->
     n = VERIFY_THREAD_THRESHOLD + 8
     cities = [f"city{i:03d}" for i in range(n)]
     async with peer() as p:
-        connector = aiohttp.TCPConnector(limit=16)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        async with HttpPool(limit=16) as pool:
             targets = [p.target(c, "ok") for c in cities[:-1]] + [p.target(cities[-1], "garbage")]
-            result = await ask(analyst, targets, quorum=n - 1, session=session)
-            assert not session.closed  # a caller's session is left open
+            result = await ask(analyst, targets, quorum=n - 1, pool=pool)
+            assert not pool.closed  # a caller's pool is left open
+            assert pool.open_connections <= 16
     assert result.by_status(CityStatus.ANSWERED) == tuple(cities[:-1])
     assert result.city(cities[-1]).status is CityStatus.PROTOCOL_ERROR
     assert result.combined is not None
