@@ -12,15 +12,19 @@ alternating which goes first, median of ``--repeats`` timed runs each:
 * **aiohttp**: one ``aiohttp.ClientSession`` with
   ``TCPConnector(limit=512, limit_per_host=0)``, URLs pre-parsed into
   ``yarl.URL`` once and the body read whole, as ``federation/fanout.py`` does
-  today.
+  today;
+* **raw** (for scale): ``bench/fanout.py``'s ``RawHttp``, a minimal
+  ``asyncio.Protocol`` reader (``Content-Length`` replies only, no limits, no
+  pool, no error handling) over pre-built request bytes: the floor of this
+  machine and event loop.
 
-Both check every status and body length. Two session modes: **cold** (every
+All check every status and body length. Two session modes: **cold** (every
 run opens and closes its own pool or session, so every request pays a TCP
 connect: the ``hansa query`` command line) and **warm** (one pool or session
 kept across runs after a warm-up run, every request on a keep-alive
 connection). For each the table gives the wall time and the client process's
-CPU time (``time.process_time``), both in µs per request, and pool/aiohttp
-ratios from the same run. CPU per request is the figure that matters: the
+CPU time (``time.process_time``), both in µs per request, and the
+pool/aiohttp ratios from the same run. CPU per request is the figure that matters: the
 fan-out's event loop spends it once per city.
 
 Server
@@ -57,6 +61,7 @@ from typing import cast
 import aiohttp
 import yarl
 from aiohttp import web
+from fanout import RawHttp  # bench/fanout.py (this script's directory is on sys.path)
 
 from hansa.federation.transport import Endpoint, HttpPool
 
@@ -163,9 +168,17 @@ class Clients:
         self.warm = warm
         self.urls = [f"http://127.0.0.1:{port}" for port in ports]
         self.yarl_urls = [yarl.URL(url + PATH) for url in self.urls]
+        self.ports = list(ports)
+        self.raw_requests = [
+            b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: %s\r\n"
+            b"Content-Length: %d\r\n\r\n%s"
+            % (PATH.encode(), port, MEDIA_TYPE.encode(), len(REQUEST_BODY), REQUEST_BODY)
+            for port in ports
+        ]
         self.endpoints: list[Endpoint] = []
         self.warm_pool: HttpPool | None = None
         self.warm_session: aiohttp.ClientSession | None = None
+        self.raw_connections: dict[int, RawHttp] = {}
 
     async def __aenter__(self) -> Clients:
         if self.warm:
@@ -178,6 +191,9 @@ class Clients:
             await self.warm_pool.close()
         if self.warm_session is not None:
             await self.warm_session.close()
+        for conn in self.raw_connections.values():
+            if conn.transport is not None:
+                conn.transport.close()
 
     async def pool(self) -> None:
         """One round over HttpPool."""
@@ -211,9 +227,29 @@ class Clients:
             if session is not self.warm_session:
                 await session.close()
 
+    async def raw(self) -> None:
+        """One round over bare RawHttp connections (warm: one kept per port)."""
+        loop = asyncio.get_running_loop()
+
+        async def one(port: int, request: bytes) -> None:
+            conn = self.raw_connections.get(port)
+            if conn is None or conn.transport is None:
+                _, conn = await loop.create_connection(RawHttp, "127.0.0.1", port)
+                if self.warm:
+                    self.raw_connections[port] = conn
+            try:
+                check(200, await conn.post(request))
+            finally:
+                if not self.warm and conn.transport is not None:
+                    conn.transport.close()
+
+        await asyncio.gather(
+            *(one(port, req) for port, req in zip(self.ports, self.raw_requests, strict=True))
+        )
+
     def all(self) -> dict[str, Client]:
         """The clients by name, in table order."""
-        return {"pool": self.pool, "aiohttp": self.aiohttp}
+        return {"pool": self.pool, "aiohttp": self.aiohttp, "raw": self.raw}
 
 
 def new_session() -> aiohttp.ClientSession:
@@ -284,15 +320,15 @@ def print_rows(rows: Sequence[Row]) -> None:
         " us per request (wall, and CPU of the client process)"
     )
     print(
-        f"  {'mode':<6}{'N':>5}{'pool wall':>11}{'aio wall':>10}{'ratio':>7}"
-        f"{'pool cpu':>10}{'aio cpu':>9}{'ratio':>7}"
+        f"  {'mode':<6}{'N':>5}{'pool wall':>11}{'aio wall':>10}{'raw wall':>10}{'pool/aio':>10}"
+        f"{'pool cpu':>10}{'aio cpu':>9}{'raw cpu':>9}{'pool/aio':>10}"
     )
     for row in rows:
         w, c = row.wall_us, row.cpu_us
         print(
-            f"  {row.mode:<6}{row.n:>5}{w['pool']:>11.1f}{w['aiohttp']:>10.1f}"
-            f"{w['pool'] / w['aiohttp']:>7.2f}{c['pool']:>10.1f}{c['aiohttp']:>9.1f}"
-            f"{c['pool'] / c['aiohttp']:>7.2f}"
+            f"  {row.mode:<6}{row.n:>5}{w['pool']:>11.1f}{w['aiohttp']:>10.1f}{w['raw']:>10.1f}"
+            f"{w['pool'] / w['aiohttp']:>10.2f}{c['pool']:>10.1f}{c['aiohttp']:>9.1f}"
+            f"{c['raw']:>9.1f}{c['pool'] / c['aiohttp']:>10.2f}"
         )
 
 
