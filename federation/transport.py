@@ -75,13 +75,13 @@ Errors. Everything raised is a :class:`TransportError`, a
 Third-party exceptions (``OSError``, ``ssl.SSLError``, ``httptools``'
 parser errors) are translated where they arise and kept as ``__cause__``.
 The fan-out must tell two kinds apart: :class:`ConnectFailed` (refused,
-reset, DNS, TLS handshake, connect timeout, or a *reused* keep-alive
-connection closed by the server before any response byte: almost always the
-server timing an idle connection out as the request crossed it; retrying is
-safe, and a Hansa node's replay guard answers a re-sent envelope
+reset, DNS, TLS handshake, connect timeout, or a connection closed by the
+server before any response byte: on a reused keep-alive connection almost
+always the server timing it out as the request crossed it, on a fresh one a
+server that dropped the request; the fan-out retries these, as it did under
+aiohttp, and a Hansa node's replay guard answers a re-sent envelope
 ``REPLAYED`` rather than twice) and :class:`BadResponse` (a reply that is
-malformed, truncated, too large, or a *fresh* connection closed before any
-response byte; not retried). Stale keep-alive connections whose close the
+malformed, truncated or too large; not retried). Stale keep-alive connections whose close the
 event loop has already seen are skipped when a connection is taken from the
 idle stack, so the usual case of a server's idle timeout is transparent;
 only the race in which the server closes while the request is on its way
@@ -184,7 +184,7 @@ class ConnectFailed(TransportError):
     """No response could be started: safe for the caller to retry.
 
     Refused, reset, DNS failure, TLS handshake failure, connect timeout, or a
-    reused keep-alive connection closed by the server before any response byte.
+    connection closed by the server before any response byte.
     """
 
     default_code = ErrorCode.UNAVAILABLE
@@ -569,7 +569,10 @@ class _Connection(asyncio.Protocol):
                     "the server closed the reused keep-alive connection before responding"
                 )
             elif not self.got_bytes:
-                error = BadResponse("the server closed the connection without responding")
+                # Reset before any reply byte: a connection failure (the fan-out's retry
+                # rule, spec §10.1). The request may have reached a handler; Hansa's
+                # replay guard makes a resend safe (the node refuses it as REPLAYED).
+                error = ConnectFailed("the server closed the connection without responding")
             else:
                 error = BadResponse("the server closed the connection mid-response")
             error.__cause__ = exc

@@ -635,12 +635,13 @@ async def test_connection_refused() -> None:
         assert pool.open_connections == 0
 
 
-async def test_fresh_connection_closed_without_reply_is_a_bad_response() -> None:
+async def test_fresh_connection_closed_without_reply_is_a_connection_failure() -> None:
+    # The fan-out retries it (spec §10.1: connection failures before a response).
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)  # then hang up without a word
 
     async with RawServer(handler) as server, HttpPool() as pool:
-        with pytest.raises(BadResponse, match="without responding"):
+        with pytest.raises(ConnectFailed, match="without responding"):
             await pool.post(pool.endpoint(server.url), "/", b"q", CT, max_body=MAX)
 
 
