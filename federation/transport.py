@@ -569,8 +569,8 @@ class _Connection(asyncio.Protocol):
                     "the server closed the reused keep-alive connection before responding"
                 )
             elif not self.got_bytes:
-                # Reset before any reply byte: a connection failure (the fan-out's retry
-                # rule, spec §10.1). The request may have reached a handler; Hansa's
+                # Reset before any reply byte: a connection failure (the fan-out retries
+                # those). The request may have reached a handler; Hansa's
                 # replay guard makes a resend safe (the node refuses it as REPLAYED).
                 error = ConnectFailed("the server closed the connection without responding")
             else:
