@@ -488,6 +488,7 @@ class Verdict:
         roster_version: the roster's version, when readable.
         answered: how many cities' answers verified and were recombined.
         receipts: how many cities' receipts verified.
+        request: every check made on the one signed request, in order.
     """
 
     ok: bool
@@ -498,6 +499,7 @@ class Verdict:
     roster_version: int | None = None
     answered: int = 0
     receipts: int = 0
+    request: tuple[CityCheck, ...] = ()
 
 
 @dataclass(slots=True)
@@ -965,6 +967,7 @@ def verify_bundle(
         roster_version=roster.version,
         answered=len(answers),
         receipts=receipts,
+        request=tuple(request_checks.items),
     )
 
 

@@ -105,6 +105,13 @@ def _print(verdict: Verdict, path: str) -> None:
             f"bundle {escape(path)}: alliance [bold]{escape(verdict.alliance)}[/bold], "
             f"roster version {verdict.roster_version}, {verdict.answered} verified answer(s)"
         )
+    if verdict.request:
+        ok = all(c.ok for c in verdict.request)
+        names = ", ".join(c.name for c in verdict.request if c.ok)
+        console.print(
+            f"request (one, sent to every city): "
+            f"{'[green]✓[/green]' if ok else '[red]✗[/red]'} {escape(names)}"
+        )
     if verdict.cities:
         table = Table(title="cities")
         for column in ("city", "status", "evidence", "checks", "problems"):

@@ -598,6 +598,13 @@ def _render_verdict(console: Console, verdict: Verdict, path: Path, size: int) -
         if verdict.ok
         else f"Evidence bundle {escape(str(path))}: {mark}"
     )
+    if verdict.request:
+        ok = "[green]✓[/green]" if all(c.ok for c in verdict.request) else "[red]✗[/red]"
+        shown = [_SHOWN_CHECKS.get(c.name, c.name) for c in verdict.request if c.ok]
+        console.print(
+            f"  the one signed request, sent to every city: {ok} "
+            f"{sum(c.ok for c in verdict.request)}/{len(verdict.request)}: " + ", ".join(shown)
+        )
     table = Table(show_header=True, box=None, pad_edge=False)
     table.add_column("  city")
     table.add_column("status")

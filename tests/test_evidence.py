@@ -258,6 +258,15 @@ def test_valid_bundle_verifies(alliance: Alliance) -> None:
     verdict = verify_bundle(alliance.bundle)
     assert verdict.ok, verdict.failures
     assert verdict.answered == len(ANSWERING)
+    # The one request is checked once, at bundle level.
+    assert [c.name for c in verdict.request] == [
+        "request signature",
+        "purpose",
+        "request body",
+        "roster version",
+        "roster valid at issue",
+    ]
+    assert all(c.ok for c in verdict.request)
     assert verdict.roster_version == 1 and verdict.alliance == "hanse"
     lines = {line.city: line for line in verdict.cities}
     assert lines[REFUSING].signed and lines[REFUSING].status == "refused"
