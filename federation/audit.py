@@ -497,9 +497,10 @@ _REFUSAL_FIELDS: Final = 5
 """Length of a refusal's tuple (an answer's is 8): how :meth:`_EntryChecks._answer` tells
 the two apart."""
 
+_REQUEST_TYPE: Final = PayloadType.QUERY_REQUEST.value
+_ANSWER_TYPE: Final = PayloadType.QUERY_ANSWER.value
 _PREFIXES: Final = {
-    pt.value: pae_prefix(pt.value)
-    for pt in (PayloadType.QUERY_REQUEST, PayloadType.QUERY_ANSWER, PayloadType.QUERY_REFUSAL)
+    t: pae_prefix(t) for t in (_REQUEST_TYPE, _ANSWER_TYPE, PayloadType.QUERY_REFUSAL.value)
 }
 # Bodies are decoded with msgspec's schema checks (types, bounds, cross-field rules)
 # but without the codec's identifier-shape checks: the auditor compares the fields it
@@ -547,7 +548,7 @@ def _check_one(data: bytes, is_request: bool, keys: Mapping[bytes, bytes]) -> _W
         return f"malformed envelope: {exc.message}"
     payload_type = env.payload_type
     prefix = _PREFIXES.get(payload_type)
-    if prefix is None or is_request != (payload_type == PayloadType.QUERY_REQUEST):
+    if prefix is None or is_request != (payload_type == _REQUEST_TYPE):
         return f"unexpected payload type {payload_type[:64]!r}"
     kid = env.key_id
     pk = keys.get(kid)
@@ -568,7 +569,7 @@ def _check_one(data: bytes, is_request: bool, keys: Mapping[bytes, bytes]) -> _W
                 r.nonce,
                 r.roster_version,
             )
-        if payload_type == PayloadType.QUERY_ANSWER:
+        if payload_type == _ANSWER_TYPE:
             a = _ANSWER.decode(payload)
             return (
                 kid,
