@@ -607,6 +607,9 @@ def usable_cpus() -> int:
 
     ``os.cpu_count()`` counts the machine's CPUs, which overcounts under ``taskset`` or a
     container's CPU set.
+
+    Returns:
+        At least 1.
     """
     affinity = getattr(os, "sched_getaffinity", None)
     if affinity is not None:
