@@ -1,11 +1,14 @@
 """Node throughput: signed grouped counts vs a bare aiohttp route, same client, same run.
 
 Run: ``.venv/bin/python bench/node.py [--seconds S] [--concurrency C] [--rows N]
-[--no-durable] [--only-repeated]``. The node's audit log (spec §16) is durable (fsynced
-group commits) as in production; ``--no-durable`` writes it without fsync, for reference
-only. ``--only-repeated`` measures (a) and bare alone (quicker; e.g. while profiling the
-node with py-spy). Each server phase also reports the server process's CPU time (user +
-system, from ``/proc``) per request over its measured slices.
+[--no-durable] [--only-repeated] [--ab REF]``. The node's audit log (spec §16) is durable
+(fsynced group commits) as in production; ``--no-durable`` writes it without fsync, for
+reference only. ``--only-repeated`` measures (a) and bare alone (quicker; e.g. while
+profiling the node with py-spy). ``--ab REF`` also runs (a) on a second node built from
+git ``REF`` (e.g. ``HEAD``, on a copy of the data directory), in the same alternating
+slices: on a shared machine, an A/B ratio from one run is the trustworthy way to tell
+whether a change pays. Each server phase also reports the server process's CPU time
+(user + system, from ``/proc``) per request over its measured slices.
 
 Setup (not timed): a node data directory with generated listings
 (``hansa.node.synthetic``), an analyst key trusted by the node, and two
@@ -52,11 +55,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import itertools
 import os
 import selectors
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -192,6 +198,36 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
     if proc.stdout is not None:
         proc.stdout.close()
+
+
+_SUBPACKAGES: Final = ("protocol", "crypto", "federation", "node")
+"""The source folders installed as ``hansa.<name>`` (pyproject ``package-dir``)."""
+
+_FROM_TREE: Final = """\
+import runpy, sys
+src = sys.argv.pop(1)
+# Not the editable install of this checkout: the package laid out under src.
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
+sys.path.insert(0, src)
+sys.argv[0] = "hansa"
+runpy.run_module("hansa", run_name="__main__", alter_sys=True)
+"""
+"""Runs ``python -m hansa`` from another source tree (``--ab``)."""
+
+
+def _export(ref: str, into: Path) -> Path:
+    """Lay out the package as of git ``ref`` under ``into`` (``into/hansa/node`` ...)."""
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", ref, "hansa", *_SUBPACKAGES],
+        check=True,
+        capture_output=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    for name in _SUBPACKAGES:
+        (into / name).rename(into / "hansa" / name)
+    return into
 
 
 def _uvloop_run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -381,6 +417,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="measure only (a) and bare (e.g. while profiling the node)",
     )
+    parser.add_argument(
+        "--ab",
+        metavar="REF",
+        help="also measure (a) on a node run from git REF (e.g. HEAD), in the same slices",
+    )
     parser.add_argument("--bare", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare is not None:
@@ -420,14 +461,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             _request(analyst, now, distinct_query(i)) for i in range(args.distinct_stock)
         ]
         distinct = [seal(r, analyst) for r in distinct_requests]
+        ab_dir = root / "ab"
+        if args.ab is not None:
+            # A second node on a copy of the data directory (its own audit log).
+            shutil.copytree(data_dir, ab_dir / CITY)
+            _export(args.ab, (ab_dir / "src").resolve())
         setup_s = time.perf_counter() - started
 
         repeated = Phase("(a) node, repeated query", 0, 0.0)
+        other = Phase(f"(a) node at {args.ab}", 0, 0.0)
         cold = Phase("(b) node, distinct queries", 0, 0.0)
         bare = Phase("bare aiohttp route", 0, 0.0)
         node, url = _start(
             [sys.executable, "-m", "hansa", "node", "serve", "--data-dir", str(data_dir)]
         )
+        ab: tuple[subprocess.Popen[bytes], str] | None = None
+        if args.ab is not None:
+            ab = _start(
+                [
+                    sys.executable,
+                    "-c",
+                    _FROM_TREE,
+                    str(ab_dir / "src"),
+                    "node",
+                    "serve",
+                    "--data-dir",
+                    str(ab_dir / CITY),
+                ]
+            )
         try:
             body = asyncio.run(_one(url, stock[0]))  # the bare server returns these bytes
             if decode_envelope(body).payload_type != PayloadType.QUERY_ANSWER:
@@ -444,6 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ]
                 if args.only_repeated:
                     del targets[1]
+                if ab is not None:
+                    # The same requests: each node has its own replay cache.
+                    targets.insert(1, Target(other, ab[1], _from_stock(stock[1:]), ab[0].pid))
                 asyncio.run(
                     _interleaved(targets, args.concurrency, args.warmup, args.seconds, args.slice)
                 )
@@ -451,6 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _stop(bare_proc)
         finally:
             _stop(node)
+            if ab is not None:
+                _stop(ab[0])
         engine_phase = (
             Phase("engine alone, distinct (no HTTP)", 0, 0.0)
             if args.only_repeated
@@ -466,7 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"engine_threads={limits.engine_threads}, audit durable={not args.no_durable}; "
         f"setup {setup_s:.1f} s"
     )
-    for phase in (repeated, cold, bare, engine_phase):
+    phases = (
+        (repeated, other, cold, bare, engine_phase) if ab else (repeated, cold, bare, engine_phase)
+    )
+    for phase in phases:
         vs_bare = f"{phase.rate / bare.rate:5.2f} x bare" if bare.rate else ""
         extra = (
             f", {phase.non_200} non-200, {phase.refusals} refusals"
@@ -480,6 +549,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label, phase in (("(a) repeated", repeated), ("(b) distinct", cold)):
         ratio = phase.rate / bare.rate if bare.rate else 0.0
         print(f"  {label}: node/bare = {ratio:.2f}")
+    if ab is not None and other.rate:
+        print(f"  (a) this tree / {args.ab}: {repeated.rate / other.rate:.3f}")
     ratio = repeated.rate / bare.rate if bare.rate else 0.0
     verdict = "meets" if ratio >= GOAL else "is below"
     print(f"  goal (a) node/bare >= {GOAL}: {ratio:.2f} {verdict} it")

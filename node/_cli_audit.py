@@ -125,7 +125,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verify.add_argument("--store", default=_DEFAULT_STORE, metavar="DIR")
     verify.add_argument("--roster", required=True, action="append", metavar="FILE")
     verify.add_argument("--city", action="append", default=[], metavar="CITY")
-    verify.add_argument("--workers", type=int, default=None, metavar="N")
+    verify.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="signature-checking processes besides this one, which checks too "
+        "(default: one fewer than the usable CPUs; 0: all in this process)",
+    )
     verify.add_argument("--skew-ms", type=int, default=30_000, metavar="MS")
     verify.set_defaults(handler=_verify)
 

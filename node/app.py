@@ -64,10 +64,11 @@ envelope) takes its place in the log before step 3 begins (it is queued, in log 
 without waiting); the decision and ``answer_sent`` (with the signed reply) are queued
 after it, and the reply is written only once one commit has made all three durable
 (§16.2). So a request waits for one fsync, not two. Appends are batched on the event
-loop: concurrent requests queue their entries and one drain task commits each batch
-with one ``append_many`` in a thread (one transaction, one fsync); a request entry
-queued by a request that never reaches its reply is committed by the next batch, by
-the checkpoint task within a second, or at shutdown. Unverifiable input is never
+loop: concurrent requests add their entries to the open batch, and one writer thread
+commits batch after batch, each with one ``append_many`` (one transaction, one fsync)
+while the next one fills; a request entry queued by a request that never reaches its
+reply is committed by the next batch, by the checkpoint task within a second, or at
+shutdown. Unverifiable input is never
 logged. When the log cannot
 write, the node signs nothing and answers 503 ``UNAVAILABLE`` (fail closed). Roster
 take-ups and changed configuration or disclosure settings are logged too, and a
@@ -91,6 +92,7 @@ import functools
 import hashlib
 import json
 import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -217,13 +219,9 @@ COSIGNED_FILE: Final = "audit-cosigned.sqlite"
 """Checkpoint notes with merged witness cosignatures, and pinned witness keys."""
 _PUSH_TIMEOUT_S: Final = 5.0
 
-_LogJob = tuple[list[AuditEntry], list[tuple[bytes, bytes]], asyncio.Future[None] | None]
-"""Queued entries, their envelopes as (message id, bytes), and the caller waiting, if any."""
-"""Queued entries, their envelopes, and the caller waiting for them to be durable."""
-
-_AUDIT_THREADS: Final = 64
-"""Threads that may wait on the audit log at once. Appends block until their group
-commit is fsynced, so this bounds how many requests can share one commit."""
+_AUDIT_THREADS: Final = 8
+"""Threads answering audit requests (``POST /v1/audit``: log reads, proofs, and a
+checkpoint signed on demand). Appends go through the one writer thread instead."""
 _RESPONSE_BUDGET: Final = MAX_PAYLOAD_SIZE - 128 * 1024
 """Bytes of leaves or envelopes one ``AuditResponse`` carries at most (the rest of
 the payload limit is left for the checkpoint note and the framing)."""
@@ -392,6 +390,67 @@ class Trust:
         return cls(keys, principals, trusted)
 
 
+@dataclass(eq=False, slots=True)
+class _LogBatch:
+    """Entries queued on the event loop for one commit, in log order."""
+
+    entries: list[AuditEntry | bytes] = field(default_factory=list)
+    envelopes: list[bytes] = field(default_factory=list)
+    ids: list[bytes] = field(default_factory=list)
+    """The message id of each envelope (hashed when the node opened or sealed it)."""
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    """Callers to wake once the batch is durable (or lost)."""
+    error: HansaError | None = None
+    """Set by the writer when the commit failed."""
+
+
+class _LogWriter:
+    """The node's audit writer: one thread committing one batch at a time (spec §16.2).
+
+    The event loop hands a batch over with :meth:`submit` and hears back through one
+    ``call_soon_threadsafe`` per batch, once it is durable or has failed. This is a
+    thread hop per commit without an executor's work item, concurrent future and pool
+    bookkeeping, which the event loop would pay for on every batch.
+    """
+
+    def __init__(
+        self,
+        audit: AuditLog,
+        loop: asyncio.AbstractEventLoop,
+        committed: Callable[[_LogBatch], None],
+    ) -> None:
+        self._audit = audit
+        self._loop = loop
+        self._committed = committed
+        self._inbox: queue.SimpleQueue[_LogBatch | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="hansa-audit-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: _LogBatch) -> None:
+        """Commit ``batch`` after the ones submitted before it."""
+        self._inbox.put(batch)
+
+    def stop(self) -> None:
+        """Let the thread finish the batches submitted so far, then end it (blocking)."""
+        self._inbox.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (batch := self._inbox.get()) is not None:
+            try:
+                self._audit.append_many(batch.entries, batch.envelopes, envelope_ids=batch.ids)
+            except HansaError as exc:
+                log.error("audit log append failed: %s", exc.message)
+                batch.error = _AuditUnavailable("the audit log is unavailable")
+            except BaseException:  # never leave a caller waiting
+                log.exception("audit log append failed")
+                batch.error = _AuditUnavailable("the audit log is unavailable")
+            try:
+                self._loop.call_soon_threadsafe(self._committed, batch)
+            except RuntimeError:  # the event loop is closed: nobody waits any more
+                return
+
+
 class NodeState:
     """Everything the handlers share: keys, replay guard, engine, pool, metrics.
 
@@ -451,10 +510,12 @@ class NodeState:
         self._checkpoint_wake: asyncio.Event | None = None
         self._logged = _LoggedState()
         self._settings_lock = asyncio.Lock()
-        self._log_queue: list[_LogJob] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: _LogWriter | None = None
+        self._log_next = _LogBatch()  # filling up on the event loop
+        self._log_busy: _LogBatch | None = None  # being committed by the writer
+        self._kick_soon = False  # a _kick_log call is scheduled
         self._log_failed = False  # a batch failed: fail closed until a restart (§16.2)
-        self._draining = False
-        self._drainer: asyncio.Task[None] | None = None
         self.witness: Witness | None = None
         self._cosigned: _CosignedNotes | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -743,121 +804,80 @@ class NodeState:
 
     # --- the audit log (spec §16) -------------------------------------------------
 
-    def _queue_log(
-        self,
-        entries: list[AuditEntry],
-        envelopes: list[tuple[bytes, bytes]],
-        done: asyncio.Future[None] | None = None,
-    ) -> None:
-        """Give entries their place in the log now; they become durable with a later batch.
-
-        ``envelopes`` are (message id, envelope bytes) pairs: the node hashed each one
-        when it opened or sealed it, and the log does not hash it again.
+    def _log_batch(self) -> _LogBatch:
+        """The batch that entries queued now join (they become durable with it).
 
         Raises:
             _AuditUnavailable: the log is not open, or an earlier batch failed.
         """
-        if self.audit is None or self._audit_pool is None:
+        if self._writer is None:
             raise _AuditUnavailable("the audit log is not open")
         if self._log_failed:
             raise _AuditUnavailable("the audit log is unavailable")
-        self._log_queue.append((entries, envelopes, done))
+        return self._log_next
 
     async def _append(self, entries: list[AuditEntry], envelopes: list[bytes]) -> None:
-        """Append durably (see :meth:`_append_hashed`), hashing the envelopes here."""
-        await self._append_hashed(entries, [(message_id(b), b) for b in envelopes])
+        """Append durably (see :meth:`_log_batch`), hashing the envelopes here."""
+        batch = self._log_batch()
+        batch.entries += entries
+        batch.envelopes += envelopes
+        batch.ids += [message_id(b) for b in envelopes]
+        await self._durable(batch)
 
-    async def _append_hashed(
-        self, entries: list[AuditEntry], envelopes: list[tuple[bytes, bytes]]
-    ) -> None:
-        """Append durably, off the event loop, batched with concurrent requests.
+    async def _durable(self, batch: _LogBatch) -> None:
+        """Return once ``batch`` (and so every entry queued before it) is durable.
 
-        Group commit on the event loop: callers queue their entries; one drain task
-        at a time hands everything queued to the log in one ``append_many`` (one
-        thread hop, one transaction, one fsync) while later callers queue for the
-        next batch. Each caller's entries stay contiguous and in order, after every
-        entry queued before them (:meth:`_queue_log`), so returning here makes those
-        durable too.
+        Group commit on the event loop: callers add their entries to the open batch;
+        while the writer thread commits one batch (one ``append_many``, one
+        transaction, one fsync), the next one fills up. Batches commit in order, and
+        each caller's entries are contiguous and after every entry queued before them.
 
         Raises:
-            _AuditUnavailable: the log is not open or the append failed.
+            _AuditUnavailable: the batch, or one before it, could not be committed.
         """
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue_log(entries, envelopes, done)
-        self._kick_log()
+        loop = self._loop
+        if loop is None:
+            raise _AuditUnavailable("the audit log is not open")
+        done = loop.create_future()
+        batch.waiters.append(done)
+        if self._log_busy is None and not self._kick_soon:
+            # At the end of this turn of the loop, so that every request handled in
+            # it joins the batch: one commit for all of them, not one for the first.
+            self._kick_soon = True
+            loop.call_soon(self._kick_log)
         await done
 
     def _kick_log(self) -> None:
-        """Start the drain task unless it runs (it empties the queue before it ends)."""
-        if not self._draining and self._log_queue:
-            self._draining = True
-            self._drainer = asyncio.get_running_loop().create_task(self._drain_log())
+        """Hand the open batch to the writer unless it is busy (it comes back for more)."""
+        self._kick_soon = False
+        writer = self._writer
+        batch = self._log_next
+        if (
+            self._log_busy is None
+            and writer is not None
+            and not self._log_failed
+            and (batch.entries or batch.envelopes)
+        ):
+            self._log_next = _LogBatch()
+            self._log_busy = batch
+            writer.submit(batch)
 
-    async def _drain_log(self) -> None:
-        """Commit queued appends batch by batch until the queue is empty."""
-        loop = asyncio.get_running_loop()
-        try:
-            while self._log_queue:
-                batch, self._log_queue = self._log_queue, []
-                entries = [e for job in batch for e in job[0]]
-                ids = [pair[0] for job in batch for pair in job[1]]
-                envelopes = [pair[1] for job in batch for pair in job[1]]
-                audit, pool = self.audit, self._audit_pool
-                error: BaseException | None = None
-                if audit is None or pool is None:
-                    error = _AuditUnavailable("the audit log is not open")
-                elif self._log_failed:
-                    error = _AuditUnavailable("the audit log is unavailable")
-                else:
-                    try:
-                        append = functools.partial(
-                            audit.append_many, entries, envelopes, envelope_ids=ids
-                        )
-                        await loop.run_in_executor(pool, append)
-                    except HansaError as exc:
-                        log.error("audit log append failed: %s", exc.message)
-                        error = _AuditUnavailable("the audit log is unavailable")
-                    except BaseException as exc:  # never leave a caller waiting
-                        log.exception("audit log append failed")
-                        error = _AuditUnavailable("the audit log is unavailable")
-                        if not isinstance(exc, Exception):
-                            self._log_failed = True
-                            self._resolve_batch(batch, error)
-                            raise
-                if error is not None:
-                    # A lost batch may hold request entries whose replies are queued in
-                    # a later one: nothing more may become durable after it.
-                    self._log_failed = True
-                self._resolve_batch(batch, error)
-        finally:
-            self._draining = False
-
-    @staticmethod
-    def _resolve_batch(batch: list[_LogJob], error: BaseException | None) -> None:
-        """Resolve every waiting caller of a batch: success when ``error`` is None."""
-        for _, _, done in batch:
-            if done is None or done.done():
-                continue
-            if error is None:
+    def _committed(self, batch: _LogBatch) -> None:
+        """The writer finished ``batch`` (on the event loop): wake its callers, go on."""
+        self._log_busy = None
+        error = batch.error
+        if error is not None:
+            # A lost batch may hold request entries whose replies are queued in a
+            # later one: nothing more may become durable after it (spec §16.2).
+            self._log_failed = True
+            lost, self._log_next = self._log_next, _LogBatch()
+            for done in (*batch.waiters, *lost.waiters):
+                if not done.done():
+                    done.set_exception(error)
+            return
+        for done in batch.waiters:
+            if not done.done():
                 done.set_result(None)
-            else:
-                done.set_exception(error)
-
-    def _log_request(self, request_id: bytes, key_id: bytes, envelope: bytes) -> None:
-        """Place a verified request and its envelope in the log (before the node acts).
-
-        Not waited for: the reply's append (:meth:`_log_reply`) commits it, in order,
-        before the reply is sent (spec §16.2).
-        """
-        self._queue_log(
-            [RequestReceived(self.clock_ms(), request_id, key_id)], [(request_id, envelope)]
-        )
-
-    async def _log_reply(self, decision: LoggedDecision, reply: bytes) -> None:
-        """Log the decision and the reply envelope (before the reply is sent)."""
-        answer_id = message_id(reply)
-        sent = AnswerSent(decision.log_time_ms, decision.message_id, answer_id)
-        await self._append_hashed([decision, sent], [(answer_id, reply)])
         audit, wake = self.audit, self._checkpoint_wake
         if (
             audit is not None
@@ -865,6 +885,38 @@ class NodeState:
             and audit.size - self._policy.last_size >= self._policy.every_entries
         ):
             wake.set()
+        self._kick_log()
+
+    async def _flush_log(self) -> None:
+        """Wait until every queued entry is durable or lost (shutdown)."""
+        pending = self._log_next
+        batch = pending if pending.entries or pending.envelopes else self._log_busy
+        if batch is not None and not self._log_failed:
+            with contextlib.suppress(_AuditUnavailable):
+                await self._durable(batch)
+
+    def _log_request(self, request_id: bytes, key_id: bytes, envelope: bytes) -> None:
+        """Place a verified request and its envelope in the log (before the node acts).
+
+        Not waited for: the reply's append (:meth:`_log_reply`) commits it, in order,
+        before the reply is sent (spec §16.2).
+        """
+        batch = self._log_batch()
+        batch.entries.append(RequestReceived(self.clock_ms(), request_id, key_id))
+        batch.envelopes.append(envelope)
+        batch.ids.append(request_id)
+
+    async def _log_reply(self, decision: LoggedDecision, reply: bytes) -> None:
+        """Log the decision and the reply envelope (before the reply is sent)."""
+        answer_id = message_id(reply)
+        batch = self._log_batch()
+        batch.entries += (
+            decision,
+            AnswerSent(decision.log_time_ms, decision.message_id, answer_id),
+        )
+        batch.envelopes.append(reply)
+        batch.ids.append(answer_id)
+        await self._durable(batch)
 
     async def _log_roster(self, trusted: TrustedRoster) -> None:
         await self._append([RosterInstalled(self.clock_ms(), trusted.digest, trusted.version)], [])
@@ -1653,6 +1705,9 @@ class NodeState:
         checkpoints: asyncio.Task[None] | None = None
         try:
             await asyncio.to_thread(self._open_audit)
+            if self.audit is not None:
+                self._loop = asyncio.get_running_loop()
+                self._writer = _LogWriter(self.audit, self._loop, self._committed)
             await asyncio.to_thread(self._open_witness)
             self._cosigned = await asyncio.to_thread(
                 _CosignedNotes, self.config.data_dir / COSIGNED_FILE
@@ -1680,12 +1735,11 @@ class NodeState:
             # In-flight handlers have finished by now (aiohttp waits for them
             # before cleanup); wait for any thread that outlived its request.
             await asyncio.to_thread(pool.shutdown, wait=True)
-            if self._log_queue:  # entries of requests that never reached a reply
-                with contextlib.suppress(_AuditUnavailable):
-                    await self._append([], [])
-            drainer = self._drainer
-            if drainer is not None and not drainer.done():
-                await asyncio.wait([drainer])
+            # Entries of requests that never reached a reply become durable now.
+            await self._flush_log()
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                await asyncio.to_thread(writer.stop)
             await asyncio.to_thread(self._close_audit)
             witness, self.witness = self.witness, None
             if witness is not None:

@@ -206,9 +206,13 @@ class StoredCheckpoint:
 
 @dataclass(eq=False)
 class _Job:
-    """One caller's pending append: filled in by whichever caller commits it."""
+    """One caller's pending append: filled in by whichever caller commits it.
 
-    entries: Sequence[AuditEntry]
+    ``entries`` is what the caller passed (entry objects or encoded leaves); the commit
+    uses only ``leaves``, their ``hashes`` and the ``envelopes``.
+    """
+
+    entries: Sequence[AuditEntry | bytes]
     leaves: list[bytes]
     hashes: list[bytes]
     envelopes: list[tuple[bytes, bytes]]
@@ -239,13 +243,27 @@ def _stored_checkpoint(row: tuple[object, ...]) -> StoredCheckpoint:
     return StoredCheckpoint(size, root, note)
 
 
-def _indexed_id(entry: AuditEntry) -> bytes | None:
-    """The message id an entry is found by (request received, answer sent)."""
-    if isinstance(entry, RequestReceived):
-        return entry.message_id
-    if isinstance(entry, AnswerSent):
-        return entry.answer_id
-    return None
+# Where the index keys sit in an encoded leaf (the layout in hansa.protocol.auditleaf):
+# the entry type byte after the magic, then u64 log time, then the body's 32-byte fields.
+_KIND_AT: Final = len(MAGIC)
+_FIRST_AT: Final = _KIND_AT + 1 + 8
+_SECOND_AT: Final = _FIRST_AT + HASH_SIZE
+_REQUEST_KIND: Final = int(EntryType.REQUEST_RECEIVED)
+_ANSWER_KIND: Final = int(EntryType.ANSWER_SENT)
+
+
+def _index_leaves(by_id: dict[bytes, int], first: int, leaves: Sequence[bytes]) -> None:
+    """Record the message ids that leaves ``first, first + 1, ...`` log (the first wins).
+
+    A ``request_received`` leaf is found by its request id, an ``answer_sent`` leaf by
+    its answer id. Read from the leaf bytes (the flat form), not from entry objects.
+    """
+    for index, leaf in enumerate(leaves, first):
+        kind = leaf[_KIND_AT]
+        if kind == _REQUEST_KIND:
+            by_id.setdefault(leaf[_FIRST_AT:_SECOND_AT], index)
+        elif kind == _ANSWER_KIND:
+            by_id.setdefault(leaf[_SECOND_AT : _SECOND_AT + HASH_SIZE], index)
 
 
 class AuditLog:
@@ -484,7 +502,7 @@ class AuditLog:
 
     def append_many(
         self,
-        entries: Sequence[AuditEntry],
+        entries: Sequence[AuditEntry | bytes],
         envelopes: Iterable[bytes] = (),
         *,
         envelope_ids: Sequence[bytes] | None = None,
@@ -496,7 +514,8 @@ class AuditLog:
         until their job is done.
 
         Args:
-            entries: the entries, in order.
+            entries: the entries, in order: entry objects, or leaves the caller already
+                encoded with :func:`encode_entry` (trusted: stored as given).
             envelopes: envelopes to store beside the tree, keyed by SHA-256.
             envelope_ids: the SHA-256 (message id) of each envelope, in order, when the
                 caller has them already (the node computed them when it opened or
@@ -511,7 +530,7 @@ class AuditLog:
             TooLargeError: an entry is too large.
             ConfigError: ``envelope_ids`` does not have one id per envelope.
         """
-        leaves = [encode_entry(e) for e in entries]
+        leaves = [e if isinstance(e, bytes) else encode_entry(e) for e in entries]
         if envelope_ids is None:
             envs = [(message_id(bytes(b)), bytes(b)) for b in envelopes]
         else:
@@ -522,7 +541,7 @@ class AuditLog:
         if not leaves and not envs:
             return []
         # Hashing happens here, in the caller's thread, not under the write lock.
-        job = _Job(list(entries), leaves, [leaf_hash(b) for b in leaves], envs)
+        job = _Job(entries, leaves, [leaf_hash(b) for b in leaves], envs)
         with self._queue_cond:
             if self._closed:
                 raise AuditLogError("the audit log is closed")
@@ -592,14 +611,10 @@ class AuditLog:
             self._fail(batch, self._broken)
             return
         hashes = [h for job in batch for h in job.hashes] if len(batch) > 1 else batch[0].hashes
+        leaves = [b for job in batch for b in job.leaves] if len(batch) > 1 else batch[0].leaves
         with self._state_lock:
             self._tree.extend_leaf_hashes(hashes)  # one pass per level, not one call per leaf
-            by_id = self._by_id
-            for job in batch:
-                for index, entry in zip(job.indices, job.entries, strict=True):
-                    key = _indexed_id(entry)
-                    if key is not None:
-                        by_id.setdefault(key, index)
+            _index_leaves(self._by_id, base, leaves)
         for job in batch:
             job.done = True
 
