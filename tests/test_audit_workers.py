@@ -57,7 +57,13 @@ ROSTER = Roster(
 )
 
 
-def request(i: int, *, nonce: bytes | None = None, key: SigningKey | None = None) -> bytes:
+def request(
+    i: int,
+    *,
+    nonce: bytes | None = None,
+    key: SigningKey | None = None,
+    targets: tuple[str, ...] = (CITY,),
+) -> bytes:
     """The ``i``-th request envelope, signed by analyst ``i % 3`` (or ``key``)."""
     principal = f"a{i % 3}@{CITY}"
     body = QueryRequest(
@@ -68,7 +74,7 @@ def request(i: int, *, nonce: bytes | None = None, key: SigningKey | None = None
         roster_version=1,
         policy=PolicyTags("test", "test", ResultScope.ALLIANCE, principal),
         query=Query(dataset="listings", aggregates=(Count(),)),
-        targets=(CITY,),
+        targets=targets,
         quorum=1,
     )
     return seal(body, ANALYST_KEYS[i % 3] if key is None else key)
@@ -153,6 +159,8 @@ def tampered_log() -> tuple[LogBuilder, dict[int, tuple[str, str]]]:
         missing = request(i + 3)
         expected[log.request(i + 3, missing, store=False)] = ("request", "is not held")
         expected[log.add(b"hansa-audit/v1\n\x01 not a leaf")] = ("entry", "undecodable leaf")
+        elsewhere = request(i + 5, targets=("lisbon", "madrid"))  # signed, but not for us
+        expected[log.request(i + 5, elsewhere)] = ("request", "not among its targets")
         envelope = request(i + 4)
         mid = message_id(envelope)
         log.request(i + 4, envelope)
