@@ -25,15 +25,18 @@ alliance roster(s) it:
 4. for every ``request_received``: the stored envelope hashes to the logged id, its
    signature verifies under a key the roster (the version the request cites) names for
    the requester as an analyst, the leaf's key id is that key's, this city is among
-   its targets; the freshness rules (``issued_at - skew <= log_time <= expires_at + skew``) and
-   replay rules (no repeated message id or (requester, nonce)) hold unless the node
+   its targets; the freshness rules (``issued_at - skew <= log_time <= expires_at +
+   skew``) and replay rules (no repeated message id or (requester, nonce)) hold unless the node
    refused the request;
 5. for every ``decision`` and ``answer_sent``: the request was logged before it; the
    answer (or refusal) envelope is signed by the city's node key from the roster, cites
    the request, names this city and the requester; the decision's outcome, reason,
    disclosure-settings version and data version agree with the signed answer or
    refusal; and an answer's disclosure version is the one the latest
-   ``settings_changed`` entry for its dataset set before the decision.
+   ``settings_changed`` entry for its dataset set before the decision;
+6. for every ``key_rotated`` of the node key: it rotates from the key the log last
+   recorded as in force (all zeros before the first), and every answer or refusal after
+   it is signed by the key it names (spec §16.2).
 
 Signature checks (step 4 and the answer signatures of step 5) run on every core the
 process may use: one fewer worker process (:class:`~concurrent.futures.ProcessPoolExecutor`)
@@ -56,6 +59,7 @@ No asyncio or aiohttp here; the store is stdlib ``sqlite3``.
 
 from __future__ import annotations
 
+import bisect
 import gc
 import hashlib
 import os
@@ -79,6 +83,7 @@ from hansa.federation.evidence import EvidenceBundle
 from hansa.federation.roster import Role, Roster
 from hansa.protocol.auditleaf import (
     ENTRY_NAMES,
+    KEY_ROLE_NODE,
     EntryType,
     LeafFields,
     Outcome,
@@ -1047,6 +1052,8 @@ class _EntryChecks:
         # The roster version the node had installed when each request was logged.
         self.installed: dict[int, int] = {}
         self.roster_entries: list[tuple[int, Leaf]] = []
+        # (index, key id) of every key_rotated entry for the node key, in log order.
+        self.node_keys: list[tuple[int, bytes]] = []
         current: int | None = None
         occurrence, installed = self.occurrence, self.installed
         for index, entry in enumerate(leaves):
@@ -1078,6 +1085,16 @@ class _EntryChecks:
             elif kind == ROSTER_INSTALLED:
                 current = entry.version
                 self.roster_entries.append((index, entry))
+            elif kind == KEY_ROTATED:
+                if entry.text == KEY_ROLE_NODE:
+                    logged = self.node_keys[-1][1] if self.node_keys else bytes(32)
+                    if entry.first != logged:
+                        report.fail(
+                            index,
+                            "key",
+                            "node key rotated from a key the log did not record as in force",
+                        )
+                    self.node_keys.append((index, entry.second))
 
     def check_rosters(self, digests: Mapping[int, bytes]) -> None:
         """Each installed roster must be the alliance's roster of that version."""
@@ -1177,6 +1194,14 @@ class _EntryChecks:
         if member is None or key_id(member.public_key) != kid:
             report.fail(
                 ans_index, "answer", f"not signed by {city}'s node key in roster v{roster.version}"
+            )
+        at = bisect.bisect_left(self.node_keys, (ans_index, b"")) - 1
+        if at >= 0 and self.node_keys[at][1] != kid:
+            report.fail(
+                ans_index,
+                "answer",
+                f"signed by key {kid.hex()[:16]}…, but the log's last key_rotated entry "
+                f"(#{self.node_keys[at][0]}) names {self.node_keys[at][1].hex()[:16]}…",
             )
         if request_id != mid:
             report.fail(ans_index, "answer", "the signed answer cites another request")

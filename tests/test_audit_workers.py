@@ -25,9 +25,12 @@ from hansa.federation import audit
 from hansa.federation.audit import AuditReport, LogContents, usable_cpus, verify_log
 from hansa.federation.roster import Analyst, Member, Role, RootKey, Roster
 from hansa.protocol.auditleaf import (
+    KEY_ROLE_LOG,
+    KEY_ROLE_NODE,
     AnswerSent,
     AuditEntry,
     Decision,
+    KeyRotated,
     Outcome,
     RequestReceived,
     encode_entry,
@@ -318,3 +321,36 @@ def test_the_collector_is_restored_after_verify() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_answers_must_be_signed_by_the_node_key_the_log_says_is_in_force() -> None:
+    kid = NODE_KEY.public_key.key_id
+    other = SigningKey(b"\x62" * 32).public_key.key_id
+    log = LogBuilder()
+    log.add(KeyRotated(NOW, bytes(32), kid, KEY_ROLE_NODE))  # the first start
+    answered = clean_log(10, answer_every=2)
+    for leaf in answered.leaves:
+        log.add(leaf)
+    log.envelopes.update(answered.envelopes)
+    assert verify_log(log.contents(), [ROSTER], workers=0).failures == []
+
+    # The log then claims a rotation to another key, yet keeps answering with the old one.
+    rotated = log.add(KeyRotated(NOW + 100, kid, other, KEY_ROLE_NODE))
+    envelope = request(50)
+    mid = message_id(envelope)
+    log.request(50, envelope)
+    log.add(Decision(NOW + 56, mid, Outcome.ANSWERED, 0, 3, "v1-0123456789ab"))
+    reply = answer(50, mid)
+    sent = log.add(AnswerSent(NOW + 57, mid, message_id(reply)), reply)
+    # And a rotation from a key that was never in force.
+    bogus = log.add(KeyRotated(NOW + 200, bytes([9]) * 32, kid, KEY_ROLE_NODE))
+    failures = verify_log(log.contents(), [ROSTER], workers=0).failures
+    assert [(f.index, f.check) for f in failures] == [(bogus, "key"), (sent, "answer")]
+    assert f"#{rotated}" in failures[1].reason
+    # Other roles' rotations do not bear on the node key.
+    log2 = LogBuilder()
+    log2.add(KeyRotated(NOW, bytes(32), other, KEY_ROLE_LOG))
+    for leaf in answered.leaves:
+        log2.add(leaf)
+    log2.envelopes.update(answered.envelopes)
+    assert verify_log(log2.contents(), [ROSTER], workers=0).failures == []
