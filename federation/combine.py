@@ -312,7 +312,10 @@ def _merge_moments(states: Sequence[MomentsState]) -> MomentsState:
 
 
 def merge_many(
-    states: Sequence[AggregateState], *, aggregate: Aggregate | None = None
+    states: Sequence[AggregateState],
+    *,
+    aggregate: Aggregate | None = None,
+    checked: bool = False,
 ) -> AggregateState:
     """Merge any number of states of one aggregate; the result does not depend on their order.
 
@@ -321,6 +324,8 @@ def merge_many(
         aggregate: the aggregate they belong to. Required for
             :class:`~hansa.protocol.messages.MinMaxState` (a min and a max share
             one state kind); when given, every state is checked against it.
+        checked: every state already passed the checks against ``aggregate``
+            (:func:`check_answer` did): they are not repeated.
 
     Returns:
         The merged state, as the same aggregate over the union of the rows
@@ -339,10 +344,11 @@ def merge_many(
     if not states:
         raise _invalid("no states to merge")
     kind = type(states[0])
-    for state in states:
-        if type(state) is not kind:
-            raise _invalid(f"cannot merge a {kind.__name__} with a {type(state).__name__}")
-        _check_state(aggregate, state)
+    if not checked:
+        for state in states:
+            if type(state) is not kind:
+                raise _invalid(f"cannot merge a {kind.__name__} with a {type(state).__name__}")
+            _check_state(aggregate, state)
     first = states[0]
     if isinstance(first, CountState):
         return CountState(n=sum(s.n for s in _of(CountState, states)))
@@ -751,7 +757,11 @@ def combine_answers(
         if cell.parts:
             try:
                 states = tuple(
-                    merge_many([part[position] for _, part in cell.parts], aggregate=aggregate)
+                    merge_many(
+                        [part[position] for _, part in cell.parts],
+                        aggregate=aggregate,
+                        checked=checked,
+                    )
                     for position, aggregate in enumerate(aggregates)
                 )
             except ProtocolError as exc:

@@ -36,6 +36,7 @@ from hansa.federation import (
     sketch_sql_index,
     sketch_sql_sign,
 )
+from hansa.federation.combine import check_answer
 from hansa.federation.sketch import DEFAULT_ALPHA, ZERO_THRESHOLD
 from hansa.protocol.codec import decode_as, encode
 from hansa.protocol.errors import ErrorCode, HansaError, ProtocolError, TooLargeError
@@ -357,6 +358,10 @@ def test_federated_equals_central(
     assert combine_answers(query, shuffled) == result
     # Nor on the wire: answers survive encoding unchanged.
     assert combine_answers(query, [decode_as(encode(a), QueryAnswer) for a in answers]) == result
+    # Answers the fan-out already checked one by one combine to the same, unchecked again.
+    for answer in answers:
+        check_answer(query, answer)
+    assert combine_answers(query, answers, checked=True) == result
 
 
 @given(
