@@ -47,6 +47,7 @@ import msgspec
 from msgspec import Meta
 
 from hansa.crypto.keys import PublicKey, SigningKey
+from hansa.crypto.note import NoteVerifier, SignatureType
 from hansa.protocol.codec import decode_as, encode
 from hansa.protocol.envelope import pae
 from hansa.protocol.errors import (
@@ -82,6 +83,7 @@ __all__ = [
     "SignedRoster",
     "decode_roster",
     "decode_signed_roster",
+    "default_log_origin",
     "encode_signed_roster",
     "roster_digest",
     "sign_roster",
@@ -115,6 +117,23 @@ _CITY_RE: Final = re.compile(CITY_ID_PATTERN)
 _PRINCIPAL_RE: Final = re.compile(PRINCIPAL_ID_PATTERN)
 _TOKEN_RE: Final = re.compile(TOKEN_PATTERN)
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NOT_IN_ORIGIN: Final = re.compile(r"[^!-*,-~]")  # printable ASCII except "+"
+
+
+def default_log_origin(alliance: str | None, city: str) -> str:
+    """Return a city's default log origin, ``hansa/<alliance>/<city>`` (spec §16.1).
+
+    Args:
+        alliance: the alliance name, or None for a node outside any alliance
+            (``hansa/local/<city>``).
+        city: the city id.
+
+    Returns:
+        The origin; every character of the alliance name outside printable ASCII,
+        and every ``+``, becomes ``-`` (origins carry no white space and no ``+``).
+    """
+    name = _NOT_IN_ORIGIN.sub("-", alliance) if alliance else "local"
+    return f"hansa/{name}/{city}"
 
 
 class Role(enum.StrEnum):
@@ -198,12 +217,21 @@ class RootKey(_RosterWire, frozen=True, tag="root-key"):
 class Member(_RosterWire, frozen=True, tag="member"):
     """A member city.
 
+    The two trailing keys are optional so that rosters written before they existed
+    still decode; a roster that names them ends trust on first use of the city's
+    ``GET /v1/log/keys`` (spec §16.1).
+
     Attributes:
         city: its city id (as :data:`hansa.protocol.messages.CityId`).
         name: display name.
         public_key: the node's message-signing key.
         endpoint: base URL of its node (http or https).
         roles: what the city does in the alliance (unique, non-empty).
+        log_key: the Ed25519 key that signs the city's log checkpoints (its
+            ``log.key``), or None when the roster does not pin it.
+        witness_key: the Ed25519 key the city cosigns other logs' checkpoints
+            with (its ``witness.key``), or None; only for a city with the
+            witness role.
     """
 
     city: CityId
@@ -211,6 +239,8 @@ class Member(_RosterWire, frozen=True, tag="member"):
     public_key: PublicKeyBytes
     endpoint: Url
     roles: Annotated[tuple[Role, ...], Meta(min_length=1, max_length=4)]
+    log_key: PublicKeyBytes | None = None
+    witness_key: PublicKeyBytes | None = None
 
     def __post_init__(self) -> None:
         _check_name(_CITY_RE, self.city, "city id")
@@ -219,6 +249,16 @@ class Member(_RosterWire, frozen=True, tag="member"):
         _check_url(self.endpoint)
         if not self.roles or not _unique(self.roles):
             raise ValueError(f"roles of {self.city} must be non-empty and unique")
+        if self.log_key is not None:
+            _check_key(self.log_key, f"log key of {self.city}")
+        if self.witness_key is not None:
+            if Role.WITNESS not in self.roles:
+                raise ValueError(f"{self.city} has a witness key but not the witness role")
+            _check_key(self.witness_key, f"witness key of {self.city}")
+
+    def keys(self) -> list[bytes]:
+        """Return the keys this member signs with (node, then log and witness if named)."""
+        return [k for k in (self.public_key, self.log_key, self.witness_key) if k is not None]
 
 
 class Analyst(_RosterWire, frozen=True, tag="analyst"):
@@ -336,12 +376,25 @@ class Roster(_RosterWire, frozen=True, tag="roster", dict=True):
             [m.public_key for m in self.members] + [a.public_key for a in self.analysts]
         ):
             raise ValueError("a node or analyst key is listed twice")
+        # One key, one role (spec §3.4): a log or witness key is no node, analyst or
+        # other log or witness key.
+        if not _unique(
+            [k for m in self.members for k in m.keys()] + [a.public_key for a in self.analysts]
+        ):
+            raise ValueError("a log or witness key is listed twice or is also another key")
         if self.witness_quorum is not None:
             witnesses = sum(Role.WITNESS in m.roles for m in self.members)
-            if not 1 <= self.witness_quorum <= witnesses:
+            # A city's own cosignature never counts for its own log (spec §15.1), so every
+            # member's log must be able to reach the quorum with the *other* witness cities:
+            # a witness city's log has one fewer to draw on.
+            reachable = min(
+                (witnesses - (Role.WITNESS in m.roles) for m in self.members), default=0
+            )
+            if not 1 <= self.witness_quorum <= reachable:
                 raise ValueError(
-                    f"witness quorum {self.witness_quorum} must be between 1 and the "
-                    f"{witnesses} witness cities"
+                    f"witness quorum {self.witness_quorum} must be between 1 and {reachable}: "
+                    f"with {witnesses} witness cities, a witness city's own log can gather "
+                    f"at most {max(witnesses - 1, 0)} cosignatures (it does not witness itself)"
                 )
 
     # --- derived indexes (computed once per value) --------------------------------
@@ -388,6 +441,45 @@ class Roster(_RosterWire, frozen=True, tag="roster", dict=True):
     def analyst(self, principal: str) -> Analyst | None:
         """Return the analyst ``principal``, or None if the roster does not name it."""
         return self._analysts.get(principal)
+
+    def log_verifier(self, city: str, origin: str | None = None) -> NoteVerifier | None:
+        """Return the log key the roster pins for ``city`` as a checkpoint verifier.
+
+        Args:
+            city: the member city.
+            origin: the log's origin, the verifier's name (default:
+                :func:`default_log_origin` of this alliance and ``city``).
+
+        Returns:
+            An Ed25519 (type ``0x01``) note verifier, or None when ``city`` is no
+            member or its entry names no log key (the caller then falls back to
+            trust on first use, and says so).
+
+        Raises:
+            NoteError: ``origin`` is not a valid note key name.
+        """
+        member = self._members.get(city)
+        if member is None or member.log_key is None:
+            return None
+        name = default_log_origin(self.alliance, city) if origin is None else origin
+        return NoteVerifier(name, PublicKey(member.log_key))
+
+    def witness_verifier(self, city: str) -> NoteVerifier | None:
+        """Return the witness key the roster pins for ``city`` as a cosignature verifier.
+
+        Args:
+            city: the member city.
+
+        Returns:
+            A cosignature/v1 (type ``0x04``) verifier named ``witness/<city>``, or
+            None when ``city`` is no witness member or its entry names no witness key.
+        """
+        member = self._members.get(city)
+        if member is None or member.witness_key is None:
+            return None
+        return NoteVerifier(
+            f"witness/{city}", PublicKey(member.witness_key), SignatureType.COSIGNATURE_V1
+        )
 
     def keys_for_role(self, role: Role) -> Mapping[bytes, PublicKey]:
         """Return the keys that may act in ``role``, by key id.

@@ -6,9 +6,12 @@ binary MessagePack. Editing commands write a new file::
     hansa alliance init --name NAME --out FILE --threshold T --expires-days D
         --member CITY=ENDPOINT:KEYFILE [--member ...] [--root-key CITY=KEYFILE ...]
         [--roles CITY=member,witness ...] [--purpose TOKEN ...] [--witness-quorum Q]
+        [--log-key CITY=KEYFILE ...] [--witness-key CITY=KEYFILE ...]
     hansa alliance add-member FILE --out OUT --city CITY --endpoint URL --key KEYFILE
         [--name NAME] [--roles member,witness] [--root-key KEYFILE] [--threshold T]
-    hansa alliance set-key FILE --out OUT --city CITY --key KEYFILE
+        [--log-key KEYFILE] [--witness-key KEYFILE]
+    hansa alliance set-key FILE --out OUT --city CITY [--key KEYFILE]
+        [--log-key KEYFILE] [--witness-key KEYFILE]
     hansa alliance remove-member FILE --out OUT --city CITY [--threshold T]
     hansa alliance add-analyst FILE --out OUT --principal ID --key KEYFILE
         --home-city CITY --purposes a,b
@@ -22,7 +25,11 @@ its ``--root-key`` file, or its node key when no ``--root-key`` is given
 for any city. An edit of a roster whose own threshold is met produces
 version N+1 without signatures; an edit of a draft (threshold not met)
 keeps its version and drops the signatures it had. ``--expires-days``
-on an edit renews the expiry from now. ``sign`` adds one signature; the
+on an edit renews the expiry from now. A city's ``--log-key`` and
+``--witness-key`` are its node's ``log.key`` and ``witness.key`` (key files;
+only the public key is read): a roster naming them ends trust on first use of
+the city's ``GET /v1/log/keys`` (spec §16.1), and ``set-key`` records their
+rotation like the node key's. ``sign`` adds one signature; the
 signer must be a root key of the roster or of ``--previous`` (version N
 signs the rotation to N+1). ``verify`` checks the files as a chain, oldest
 first (``spec/protocol.md``, roster): the first is trusted on its own
@@ -127,6 +134,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--purpose", action="append", default=[], metavar="TOKEN", help="a purpose (repeat)"
     )
     p.add_argument("--witness-quorum", type=int, metavar="Q", help="witness cosignatures needed")
+    p.add_argument(
+        "--log-key",
+        action="append",
+        default=[],
+        metavar="CITY=KEYFILE",
+        help="a city's log key file (its node's log.key; repeat per city)",
+    )
+    p.add_argument(
+        "--witness-key",
+        action="append",
+        default=[],
+        metavar="CITY=KEYFILE",
+        help="a witness city's cosigning key file (its node's witness.key; repeat per city)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.set_defaults(handler=_init)
 
@@ -142,16 +163,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="comma-separated roles: member, analyst, auditor, witness (default: member)",
     )
     p.add_argument("--root-key", metavar="KEYFILE", help="the city's governance key file")
+    _audit_key_args(p)
     p.set_defaults(handler=_add_member)
 
     p = cmds.add_parser(
-        "set-key", help="name a member city's new node key (next version, unsigned)"
+        "set-key",
+        help="name a member city's new node, log or witness key (next version, unsigned)",
     )
     _edit_args(p)
     p.add_argument("--city", required=True, help="the city id")
-    p.add_argument(
-        "--key", required=True, metavar="KEYFILE", help="its new node key (hansa node rotate-key)"
-    )
+    p.add_argument("--key", metavar="KEYFILE", help="its new node key (hansa node rotate-key)")
+    _audit_key_args(p)
     p.set_defaults(handler=_set_key)
 
     p = cmds.add_parser("remove-member", help="remove a member city (next version, unsigned)")
@@ -208,6 +230,15 @@ def _expires_arg(p: argparse.ArgumentParser, *, required: bool) -> None:
         required=required,
         metavar="D",
         help="expiry, in days from now" + ("" if required else " (default: unchanged)"),
+    )
+
+
+def _audit_key_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-key", metavar="KEYFILE", help="the city's log key file (log.key)")
+    p.add_argument(
+        "--witness-key",
+        metavar="KEYFILE",
+        help="the city's witness key file (witness.key; a witness city only)",
     )
 
 
@@ -292,11 +323,24 @@ def _fields(roster: Roster) -> dict[str, object]:
 # --- commands --------------------------------------------------------------------
 
 
+def _keys_by_city(specs: list[str], option: str) -> dict[str, bytes]:
+    """Read ``CITY=KEYFILE`` options: the public key of each file, by city."""
+    keys: dict[str, bytes] = {}
+    for spec in specs:
+        city, keyfile = _split(spec, "=", "CITY=KEYFILE")
+        if city in keys:
+            raise ConfigError(f"{option} names {city!r} twice")
+        keys[city] = read_public_key(keyfile).raw
+    return keys
+
+
 def _init(args: argparse.Namespace) -> int:
     roles: dict[str, tuple[Role, ...]] = {}
     for spec in args.roles:
         city, text = _split(spec, "=", "CITY=ROLES")
         roles[city] = _roles(text)
+    log_keys = _keys_by_city(args.log_key, "--log-key")
+    witness_keys = _keys_by_city(args.witness_key, "--witness-key")
     members: list[Member] = []
     for spec in args.member:
         city, rest = _split(spec, "=", "CITY=ENDPOINT:KEYFILE")
@@ -304,9 +348,24 @@ def _init(args: argparse.Namespace) -> int:
         if not endpoint or not keyfile:
             raise ConfigError(f"expected CITY=ENDPOINT:KEYFILE, got {spec!r}")
         key = read_public_key(keyfile)
-        members.append(_member(city, city, key.raw, endpoint, roles.pop(city, (Role.MEMBER,))))
-    if roles:
-        raise ConfigError(f"--roles names {sorted(roles)[0]!r}, which is no --member")
+        members.append(
+            _member(
+                city,
+                city,
+                key.raw,
+                endpoint,
+                roles.pop(city, (Role.MEMBER,)),
+                log_key=log_keys.pop(city, None),
+                witness_key=witness_keys.pop(city, None),
+            )
+        )
+    for option, left in (
+        ("--roles", roles),
+        ("--log-key", log_keys),
+        ("--witness-key", witness_keys),
+    ):
+        if left:
+            raise ConfigError(f"{option} names {sorted(left)[0]!r}, which is no --member")
     if args.root_key:
         roots = []
         for spec in args.root_key:
@@ -331,9 +390,26 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _member(city: str, name: str, key: bytes, endpoint: str, roles: tuple[Role, ...]) -> Member:
+def _member(
+    city: str,
+    name: str,
+    key: bytes,
+    endpoint: str,
+    roles: tuple[Role, ...],
+    *,
+    log_key: bytes | None = None,
+    witness_key: bytes | None = None,
+) -> Member:
     try:
-        return Member(city=city, name=name, public_key=key, endpoint=endpoint, roles=roles)
+        return Member(
+            city=city,
+            name=name,
+            public_key=key,
+            endpoint=endpoint,
+            roles=roles,
+            log_key=log_key,
+            witness_key=witness_key,
+        )
     except (ValueError, TypeError) as exc:
         raise ProtocolError(f"invalid member {city!r}: {exc}", ErrorCode.INVALID_FIELD) from exc
 
@@ -378,7 +454,13 @@ def _add_member(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.city!r} is already a member")
     key = read_public_key(args.key).raw
     member = _member(
-        args.city, args.display_name or args.city, key, args.endpoint, _roles(args.roles)
+        args.city,
+        args.display_name or args.city,
+        key,
+        args.endpoint,
+        _roles(args.roles),
+        log_key=_public(args.log_key),
+        witness_key=_public(args.witness_key),
     )
     roots = roster.root_keys
     if args.root_key is not None:
@@ -386,17 +468,42 @@ def _add_member(args: argparse.Namespace) -> int:
     return _edit(args, members=(*roster.members, member), root_keys=roots)
 
 
+def _public(keyfile: str | None) -> bytes | None:
+    return None if keyfile is None else read_public_key(keyfile).raw
+
+
 def _set_key(args: argparse.Namespace) -> int:
     roster = decode_roster(_read(args.file).body)
     old = roster.member(args.city)
     if old is None:
         raise ConfigError(f"{args.city!r} is not a member")
-    key = read_public_key(args.key).raw
-    if key == old.public_key:
-        raise ConfigError(f"the roster already names this key for {args.city!r}")
-    # Only the node key changes: the city's root (governance) key, if it was the old
+    if args.key is None and args.log_key is None and args.witness_key is None:
+        raise ConfigError("give at least one of --key, --log-key and --witness-key")
+    changes: dict[str, bytes] = {}
+    for name, keyfile, what in (
+        ("public_key", args.key, "node"),
+        ("log_key", args.log_key, "log"),
+        ("witness_key", args.witness_key, "witness"),
+    ):
+        if keyfile is None:
+            continue
+        key = read_public_key(keyfile).raw
+        if key == getattr(old, name):
+            raise ConfigError(
+                f"the roster already names this key for {args.city!r} (as its {what} key)"
+            )
+        changes[name] = key
+    # Only the named keys change: the city's root (governance) key, if it was the old
     # node key, stays until the alliance replaces it, so the city can still sign.
-    member = _member(old.city, old.name, key, old.endpoint, old.roles)
+    member = _member(
+        old.city,
+        old.name,
+        changes.get("public_key", old.public_key),
+        old.endpoint,
+        old.roles,
+        log_key=changes.get("log_key", old.log_key),
+        witness_key=changes.get("witness_key", old.witness_key),
+    )
     members = tuple(member if m.city == args.city else m for m in roster.members)
     return _edit(args, members=members)
 
@@ -552,7 +659,8 @@ def _show(args: argparse.Namespace) -> int:
     console.print(f"purposes: {', '.join(roster.purposes) or '(none)'}")
 
     table = Table(title="members")
-    for col in ("city", "name", "endpoint", "roles", "node key id", "root key", "signed"):
+    columns = ("city", "name", "endpoint", "roles", "node key id", "log key id", "witness key id")
+    for col in (*columns, "root key", "signed"):
         table.add_column(col)
     roots = {k.city: k for k in roster.root_keys}
     for m in roster.members:
@@ -563,10 +671,23 @@ def _show(args: argparse.Namespace) -> int:
             m.endpoint,
             ",".join(m.roles),
             _short(key_id(m.public_key)),
+            _short(key_id(m.log_key)) if m.log_key is not None else "-",
+            _short(key_id(m.witness_key)) if m.witness_key is not None else "-",
             _short(_kid(root)) if root else "-",
             ("yes" if _kid(root) in valid else "no") if root else "-",
         )
     console.print(table)
+    unpinned = [m.city for m in roster.members if m.log_key is None]
+    unpinned += [
+        f"{m.city} (witness)"
+        for m in roster.members
+        if Role.WITNESS in m.roles and m.witness_key is None
+    ]
+    if unpinned:
+        console.print(
+            "keys the roster does not name (trusted on first use from GET /v1/log/keys): "
+            + ", ".join(unpinned)
+        )
     if roster.analysts:
         table = Table(title="analysts")
         for col in ("principal", "home city", "purposes", "key id"):

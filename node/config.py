@@ -53,6 +53,7 @@ from hansa.federation.roster import (
     SignedRoster,
     decode_roster,
     decode_signed_roster,
+    default_log_origin,
     roster_digest,
     update_chain,
     verify_roster,
@@ -332,8 +333,7 @@ class NodeConfig:
         """
         if self.audit.origin:
             return self.audit.origin
-        name = re.sub(r"[^!-*,-~]", "-", alliance) if alliance else "local"
-        return f"hansa/{name}/{self.city}"
+        return default_log_origin(alliance, self.city)
 
     def key_lookup(self) -> dict[bytes, PublicKey]:
         """Return the trusted requester keys by key id (for ``open_envelope``)."""

@@ -284,15 +284,116 @@ def test_init_with_roles_and_witness_quorum(
     _ok(
         capsys, "init", "--name", "H", "--out", str(out), "--threshold", "1",
         "--expires-days", "1", *members, "--roles", "berlin=member,witness",
-        "--roles", "cape-town=witness,auditor", "--witness-quorum", "2",
+        "--roles", "cape-town=witness,auditor", "--witness-quorum", "1",
     )  # fmt: skip
     roster = decode_roster(decode_signed_roster(out.read_bytes()).body)
-    assert roster.witness_quorum == 2
+    assert roster.witness_quorum == 1
     witnesses = {roster.holders[kid].principal for kid in roster.keys_for_role(Role.WITNESS)}
     assert witnesses == {"berlin", "cape-town"}
     assert len(roster.keys_for_role(Role.AUDITOR)) == 1
     err = _fail(
         capsys, EXIT_ERROR, "init", "--name", "H", "--out", str(out), "--force",
         "--threshold", "1", "--expires-days", "1", *members, "--roles", "dakar=witness",
+    )  # fmt: skip
+    assert "no --member" in err
+
+    # Two witnesses cannot require two cosignatures: each one's own log has one other.
+    err = _fail(
+        capsys, EXIT_ERROR, "init", "--name", "H", "--out", str(out), "--force",
+        "--threshold", "1", "--expires-days", "1", *members, "--roles", "berlin=member,witness",
+        "--roles", "cape-town=witness", "--witness-quorum", "2",
+    )  # fmt: skip
+    assert "witness quorum 2" in err and "does not witness itself" in err
+
+
+def _members(tmp: Path) -> list[str]:
+    return [
+        arg
+        for i, city in enumerate(CITIES)
+        for arg in ("--member", f"{city}=http://127.0.0.1:{9000 + i}:{_key(tmp, city)}")
+    ]
+
+
+def test_log_and_witness_keys_round_trip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hansa.crypto.keyfile import read_public_key
+
+    logs = {city: _key(tmp_path, f"{city}-log") for city in CITIES}
+    witness = _key(tmp_path, "berlin-witness")
+    members = _members(tmp_path)
+    out = tmp_path / "r1.bin"
+    _ok(
+        capsys, "init", "--name", "H", "--out", str(out), "--threshold", "1",
+        "--expires-days", "1", *members, "--roles", "berlin=member,witness",
+        "--log-key", f"amsterdam={logs['amsterdam']}", "--log-key", f"berlin={logs['berlin']}",
+        "--witness-key", f"berlin={witness}",
+    )  # fmt: skip
+    roster = decode_roster(decode_signed_roster(out.read_bytes()).body)
+    amsterdam, berlin, cape_town = (roster.member(c) for c in CITIES)
+    assert amsterdam is not None and berlin is not None and cape_town is not None
+    assert amsterdam.log_key == read_public_key(logs["amsterdam"]).raw
+    assert berlin.log_key == read_public_key(logs["berlin"]).raw
+    assert berlin.witness_key == read_public_key(witness).raw
+    assert amsterdam.witness_key is None and cape_town.log_key is None
+    assert main(["alliance", "show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    log_id = read_public_key(logs["berlin"]).key_id.hex()[:16]
+    assert log_id in shown and read_public_key(witness).key_id.hex()[:16] in shown
+    assert "trusted on first use" in shown and "cape-town" in shown.rsplit("first use", 1)[1]
+
+    # add-member with both keys; set-key rotates a log key alone, then a witness key.
+    _ok(capsys, "sign", str(out), "--key", str(tmp_path / "amsterdam.key"))
+    r2 = tmp_path / "r2.bin"
+    dakar_log, dakar_witness = _key(tmp_path, "dakar-log"), _key(tmp_path, "dakar-witness")
+    _ok(
+        capsys, "add-member", str(out), "--out", str(r2), "--city", "dakar",
+        "--endpoint", "https://dakar.example", "--key", str(_key(tmp_path, "dakar")),
+        "--roles", "member,witness", "--log-key", str(dakar_log),
+        "--witness-key", str(dakar_witness),
+    )  # fmt: skip
+    dakar = decode_roster(decode_signed_roster(r2.read_bytes()).body).member("dakar")
+    assert dakar is not None
+    assert (dakar.log_key, dakar.witness_key) == (
+        read_public_key(dakar_log).raw,
+        read_public_key(dakar_witness).raw,
+    )
+    rotated = _key(tmp_path, "berlin-log-2")
+    fields = _ok(
+        capsys, "set-key", str(r2), "--out", str(r2), "--city", "berlin",
+        "--log-key", str(rotated),
+    )  # fmt: skip
+    assert fields["version"] == "2"  # r2 is a draft: its version stays
+    after = decode_roster(decode_signed_roster(r2.read_bytes()).body)
+    new_berlin = after.member("berlin")
+    assert new_berlin is not None
+    assert new_berlin.log_key == read_public_key(rotated).raw
+    assert (new_berlin.public_key, new_berlin.witness_key) == (
+        berlin.public_key,
+        berlin.witness_key,
+    )
+    # The same key again, no key at all, a witness key for a non-witness: refused.
+    err = _fail(
+        capsys, EXIT_ERROR, "set-key", str(r2), "--out", str(r2), "--city", "berlin",
+        "--log-key", str(rotated),
+    )  # fmt: skip
+    assert "already names this key" in err and "as its log key" in err
+    err = _fail(capsys, EXIT_ERROR, "set-key", str(r2), "--out", str(r2), "--city", "berlin")
+    assert "at least one of" in err
+    err = _fail(
+        capsys, EXIT_ERROR, "set-key", str(r2), "--out", str(r2), "--city", "cape-town",
+        "--witness-key", str(_key(tmp_path, "cape-witness")),
+    )  # fmt: skip
+    assert "witness role" in err
+    err = _fail(
+        capsys, EXIT_ERROR, "init", "--name", "H", "--out", str(out), "--force",
+        "--threshold", "1", "--expires-days", "1", *members,
+        "--witness-key", f"amsterdam={witness}",
+    )  # fmt: skip
+    assert "witness role" in err
+    err = _fail(
+        capsys, EXIT_ERROR, "init", "--name", "H", "--out", str(out), "--force",
+        "--threshold", "1", "--expires-days", "1", *members,
+        "--log-key", f"dakar={dakar_log}",
     )  # fmt: skip
     assert "no --member" in err

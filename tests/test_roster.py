@@ -13,6 +13,7 @@ from nodeutil import count_by_room_type
 
 from hansa.crypto.envelope import open_envelope
 from hansa.crypto.keys import SigningKey
+from hansa.crypto.note import SignatureType
 from hansa.federation.roster import (
     ROSTER_PAYLOAD_TYPE,
     Analyst,
@@ -24,6 +25,7 @@ from hansa.federation.roster import (
     SignedRoster,
     decode_roster,
     decode_signed_roster,
+    default_log_origin,
     encode_signed_roster,
     roster_digest,
     sign_roster,
@@ -48,6 +50,8 @@ LATER = NOW + 86_400_000
 
 # Fixed seeds: reproducible keys, and no key generation inside hypothesis loops.
 KEYS = [SigningKey(bytes([i + 1]) * 32) for i in range(8)]
+LOG_KEYS = [SigningKey(bytes([0x40 + i]) * 32) for i in range(8)]
+WITNESS_KEYS = [SigningKey(bytes([0x60 + i]) * 32) for i in range(8)]
 CITIES = ["amsterdam", "berlin", "cape-town", "dakar", "essen", "fes", "graz", "hull"]
 
 
@@ -115,10 +119,22 @@ ALLIANCE_NAMES = st.text(
 def rosters(draw: st.DrawFn) -> Roster:
     n = draw(st.integers(1, len(CITIES) - 1))  # KEYS[-1] is the analyst key
     roles = [draw(ROLE_SETS) for _ in range(n)]
-    members = tuple(_member(i, roles[i]) for i in range(n))
+    members = tuple(
+        msgspec.structs.replace(
+            _member(i, roles[i]),
+            log_key=LOG_KEYS[i].public_key.raw if draw(st.booleans()) else None,
+            witness_key=(
+                WITNESS_KEYS[i].public_key.raw
+                if Role.WITNESS in roles[i] and draw(st.booleans())
+                else None
+            ),
+        )
+        for i in range(n)
+    )
     root_idx = draw(st.lists(st.integers(0, n - 1), min_size=1, unique=True))
     witnesses = sum(Role.WITNESS in r for r in roles)
-    quorum = draw(st.none() | st.integers(1, witnesses)) if witnesses else None
+    # A witness city's own log counts only the other witnesses (spec §15.1).
+    quorum = draw(st.none() | st.integers(1, witnesses - 1)) if witnesses > 1 else None
     purposes = tuple(
         draw(st.lists(st.sampled_from(["research", "planning", "audit"]), unique=True))
     )
@@ -436,3 +452,139 @@ def test_revoked_member_leaves_every_lookup() -> None:
     v3 = Roster(**{**fields, "version": 3})
     with pytest.raises(SignatureError):
         verify_roster(signed(v3, KEYS[0], KEYS[1]), v2, NOW)
+
+
+# --- log and witness keys (spec §15.1, §16.1) -------------------------------------------
+
+
+def _keyed(i: int, *, witness: bool = False, log: bool = True) -> Member:
+    """Member i with its log key, and its witness key and role when ``witness``."""
+    roles = (Role.MEMBER, Role.WITNESS) if witness else (Role.MEMBER,)
+    return msgspec.structs.replace(
+        _member(i, roles),
+        log_key=LOG_KEYS[i].public_key.raw if log else None,
+        witness_key=WITNESS_KEYS[i].public_key.raw if witness else None,
+    )
+
+
+def _old_body(roster: Roster) -> bytes:
+    """The body as written before members carried log and witness keys: 6-element members."""
+    wire = msgspec.msgpack.decode(encode(roster))
+    wire[6] = [member[:6] for member in wire[6]]
+    return msgspec.msgpack.encode(wire)
+
+
+def test_an_old_roster_without_log_or_witness_keys_decodes_and_verifies() -> None:
+    roster = make_roster()
+    old = _old_body(roster)
+    assert old != encode(roster)  # the new encoding carries two trailing nils per member
+    assert all(len(m) == 6 for m in msgspec.msgpack.decode(old)[6])
+    decoded = decode_roster(old)
+    assert decoded == roster
+    assert all(m.log_key is None and m.witness_key is None for m in decoded.members)
+    assert decoded.log_verifier("berlin") is None and decoded.witness_verifier("berlin") is None
+    # Signed as the old bytes, it verifies as a first, pinned roster and as a step.
+    s = sign_roster(sign_roster(SignedRoster(old, ()), KEYS[0]), KEYS[1])
+    assert verify_roster(s, None, NOW, pin=roster_digest(s)) == roster
+    v2 = make_roster(version=2)
+    fields = {f: getattr(v2, f) for f in v2.__struct_fields__}
+    fields["members"] = (_keyed(0), _keyed(1), _member(2))
+    assert verify_roster(signed(Roster(**fields), *KEYS[:2]), roster, NOW).version == 2
+
+
+def test_log_and_witness_keys_round_trip_and_give_note_verifiers() -> None:
+    base = make_roster(alliance="Hanse League+1")
+    fields = {f: getattr(base, f) for f in base.__struct_fields__}
+    fields["members"] = (_keyed(0, witness=True), _keyed(1, witness=True), _member(2))
+    fields["witness_quorum"] = 1
+    roster = decode_roster(encode(Roster(**fields)))
+    log = roster.log_verifier("amsterdam")
+    assert log is not None
+    assert log.name == "hansa/Hanse-League-1/amsterdam"  # the default origin (spec §16.1)
+    assert log.public_key == LOG_KEYS[0].public_key
+    assert log.sig_type is SignatureType.ED25519
+    assert roster.log_verifier("amsterdam", "custom/origin") is not None
+    witness = roster.witness_verifier("berlin")
+    assert witness is not None and witness.name == "witness/berlin"
+    assert witness.public_key == WITNESS_KEYS[1].public_key
+    assert witness.sig_type is SignatureType.COSIGNATURE_V1
+    assert roster.log_verifier("cape-town") is None  # named no log key: TOFU
+    assert roster.witness_verifier("cape-town") is None
+    assert roster.log_verifier("hull") is None  # no member
+    assert default_log_origin(None, "graz") == "hansa/local/graz"
+
+
+def test_a_witness_key_needs_the_witness_role() -> None:
+    with pytest.raises(ValueError, match="witness role"):
+        msgspec.structs.replace(_member(0), witness_key=WITNESS_KEYS[0].public_key.raw)
+    # The same rule holds when decoding: a forged member with a witness key is refused.
+    wire = msgspec.msgpack.decode(encode(make_roster()))
+    wire[6][0][7] = WITNESS_KEYS[0].public_key.raw
+    with pytest.raises(ProtocolError) as exc:
+        decode_roster(msgspec.msgpack.encode(wire))
+    assert exc.value.code is ErrorCode.INVALID_FIELD
+    assert "witness role" in exc.value.message
+
+
+@pytest.mark.parametrize("field", ["log_key", "witness_key"])
+def test_invalid_log_and_witness_keys_are_refused(field: str) -> None:
+    member = _member(0, (Role.MEMBER, Role.WITNESS))
+    with pytest.raises(ValueError, match=field.replace("_", " ")):
+        msgspec.structs.replace(member, **{field: b"\x00" * 32})  # small order
+    wire = msgspec.msgpack.decode(encode(make_roster(members=(0,), threshold=1)))
+    wire[6][0][5] = ["member", "witness"]
+    wire[6][0][6 if field == "log_key" else 7] = b"\x00" * 32
+    with pytest.raises(ProtocolError) as exc:
+        decode_roster(msgspec.msgpack.encode(wire))
+    assert exc.value.code is ErrorCode.INVALID_FIELD
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        # A log key that is also the city's node key.
+        lambda: (msgspec.structs.replace(_member(0), log_key=KEYS[0].public_key.raw),),
+        # One city's log key is another city's node key.
+        lambda: (_member(0), msgspec.structs.replace(_member(1), log_key=KEYS[0].public_key.raw)),
+        # A witness key that is another city's log key.
+        lambda: (
+            _keyed(0),
+            msgspec.structs.replace(
+                _member(1, (Role.WITNESS,)), witness_key=LOG_KEYS[0].public_key.raw
+            ),
+        ),
+    ],
+)
+def test_a_key_serves_one_role(members: object) -> None:
+    base = make_roster(members=(0,), threshold=1)
+    fields = {f: getattr(base, f) for f in base.__struct_fields__}
+    fields["members"] = members()  # type: ignore[operator]
+    with pytest.raises(ValueError, match="listed twice"):
+        Roster(**fields)
+
+
+@pytest.mark.parametrize(
+    ("witnesses", "others", "quorum", "ok"),
+    [
+        (2, 1, 1, True),
+        (2, 1, 2, False),  # a witness city's own log has only one other witness
+        (2, 0, 2, False),
+        (3, 0, 2, True),
+        (3, 2, 3, False),
+        (1, 2, 1, False),  # the lone witness's own log could never be cosigned
+        (0, 3, 1, False),
+    ],
+)
+def test_witness_quorum_never_needs_a_city_to_witness_its_own_log(
+    witnesses: int, others: int, quorum: int, ok: bool
+) -> None:
+    members = [_member(i, (Role.MEMBER, Role.WITNESS)) for i in range(witnesses)]
+    members += [_member(witnesses + i) for i in range(others)]
+    base = make_roster(members=(0,), threshold=1)
+    fields = {f: getattr(base, f) for f in base.__struct_fields__}
+    fields.update(members=tuple(members), witness_quorum=quorum)
+    if ok:
+        assert Roster(**fields).witness_quorum == quorum
+    else:
+        with pytest.raises(ValueError, match="witness quorum"):
+            Roster(**fields)
