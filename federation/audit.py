@@ -5,7 +5,8 @@ Theory of operation
 An auditor keeps, per city, what it has fetched from that city's node (issue 5, part
 6): the log's leaves by index, the envelopes beside them by hash, every checkpoint it
 has ever been shown (with whatever cosignatures it carried), and the log and witness
-verifier keys it pinned on first fetch (TOFU, crypto-audit-anchors §6). Nothing is
+verifier keys it pinned on first fetch: the roster's when the city's roster entry names
+them (spec §16.1), else whatever the node served (TOFU, crypto-audit-anchors §6). Nothing is
 ever overwritten: a leaf offered again with different bytes is kept beside the stored
 one as a *conflict*, and every checkpoint note ever seen stays, so a node that rewrites
 history between two fetches is caught by the next :func:`verify_log`.
@@ -14,9 +15,11 @@ history between two fetches is caught by the next :func:`verify_log`.
 alliance roster(s) it:
 
 1. recomputes the RFC 9162 tree from the leaves (a missing index is a failure);
-2. checks every checkpoint's log signature (pinned log key), its witness cosignature
-   quorum (roster ``witness_quorum``, pinned witness keys of roster witness cities other
-   than the log's own) and that its root equals the recomputed tree at its size. All
+2. checks every checkpoint's log signature (the log key the rosters name for the city,
+   or the pinned one when none does: reported as trusted on first use), its witness
+   cosignature quorum (roster ``witness_quorum``; the roster's witness keys of witness
+   cities other than the log's own, or their pinned keys when the roster names none)
+   and that its root equals the recomputed tree at its size. All
    checkpoints are then consistent with one another exactly when each matches the same
    leaves; two checkpoints of one size with different roots are an equivocation;
 3. decodes every leaf (``hansa-audit/v1``, with the shared strict codec of
@@ -78,7 +81,13 @@ import msgspec
 from hansa.crypto.envelope import open_envelope
 from hansa.crypto.keys import PublicKey, key_id, verify_signed
 from hansa.crypto.merkle import HASH_SIZE, MerkleTree, leaf_hash
-from hansa.crypto.note import Checkpoint, Note, NoteVerifier, open_checkpoint
+from hansa.crypto.note import (
+    Checkpoint,
+    Note,
+    NoteVerifier,
+    VerifiedCheckpoint,
+    open_checkpoint,
+)
 from hansa.federation.evidence import EvidenceBundle
 from hansa.federation.roster import Role, Roster
 from hansa.protocol.auditleaf import (
@@ -742,6 +751,8 @@ class AuditReport:
         signatures: envelope signatures checked.
         failures: every failed check.
         warnings: what could not be checked (e.g. settings never logged).
+        tofu: names of the keys trusted on first use because no supplied roster
+            names them (the log's origin for its log key, ``witness/<city>``).
     """
 
     city: str
@@ -753,6 +764,7 @@ class AuditReport:
     signatures: int = 0
     failures: list[AuditFailure] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    tofu: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return not self.failures
@@ -821,42 +833,113 @@ def _held(contents: LogContents, report: AuditReport) -> int:
     return size
 
 
+def _log_verifiers(
+    contents: LogContents, rosters: Sequence[Roster], report: AuditReport
+) -> list[NoteVerifier]:
+    """The keys the city's checkpoints are checked against, newest roster's first.
+
+    The log keys the supplied rosters name for the city (any version: checkpoints signed
+    before a rotation stay valid under the key of their time); the key pinned on first
+    use only when no roster names one, and the report says so (spec §16.1).
+    """
+    named: list[NoteVerifier] = []
+    for roster in sorted(rosters, key=lambda r: r.version, reverse=True):
+        verifier = roster.log_verifier(contents.city, contents.origin)
+        if verifier is not None and verifier not in named:
+            named.append(verifier)
+    pinned = contents.log_vkey
+    if named:
+        if pinned is not None and all(v.vkey != pinned for v in named):
+            report.warnings.append(
+                f"the store pinned a log key for {contents.origin} that no supplied roster "
+                "names; checkpoints are checked against the roster's log key"
+            )
+        return named
+    if pinned is None:
+        return []
+    report.tofu.append(contents.origin)
+    report.warnings.append(
+        f"log key of {contents.city} ({contents.origin}) trusted on first use: no supplied "
+        "roster names one"
+    )
+    return [NoteVerifier.from_vkey(pinned)]
+
+
+def _witness_verifiers(
+    contents: LogContents, rosters: Sequence[Roster], newest: Roster, report: AuditReport
+) -> tuple[list[NoteVerifier], set[str]]:
+    """The witness keys that may cosign the city's checkpoints, and their names.
+
+    Witness cities of the newest roster other than the log's own (a city cannot witness
+    itself). A witness key the rosters name is used as it is; for a witness city whose
+    entry names none, the key pinned on first use, reported as such.
+    """
+    verifiers: list[NoteVerifier] = []
+    names: set[str] = set()
+    tofu: list[str] = []
+    for member in newest.members:
+        if Role.WITNESS not in member.roles or member.city == contents.city:
+            continue
+        name = f"witness/{member.city}"
+        names.add(name)
+        named = [v for r in rosters if (v := r.witness_verifier(member.city)) is not None]
+        if named:
+            verifiers.extend(dict.fromkeys(named))
+            continue
+        vkey = contents.witness_vkeys.get(name)
+        if vkey is None:
+            continue
+        try:
+            verifiers.append(NoteVerifier.from_vkey(vkey))
+        except HansaError as exc:
+            report.fail(None, "checkpoint", f"pinned witness key {name} is invalid: {exc}")
+            continue
+        tofu.append(name)
+    if tofu:
+        report.tofu.extend(tofu)
+        report.warnings.append(
+            "witness keys trusted on first use (the roster names none): " + ", ".join(tofu)
+        )
+    return verifiers, names
+
+
+def _open_checkpoint(
+    note: bytes, logs: Sequence[NoteVerifier], origin: str, witnesses: Sequence[NoteVerifier]
+) -> VerifiedCheckpoint:
+    """Open a checkpoint under the first log key that signed it (the newest tried first)."""
+    first: HansaError | None = None
+    for log_verifier in logs:
+        try:
+            return open_checkpoint(note, log_verifier, origin=origin, witnesses=witnesses)
+        except HansaError as exc:
+            first = first or exc
+    assert first is not None  # the caller passes at least one log key
+    raise first
+
+
 def _check_checkpoints(
-    contents: LogContents, tree: MerkleTree, roster: Roster | None, report: AuditReport
+    contents: LogContents,
+    tree: MerkleTree,
+    rosters: Sequence[Roster],
+    newest: Roster,
+    report: AuditReport,
 ) -> None:
     if not contents.checkpoints:
         report.warnings.append("no checkpoint seen: nothing vouches for the leaves")
         return
-    if contents.log_vkey is None:
+    logs = _log_verifiers(contents, rosters, report)
+    if not logs:
         report.fail(None, "checkpoint", "no log key pinned: no checkpoint can be verified")
         return
-    log_verifier = NoteVerifier.from_vkey(contents.log_vkey)
-    witnesses: dict[str, NoteVerifier] = {}
-    for name, vkey in contents.witness_vkeys.items():
-        try:
-            witnesses[name] = NoteVerifier.from_vkey(vkey)
-        except HansaError as exc:
-            report.fail(None, "checkpoint", f"pinned witness key {name} is invalid: {exc}")
-    quorum = None if roster is None else roster.witness_quorum
-    # Witness cities other than the log's own: a city cannot witness itself.
-    roster_witnesses = (
-        set()
-        if roster is None
-        else {f"witness/{m.city}" for m in roster.members if Role.WITNESS in m.roles}
-        - {f"witness/{contents.city}"}
-    )
+    witnesses, roster_witnesses = _witness_verifiers(contents, rosters, newest, report)
+    quorum = newest.witness_quorum
     roots: dict[int, bytes] = {}
     cosigned: dict[tuple[int, bytes], set[str]] = {}
     for seen in contents.checkpoints:
         report.checkpoints += 1
         label = f"checkpoint of size {seen.size}"
         try:
-            opened = open_checkpoint(
-                seen.note,
-                log_verifier,
-                origin=contents.origin,
-                witnesses=list(witnesses.values()),
-            )
+            opened = _open_checkpoint(seen.note, logs, contents.origin, witnesses)
         except HansaError as exc:
             report.fail(None, "checkpoint", f"{label}: {exc}")
             continue
@@ -906,7 +989,8 @@ def verify_log(
     Args:
         contents: the stored log (:meth:`AuditorStore.contents`).
         rosters: the roster versions to check signers against (a request is checked
-            against the version it cites; checkpoints against the newest).
+            against the version it cites; checkpoints against the log keys any of them
+            names for the city, and the newest one's witnesses and quorum).
         skew_ms: clock skew tolerated around a request's validity window.
         workers: worker processes for signature checks besides this process, which
             checks signatures too once its own work is done (None: one fewer than the
@@ -947,7 +1031,7 @@ def _verify(
         tree = MerkleTree.from_leaf_hashes([leaf_hash(leaf) for _i, leaf in held])
         if progress is not None:
             progress("tree", size, size)
-        _check_checkpoints(contents, tree, newest, report)
+        _check_checkpoints(contents, tree, rosters, newest, report)
         checks = _EntryChecks(contents.city, leaves, by_version, newest, skew_ms, report)
         checks.check_rosters(roster_digests)
         # Each chunk is checked as it arrives; this process signs the chunks no worker

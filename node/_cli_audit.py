@@ -10,9 +10,11 @@
 
 ``fetch`` downloads a city's checkpoint, the new leaves and the envelopes they log,
 incrementally, through signed ``POST /v1/audit`` requests (spec §16.3), into the
-auditor store (:class:`hansa.federation.audit.AuditorStore`). The log key, and each
-roster witness city's witness key, are fetched from ``GET /v1/log/keys`` and pinned
-on first use (TOFU, spec §16.1). ``import`` builds the same store from a node's data
+auditor store (:class:`hansa.federation.audit.AuditorStore`). The city's log key and
+each roster witness city's witness key are the roster's when its entry names them
+(spec §16.1): a node serving another log key at ``GET /v1/log/keys`` is refused. For a
+city whose entry names none they are fetched from ``GET /v1/log/keys`` and pinned on
+first use (TOFU), and ``verify`` says so. ``import`` builds the same store from a node's data
 directory on this machine: it reads ``audit.sqlite`` read-only with plain SQLite (no
 writer lock, no repair, nothing trusted: a damaged file is imported as it is, for
 ``verify`` to judge) and pins the log key from ``log.key``.
@@ -75,7 +77,13 @@ from hansa.federation.roster import (
 from hansa.node.cli import EXIT_VERIFY_FAILED
 from hansa.node.config import AUDIT_FILE, load_config
 from hansa.protocol.envelope import PayloadType, decode_envelope, message_id
-from hansa.protocol.errors import ConfigError, ErrorCode, HansaError, ProtocolError
+from hansa.protocol.errors import (
+    ConfigError,
+    ErrorCode,
+    HansaError,
+    ProtocolError,
+    SignatureError,
+)
 from hansa.protocol.messages import AuditOp, AuditRequest, AuditResponse, QueryRefusal
 
 __all__ = [
@@ -344,7 +352,8 @@ def fetch_city(
     Args:
         store_dir: the auditor store directory.
         city: the city to fetch.
-        roster: the alliance roster (endpoints, node keys, witness cities).
+        roster: the alliance roster (endpoints, node keys, witness cities, and the log
+            and witness keys it pins).
         key: the auditor's key (must hold the auditor role in ``roster``).
         endpoint: the node's base URL, instead of the roster's (a proxy, a test).
         progress: a rich progress display to report on.
@@ -354,6 +363,8 @@ def fetch_city(
 
     Raises:
         ConfigError: the key is not an auditor's, the city is unknown or unreachable.
+        SignatureError: ``ROSTER_MISMATCH`` when the node serves a log key other than
+            the one the roster names for the city.
         HansaError: the node refused or answered something invalid.
     """
     holder = roster.holder(key.public_key.key_id)
@@ -366,10 +377,22 @@ def fetch_city(
     origin, log_vkey = keys.get("origin"), keys.get("log_vkey")
     if not isinstance(origin, str) or not isinstance(log_vkey, str):
         raise ProtocolError(f"{city}/v1/log/keys lacks origin or log_vkey")
+    named = roster.log_verifier(city, origin)
+    if named is not None and named.vkey != log_vkey:
+        # The roster pins the key (spec §16.1): another one is never trusted on first use.
+        raise SignatureError(
+            f"{city} serves the log key {log_vkey[:80]!r} at /v1/log/keys, but roster "
+            f"v{roster.version} names {named.vkey!r}: refusing to fetch",
+            ErrorCode.ROSTER_MISMATCH,
+        )
     with AuditorStore.open(store_dir, city, origin) as store:
-        store.pin(origin, log_vkey, "log")
+        _pin(store, origin, log_vkey, "log", roster_named=named is not None)
         for member in roster.members:
             if Role.WITNESS in member.roles and member.city != city:
+                witness = roster.witness_verifier(member.city)
+                if witness is not None:
+                    _pin(store, witness.name, witness.vkey, "witness", roster_named=True)
+                    continue
                 try:
                     wkey = _log_keys(member.endpoint).get("witness_vkey")
                 except HansaError:
@@ -407,6 +430,19 @@ def fetch_city(
             if progress is not None and task is not None:
                 progress.update(task, completed=start)
         return store.size, conflicts
+
+
+def _pin(store: AuditorStore, name: str, vkey: str, role: str, *, roster_named: bool) -> None:
+    """Pin ``vkey`` under ``name``; a roster-named key does not fail on an older pin.
+
+    A key the roster names is what :func:`~hansa.federation.audit.verify_log` checks
+    against whatever the store pinned: an earlier pin that differs (taken on first use
+    before the roster named a key, or before a rotation the roster records) stays as
+    it was, and the verification reports it.
+    """
+    if roster_named and store.pins(role).get(name) not in (None, vkey):
+        return
+    store.pin(name, vkey, role)
 
 
 def _fetch(args: argparse.Namespace) -> int:

@@ -56,10 +56,10 @@ from hansa.node.auditlog import (
     decode_entry,
     encode_entry,
 )
-from hansa.node.cli import EXIT_VERIFY_FAILED, main
+from hansa.node.cli import EXIT_ERROR, EXIT_VERIFY_FAILED, main
 from hansa.node.config import AUDIT_FILE
 from hansa.protocol.envelope import Envelope, decode_envelope, encode_envelope, message_id
-from hansa.protocol.errors import ErrorCode
+from hansa.protocol.errors import ErrorCode, SignatureError
 from hansa.protocol.messages import (
     Count,
     PolicyTags,
@@ -80,7 +80,7 @@ ANALYST_KEY = SigningKey(b"\x11" * 32)
 ROOT_KEY = SigningKey(b"\x12" * 32)
 WITNESSES = {
     c: CosignatureSigner(f"witness/{c}", SigningKey(bytes([0x20 + i]) * 32))
-    for i, c in enumerate(("berlin", "copenhagen"))
+    for i, c in enumerate(("berlin", "copenhagen", "dortmund"))
 }
 
 
@@ -101,7 +101,14 @@ class World:
         return self.data_dir / AUDIT_FILE
 
 
-def make_roster(node_key: SigningKey, quorum: int | None = 2) -> SignedRoster:
+def make_roster(
+    node_key: SigningKey,
+    quorum: int | None = 2,
+    *,
+    log_key: bytes | None = None,
+    witness_keys: dict[str, bytes] | None = None,
+) -> SignedRoster:
+    """The roster; ``log_key`` and ``witness_keys`` (by city) are the keys it pins."""
     members = [
         Member(
             CITY,
@@ -109,6 +116,7 @@ def make_roster(node_key: SigningKey, quorum: int | None = 2) -> SignedRoster:
             node_key.public_key.raw,
             "http://127.0.0.1:1",
             (Role.MEMBER, Role.AUDITOR),
+            log_key=log_key,
         )
     ]
     for i, city in enumerate(WITNESSES):
@@ -119,6 +127,7 @@ def make_roster(node_key: SigningKey, quorum: int | None = 2) -> SignedRoster:
                 SigningKey(bytes([0x30 + i]) * 32).public_key.raw,
                 f"http://127.0.0.1:{2 + i}",
                 (Role.MEMBER, Role.WITNESS),
+                witness_key=(witness_keys or {}).get(city),
             )
         )
     roster = Roster(
@@ -274,9 +283,16 @@ def build(
     return world
 
 
-def import_(world: World, store: Path, *, cosign: tuple[str, ...] = tuple(WITNESSES)) -> None:
+def import_(
+    world: World,
+    store: Path,
+    *,
+    cosign: tuple[str, ...] = tuple(WITNESSES),
+    pin_witnesses: bool = True,
+) -> None:
     """Import like ``hansa audit import`` and add witnessed copies of each checkpoint."""
-    import_data_dir(store, world.data_dir, witness_vkeys=[w.vkey for w in WITNESSES.values()])
+    vkeys = [w.vkey for w in WITNESSES.values()] if pin_witnesses else []
+    import_data_dir(store, world.data_dir, witness_vkeys=vkeys)
     with AuditorStore.open(store, CITY) as s:
         for seen in s.checkpoints():
             if b"witness/" in seen.note:
@@ -491,6 +507,80 @@ def test_quorum_counts_only_roster_witnesses(tmp_path: Path) -> None:
     assert verify(world, tmp_path / "store")
 
 
+# --- keys the roster pins (spec §16.1) ----------------------------------------------------
+
+
+def _rostered(world: World, **kw: object) -> Roster:
+    from hansa.federation.roster import decode_roster
+
+    return decode_roster(make_roster(world.node_key, **kw).body)  # type: ignore[arg-type]
+
+
+def _verify_with(store: Path, roster: Roster) -> AuditReport:
+    with AuditorStore.open(store, CITY) as s:
+        return verify_log(s.contents(), [roster], workers=0)
+
+
+def test_the_roster_log_key_is_used_and_tofu_is_reported(clean: tuple[World, Path]) -> None:
+    world, store = clean
+    # Without log or witness keys in the roster, every key is the store's pin: said so.
+    report = verify(world, store)
+    assert report and set(report.tofu) == {ORIGIN, *(f"witness/{c}" for c in WITNESSES)}
+    assert any("trusted on first use" in w for w in report.warnings)
+    # The roster names the log key the node really signs with: no TOFU for the log.
+    named = _rostered(world, log_key=world.log_signer.verifier.public_key.raw)
+    report = _verify_with(store, named)
+    assert report, [str(f) for f in report.failures]
+    assert ORIGIN not in report.tofu and report.largest_checkpoint == report.size
+    # The roster names another log key: the pinned key no longer vouches for anything.
+    other = _rostered(world, log_key=SigningKey(b"\x67" * 32).public_key.raw)
+    report = _verify_with(store, other)
+    bad = [f for f in report.failures if f.check == "checkpoint"]
+    assert len(bad) == report.checkpoints and all("not signed" in f.reason for f in bad)
+    assert report.largest_checkpoint == 0 and ORIGIN not in report.tofu
+    assert any("no supplied roster names" in w for w in report.warnings)
+
+
+def test_checkpoints_under_any_supplied_roster_version_s_log_key_verify(
+    clean: tuple[World, Path],
+) -> None:
+    world, store = clean
+    v1 = _rostered(world, log_key=world.log_signer.verifier.public_key.raw)
+    fields = {f: getattr(v1, f) for f in v1.__struct_fields__}
+    import msgspec
+
+    rotated = msgspec.structs.replace(
+        v1.members[0], log_key=SigningKey(b"\x68" * 32).public_key.raw
+    )
+    fields.update(version=2, members=(rotated, *v1.members[1:]))
+    v2 = Roster(**fields)
+    with AuditorStore.open(store, CITY) as s:
+        contents = s.contents()
+    # Only the rotated key: the old checkpoints fail; with the version that named the
+    # key of their time, they verify.
+    assert not verify_log(contents, [v2], workers=0)
+    assert verify_log(contents, [v1, v2], workers=0)
+
+
+def test_roster_witness_keys_count_and_override_pins(tmp_path: Path) -> None:
+    world = build(tmp_path, n=2)
+    keys = {c: w.verifier.public_key.raw for c, w in WITNESSES.items()}
+    import_(world, tmp_path / "store", cosign=("berlin", "copenhagen"), pin_witnesses=False)
+    # Nothing pinned for the witnesses: only the roster's keys can make the quorum.
+    assert checks(verify(world, tmp_path / "store")) == {"quorum"}
+    report = _verify_with(tmp_path / "store", _rostered(world, witness_keys=keys))
+    assert report, [str(f) for f in report.failures]
+    assert report.tofu == [ORIGIN]
+    # The roster names another key for berlin: its cosignature no longer counts, even
+    # where the store pinned the key that made it.
+    import_(world, tmp_path / "pinned", cosign=("berlin", "copenhagen"))
+    assert verify(world, tmp_path / "pinned")
+    swapped = {**keys, "berlin": SigningKey(b"\x69" * 32).public_key.raw}
+    report = _verify_with(tmp_path / "pinned", _rostered(world, witness_keys=swapped))
+    assert checks(report) == {"quorum"}
+    assert "witness/berlin" not in report.tofu
+
+
 def test_logged_request_with_a_bad_signature_is_detected(tmp_path: Path) -> None:
     world = build(tmp_path, n=2)
     good = decode_envelope(seal(request(7), ANALYST_KEY))
@@ -637,35 +727,62 @@ def test_parse_leaf_rejects_garbage_with_value_error_only(data: bytes) -> None:
 # --- against a live node -----------------------------------------------------------------
 
 
-def test_fetch_from_a_live_node_incrementally_and_verify(tmp_path: Path) -> None:
+def test_fetch_from_a_live_node_incrementally_and_verify(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import asyncio
     import time
 
     from nodeutil import init_test_node, running_node
 
+    from hansa.crypto.keyfile import write_key_file
     from hansa.federation.fanout import build_request
-    from hansa.federation.roster import decode_roster, encode_signed_roster
+    from hansa.federation.roster import (
+        decode_roster,
+        decode_signed_roster,
+        encode_signed_roster,
+    )
     from hansa.node._cli_audit import fetch_city
     from hansa.node.config import configure_alliance
 
     now = time.time_ns() // 1_000_000
     config = init_test_node(tmp_path, CITY, rows=60)
     node_key = read_key_file(config.key_file)
+    log_key = read_key_file(config.path(config.audit.log_key_file))
     auditor = SigningKey(b"\x44" * 32)
-    roster = Roster(
-        alliance="hanse",
-        version=1,
-        expires_ms=now + 86_400_000,
-        threshold=1,
-        root_keys=(RootKey(CITY, ROOT_KEY.public_key.raw),),
-        members=(
-            Member(CITY, "A", node_key.public_key.raw, "http://127.0.0.1:9", (Role.MEMBER,)),
-            Member("berlin", "B", auditor.public_key.raw, "http://127.0.0.1:9", (Role.AUDITOR,)),
-        ),
-        analysts=(Analyst(ANALYST, ANALYST_KEY.public_key.raw, CITY, ("research",)),),
-        purposes=("research",),
-    )
-    signed = sign_roster(unsigned(roster), ROOT_KEY)
+
+    def roster_naming(key: SigningKey) -> SignedRoster:
+        """Roster v1, naming ``key`` as the city's log key (spec §16.1)."""
+        roster = Roster(
+            alliance="hanse",
+            version=1,
+            expires_ms=now + 86_400_000,
+            threshold=1,
+            root_keys=(RootKey(CITY, ROOT_KEY.public_key.raw),),
+            members=(
+                Member(
+                    CITY,
+                    "A",
+                    node_key.public_key.raw,
+                    "http://127.0.0.1:9",
+                    (Role.MEMBER,),
+                    log_key=key.public_key.raw,
+                ),
+                Member(
+                    "berlin", "B", auditor.public_key.raw, "http://127.0.0.1:9", (Role.AUDITOR,)
+                ),
+            ),
+            analysts=(Analyst(ANALYST, ANALYST_KEY.public_key.raw, CITY, ("research",)),),
+            purposes=("research",),
+        )
+        return sign_roster(unsigned(roster), ROOT_KEY)
+
+    signed = roster_naming(log_key)
+    # Another roster v1 naming a log key the node does not have (a substituted key).
+    wrong = tmp_path / "wrong-roster.bin"
+    wrong.write_bytes(encode_signed_roster(roster_naming(SigningKey(b"\x45" * 32))))
+    auditor_file = tmp_path / "auditor.key"
+    write_key_file(auditor_file, auditor)
     config = configure_alliance(
         config.data_dir, encode_signed_roster(signed), roster_digest(signed), now
     )
@@ -705,13 +822,27 @@ def test_fetch_from_a_live_node_incrementally_and_verify(tmp_path: Path) -> None
             second = await asyncio.to_thread(
                 fetch_city, store, CITY, decode_roster(signed.body), auditor, endpoint=node.url
             )
+            # The node serves its own log key, not the one this roster names: refused,
+            # never pinned on first use, by the API and the command line alike.
+            other = decode_roster(decode_signed_roster(wrong.read_bytes()).body)
+            with pytest.raises(SignatureError, match="names") as exc:
+                await asyncio.to_thread(
+                    fetch_city, tmp_path / "store2", CITY, other, auditor, endpoint=node.url
+                )
+            assert exc.value.code is ErrorCode.ROSTER_MISMATCH
+            argv = ["audit", "fetch", CITY, "--roster", str(wrong), "--key", str(auditor_file)]
+            argv += ["--store", str(tmp_path / "store3"), "--endpoint", node.url]
+            assert await asyncio.to_thread(main, argv) == EXIT_ERROR
             return first, second
 
     first, second = asyncio.run(run())
     assert second[0] > first[0] and first[1] == second[1] == 0
+    assert not AuditorStore.cities(tmp_path / "store2")  # nothing was stored
+    assert "at /v1/log/keys, but roster v1 names" in capsys.readouterr().err
     with AuditorStore.open(store, CITY) as s:
         report = verify_log(s.contents(), [decode_roster(signed.body)], workers=0)
     assert report, [str(f) for f in report.failures]
+    assert report.tofu == []  # the roster named the log key; no witnesses
     assert report.counts["request_received"] == 5
     assert report.counts["answer_sent"] == 5
     assert report.signatures == 10
