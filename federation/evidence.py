@@ -38,9 +38,11 @@ error, bad signature), the quorum, and the combined result as claimed.
    receipt is its signed ``AuditResponse`` (op ``receipt``) with the
    ``request_received`` leaf of the request, that leaf's inclusion proof and
    the signed checkpoint it is proven under. The response must be signed by
-   the city's node key; the checkpoint must verify under the city's log key
-   (recorded from its unsigned ``GET /v1/log/keys``, so trusted on first use
-   and said so in the verdict); the leaf must decode, name this request's
+   the city's node key; the checkpoint must verify under the city's log key:
+   the one the roster names for the city (spec §16.1; a receipt recording
+   another key is a failure), or, for a city whose roster entry names none,
+   the one recorded from its unsigned ``GET /v1/log/keys`` (so trusted on
+   first use, and said so in the verdict); the leaf must decode, name this request's
    message id and signing key id, and be included under the checkpoint's
    root. Receipts are fetched best effort: a missing or failed one is a note,
    a receipt that does not verify is a failure.
@@ -236,7 +238,8 @@ class Receipt(_EvidenceWire, frozen=True, tag="receipt"):
         response: the exact signed reply of the city's node: an ``AuditResponse``
             (op ``receipt``) when fetched, a ``QueryRefusal`` when refused.
         origin: the city's log origin, from its unsigned ``GET /v1/log/keys``.
-        log_vkey: the city's log verifier key, from the same place (TOFU).
+        log_vkey: the city's log verifier key as its node served it (``GET /v1/log/keys``;
+            checked against the roster's log key when the roster names one).
         detail: the analyst's one-line explanation (unsigned).
     """
 
@@ -741,6 +744,22 @@ def _check_receipt(
     if receipt.status not in RECEIPT_STATUSES:
         checks.add("receipt", False, f"unknown receipt status {receipt.status[:32]!r}")
         return
+    try:
+        named = roster.log_verifier(entry.city, receipt.origin)
+    except HansaError as exc:  # the recorded origin is no valid key name
+        checks.add("receipt checkpoint", False, f"{exc.message} [{exc.code.name}]")
+        return
+    if named is not None and receipt.log_vkey is not None:
+        # The roster pins the city's log key: a receipt recording another one (the node
+        # served it at GET /v1/log/keys) is a failure, whatever became of the receipt.
+        recorded = _vkey_key(receipt.log_vkey)
+        if not checks.add(
+            "receipt log key",
+            recorded == named.public_key.raw,
+            f"the node served log key {receipt.log_vkey[:80]!r}, but roster "
+            f"v{roster.version} names {named.vkey!r}",
+        ):
+            return
     if receipt.status == "failed":
         return  # best effort: reported as a note by the caller
     member = roster.member(entry.city)
@@ -773,7 +792,7 @@ def _check_receipt(
     ):
         return
     try:
-        verifier = NoteVerifier.from_vkey(receipt.log_vkey or "")
+        verifier = named or NoteVerifier.from_vkey(receipt.log_vkey or "")
         if reply.checkpoint is None:
             raise ProtocolError("the receipt has no checkpoint")
         checkpoint = open_checkpoint(
@@ -810,6 +829,14 @@ def _check_receipt(
         ),
         f"leaf {reply.index} is not proven under the checkpoint of size {checkpoint.size}",
     )
+
+
+def _vkey_key(vkey: str) -> bytes | None:
+    """The raw public key of a note verifier key, or None if it does not parse."""
+    try:
+        return NoteVerifier.from_vkey(vkey).public_key.raw
+    except HansaError:
+        return None
 
 
 def _close(a: float, b: float) -> bool:
@@ -952,7 +979,7 @@ def verify_bundle(
             answers.append(answer)
 
     _check_combination(bundle, answers, failures)
-    receipts = _receipt_notes(bundle, lines, notes)
+    receipts = _receipt_notes(bundle, roster, lines, notes)
     if any(not line.signed for line in lines):
         notes.append(
             "statuses without a signed reply (timeout, unreachable, protocol error, bad "
@@ -971,9 +998,12 @@ def verify_bundle(
     )
 
 
-def _receipt_notes(bundle: EvidenceBundle, lines: Sequence[CityVerdict], notes: list[str]) -> int:
+def _receipt_notes(
+    bundle: EvidenceBundle, roster: Roster, lines: Sequence[CityVerdict], notes: list[str]
+) -> int:
     """Note what the receipts rest on and which are missing; return how many verified."""
     verified = 0
+    tofu: list[str] = []
     missing: list[str] = []
     for entry, line in zip(bundle.cities, lines, strict=True):
         receipt = entry.receipt
@@ -986,13 +1016,24 @@ def _receipt_notes(bundle: EvidenceBundle, lines: Sequence[CityVerdict], notes: 
             c.ok for c in receipt_checks
         ):
             verified += 1
+            member = roster.member(entry.city)
+            if member is None or member.log_key is None:
+                tofu.append(entry.city)
         elif receipt.status != "fetched":
             missing.append(f"{entry.city} ({receipt.status}: {receipt.detail or 'no detail'})")
     if verified:
+        pinned = verified - len(tofu)
         notes.append(
-            f"{verified} receipt(s) verified; each city's log key was fetched unsigned from its "
-            "GET /v1/log/keys and is trusted on first use (TOFU): pin it to rule out a "
-            "substituted key"
+            f"{verified} receipt(s) verified"
+            + (f"; {pinned} under the log key the roster names" if pinned else "")
+        )
+    if tofu:
+        notes.append(
+            "the roster names no log key for "
+            + ", ".join(tofu)
+            + ": the key was fetched unsigned from GET /v1/log/keys and is trusted on first "
+            "use (TOFU); name it in the roster (hansa alliance set-key --log-key) to rule "
+            "out a substituted key"
         )
     if missing and any(e.receipt is not None for e in bundle.cities):
         notes.append("no verified receipt from: " + ", ".join(missing))

@@ -1153,6 +1153,9 @@ class Alliance:
                     requester=self.principal,
                     roster_version=self.roster.version,
                     pool=pool,
+                    log_keys={
+                        m.city: m.log_key for m in self.roster.members if m.log_key is not None
+                    },
                 )
         per_city = {
             answer.responder: combine_answers(query, (answer,)) for answer in result.answers
@@ -1257,11 +1260,15 @@ async def fetch_receipts(
     timeout_s: float = RECEIPT_TIMEOUT_S,
     backoff_s: float = 0.2,
     now_ms: Callable[[], int] | None = None,
+    log_keys: Mapping[str, bytes] | None = None,
 ) -> dict[str, Receipt]:
     """Ask every city that answered or refused for a receipt of its request (best effort).
 
     For each such city, concurrently: read its log origin and log key from
-    ``GET /v1/log/keys`` (unsigned, so trusted on first use), then send a signed
+    ``GET /v1/log/keys`` (unsigned: trusted on first use unless ``log_keys``, the
+    roster, names the city's key; a node serving another key then gets a ``failed``
+    receipt recording the key it served, which ``hansa verify`` reports as a
+    failure, spec §16.1), then send a signed
     ``AuditRequest`` (op ``receipt``, the request's message id) to
     ``POST /v1/audit`` and keep the node's signed reply. Network errors,
     timeouts, HTTP 429/5xx and signed refusals saying UNAVAILABLE, INTERNAL or
@@ -1281,6 +1288,7 @@ async def fetch_receipts(
         timeout_s: the time budget of one attempt.
         backoff_s: the pause after the first failed attempt (doubling).
         now_ms: the clock for ``issued_at`` (default: the wall clock).
+        log_keys: the raw log public keys the roster names, by city id.
 
     Returns:
         One :class:`~hansa.federation.evidence.Receipt` per answering or refusing city.
@@ -1295,7 +1303,14 @@ async def fetch_receipts(
         return {}
     clock = _now_ms if now_ms is None else now_ms
     fetcher = _ReceiptFetcher(
-        signer, requester, roster_version, max(1, attempts), timeout_s, backoff_s, clock
+        signer,
+        requester,
+        roster_version,
+        max(1, attempts),
+        timeout_s,
+        backoff_s,
+        clock,
+        dict(log_keys or {}),
     )
     if pool is not None:
         receipts = await asyncio.gather(*(fetcher.fetch(pool, c, t) for c, t in wanted))
@@ -1318,6 +1333,7 @@ class _ReceiptFetcher:
     timeout_s: float
     backoff_s: float
     clock: Callable[[], int]
+    log_keys: Mapping[str, bytes]
 
     async def fetch(self, pool: HttpPool, city: CityResult, target: Target) -> Receipt:
         origin: str | None = None
@@ -1328,6 +1344,14 @@ class _ReceiptFetcher:
                 async with asyncio.timeout(self.timeout_s):
                     if vkey is None:
                         origin, vkey = await self._log_keys(pool, target)
+                        named = self.log_keys.get(city.city)
+                        if (
+                            named is not None
+                            and NoteVerifier.from_vkey(vkey).public_key.raw != named
+                        ):
+                            # The roster pins the key: another one is never trusted.
+                            why = "GET /v1/log/keys serves a log key other than the roster's"
+                            return Receipt("failed", attempt, None, origin, vkey, why)
                     return await self._receipt(pool, city, target, attempt, origin, vkey)
             except _Retry as exc:
                 last = str(exc)

@@ -135,6 +135,7 @@ def build_roster(
     *,
     expires_ms: int | None = None,
     version: int = 1,
+    log_keys: dict[str, bytes] | None = None,
 ) -> SignedRoster:
     """A roster of :data:`CITIES` (threshold 2 of 2 root keys), signed by both roots."""
     roots = [SigningKey(bytes([0x50 + i]) * 32) for i in range(2)]
@@ -151,6 +152,7 @@ def build_roster(
                 public_key=node_keys[city],
                 endpoint=endpoints[city],
                 roles=(Role.MEMBER,),
+                log_key=(log_keys or {}).get(city),
             )
             for city in CITIES
         ),
@@ -727,3 +729,34 @@ async def test_receipt_failures_are_retried_a_bounded_number_of_times(
     assert "503" in busy_receipt.detail and len(hits) == 3
     assert (gone_receipt.status, gone_receipt.attempts) == ("failed", 3)
     assert gone_receipt.response is None and gone_receipt.detail
+
+
+async def test_receipts_hold_the_served_log_key_to_the_roster_s(alliance_files: Fixture) -> None:
+    from hansa.federation.roster import decode_roster
+
+    first, second = ANSWERING[:2]
+    old = decode_roster(alliance_files.signed_roster.body)
+    endpoints = {m.city: m.endpoint for m in old.members}
+    node_keys = {m.city: m.public_key for m in old.members}
+    real = read_public_key(alliance_files.root / first / "log.key").raw
+    signed = build_roster(
+        endpoints,
+        node_keys,
+        alliance_files.analyst.key.public_key.raw,
+        log_keys={first: real, second: SigningKey(b"\x52" * 32).public_key.raw},
+    )
+    roster_file = alliance_files.root / "keyed.roster"
+    roster_file.write_bytes(encode_signed_roster(signed))
+    keyed = Alliance.load(roster_file, alliance_files.key_file)
+    result = await keyed.query("listings", "count", purpose=PURPOSE, cities=(first, second))
+    assert result.receipts[first].status == "fetched"
+    lost = result.receipts[second]
+    assert lost.status == "failed" and "other than the roster's" in lost.detail
+    assert lost.log_vkey is not None and lost.response is None  # what the node served
+    verdict = verify_bundle(result.bundle())
+    assert not verdict.ok
+    assert [f for f in verdict.failures if "receipt log key" in f] == [
+        f for f in verdict.failures if f.startswith(second)
+    ]
+    assert verdict.receipts == 1
+    assert not any("TOFU" in n for n in verdict.notes)

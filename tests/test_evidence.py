@@ -103,6 +103,7 @@ def make_roster(
     root_keys: Sequence[SigningKey],
     *,
     expires_ms: int | None = None,
+    log_keys: dict[str, bytes] | None = None,
 ) -> SignedRoster:
     roster = Roster(
         alliance="hanse",
@@ -119,6 +120,7 @@ def make_roster(
                 public_key=node_keys[city],
                 endpoint=f"http://127.0.0.1:{8470 + i}",
                 roles=(Role.MEMBER,),
+                log_key=(log_keys or {}).get(city),
             )
             for i, city in enumerate(CITIES)
         ),
@@ -578,6 +580,7 @@ def make_receipt(
     *,
     logged_id: bytes | None = None,
     signer: NoteSigner | None = None,
+    recorded: NoteSigner | None = None,
     node_key: SigningKey | None = None,
     index_shift: int = 0,
     status: str = "fetched",
@@ -605,7 +608,8 @@ def make_receipt(
         tree_size=tree.size,
     )
     body = seal(response, node_key or alliance.node_signers[city])
-    return Receipt(status, 1, body, log.name, log.vkey)
+    served = recorded or log  # the key the node served at GET /v1/log/keys
+    return Receipt(status, 1, body, served.name, served.vkey)
 
 
 def with_receipts(alliance: Alliance, **receipts: Receipt) -> bytes:
@@ -729,3 +733,86 @@ def test_cli_checks_receipts(
     assert run_cli(["verify", str(tmp_path / "bad.bin")]) == EXIT_VERIFY_FAILED
     out = capsys.readouterr().out
     assert "INVALID" in out and "receipt inclusion" in out
+
+
+# --- log keys the roster pins (spec §16.1) ------------------------------------------------
+
+
+def impostor(city: str) -> NoteSigner:
+    """A log key under the city's origin that is not the city's."""
+    return NoteSigner(
+        f"hansa/hanse/{city}", SigningKey(hashlib.sha256(b"x" + city.encode()).digest())
+    )
+
+
+def with_log_keys(alliance: Alliance, data: bytes, cities: Sequence[str]) -> bytes:
+    """``data`` with its roster replaced by one naming the log keys of ``cities``."""
+    bundle = read_bundle(data)
+    roster = decode_roster(bundle.roster.body)
+    node_keys = {m.city: m.public_key for m in roster.members}
+    keys = {c: log_signer(c).verifier.public_key.raw for c in cities}
+    signed = make_roster(
+        node_keys,
+        alliance.analyst.key.public_key.raw,
+        alliance.root_keys,
+        expires_ms=roster.expires_ms,
+        log_keys=keys,
+    )
+    return encode(
+        msgspec.structs.replace(bundle, roster=signed, roster_digest=roster_digest(signed))
+    )
+
+
+def test_receipts_verify_under_the_roster_log_keys_and_tofu_is_noted_only_without(
+    alliance: Alliance,
+) -> None:
+    cities = signed_cities(alliance)
+    receipts = with_receipts(alliance, **{c: make_receipt(alliance, c) for c in cities})
+    verdict = verify_bundle(with_log_keys(alliance, receipts, cities))
+    assert verdict.ok, verdict.failures
+    assert verdict.receipts == 5
+    assert not any("TOFU" in n for n in verdict.notes)
+    assert any("5 under the log key the roster names" in n for n in verdict.notes)
+    # Only berlin's key named: the TOFU note names the other four, not berlin.
+    verdict = verify_bundle(with_log_keys(alliance, receipts, ["berlin"]))
+    assert verdict.ok, verdict.failures
+    (tofu,) = [n for n in verdict.notes if "TOFU" in n]
+    assert "amsterdam" in tofu and "berlin" not in tofu
+
+
+def test_a_receipt_under_another_log_key_than_the_roster_s_fails(alliance: Alliance) -> None:
+    # The node served, and signed the checkpoint with, a key of its choosing.
+    substituted = make_receipt(
+        alliance, "berlin", signer=impostor("berlin"), recorded=impostor("berlin")
+    )
+    data = with_receipts(alliance, berlin=substituted)
+    assert verify_bundle(data).ok  # trusted on first use, it passes: the gap closed here
+    assert failures_mention(with_log_keys(alliance, data, ["berlin"]), "receipt log key")
+    # The roster's key recorded, but the checkpoint signed by another one.
+    forged = make_receipt(alliance, "berlin", signer=impostor("berlin"))
+    data = with_log_keys(alliance, with_receipts(alliance, berlin=forged), ["berlin"])
+    assert failures_mention(data, "receipt checkpoint")
+    # A receipt the client gave up on because the served key was not the roster's.
+    gave_up = Receipt("failed", 1, None, impostor("berlin").name, impostor("berlin").vkey, "x")
+    data = with_log_keys(alliance, with_receipts(alliance, berlin=gave_up), ["berlin"])
+    assert failures_mention(data, "receipt log key")
+    # Without a recorded key, the roster's key alone decides.
+    bare = msgspec.structs.replace(make_receipt(alliance, "berlin"), origin=None, log_vkey=None)
+    assert verify_bundle(
+        with_log_keys(alliance, with_receipts(alliance, berlin=bare), ["berlin"])
+    ).ok
+
+
+def test_cli_verify_fails_a_receipt_under_another_log_key(
+    alliance: Alliance, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    substituted = make_receipt(
+        alliance, "berlin", signer=impostor("berlin"), recorded=impostor("berlin")
+    )
+    path = tmp_path / "bundle.bin"
+    path.write_bytes(
+        with_log_keys(alliance, with_receipts(alliance, berlin=substituted), ["berlin"])
+    )
+    assert run_cli(["verify", str(path)]) == EXIT_VERIFY_FAILED
+    out = capsys.readouterr().out
+    assert "INVALID" in out and "receipt log key" in out
