@@ -141,7 +141,7 @@ from hansa.node.config import (
 )
 from hansa.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hansa.node.metrics import NodeMetrics
-from hansa.node.witness import WITNESS_DB, Witness, WitnessConflict, WitnessStore
+from hansa.node.witness import WITNESS_DB, Witness, WitnessConflict, WitnessStore, followed_logs
 from hansa.node.witness import http_status as witness_status
 from hansa.protocol.auditleaf import KEY_ROLE_LOG, KEY_ROLE_NODE, KEY_ROLE_WITNESS
 from hansa.protocol.codec import decode_as, encode
@@ -1109,7 +1109,11 @@ class NodeState:
     # --- POST /v1/audit, GET /v1/log/keys ---------------------------------------
 
     def log_keys(self) -> dict[str, str | None]:
-        """The log's origin and note verifier keys (``GET /v1/log/keys``, unsigned: TOFU)."""
+        """The log's origin and note verifier keys (``GET /v1/log/keys``, unsigned, spec §16.1).
+
+        Clients check them against the keys the roster names, and trust them on first
+        use only for a city whose roster entry names none.
+        """
         witness = self.witness_signer
         return {
             "origin": self.origin,
@@ -1397,7 +1401,11 @@ class NodeState:
     async def _witness_verifier(
         self, session: aiohttp.ClientSession, member: Member
     ) -> NoteVerifier:
-        """The witness's cosignature key, pinned on first use (spec §16.1)."""
+        """The witness's cosignature key: the roster's, else pinned on first use (§16.1)."""
+        trusted = self.trust.roster
+        named = None if trusted is None else trusted.roster.witness_verifier(member.city)
+        if named is not None:
+            return named
         store = self._cosigned
         pinned = store.witness_vkey(member.city) if store is not None else None
         if pinned is None:
@@ -1419,7 +1427,11 @@ class NodeState:
     # --- POST /v1/witness/add-checkpoint, GET /v1/witness/cosignatures ------------
 
     def _load_witnessed(self) -> None:
-        """Read the log keys this witness follows (``witness-logs.txt``: one vkey a line)."""
+        """Set the logs this witness follows: the roster's log keys, then ``witness-logs.txt``.
+
+        The file holds one vkey a line; an origin the roster names a log key for keeps
+        the roster's key (:func:`hansa.node.witness.followed_logs`, spec §16.5).
+        """
         path = self.config.data_dir / WITNESSED_LOGS_FILE
         followed: dict[str, NoteVerifier] = {}
         try:
@@ -1436,14 +1448,30 @@ class NodeState:
                 log.error("%s line %d: not a log vkey: %s", path, number, exc.message)
                 continue
             followed[verifier.name] = verifier
-        self._witnessed = followed
+        trusted = self.trust.roster
+        roster = None if trusted is None else trusted.roster
+        self._witnessed, overridden = followed_logs(followed, roster, self.config.city)
+        for origin in overridden:
+            log.warning(
+                "%s pins a log key for %s other than the one the roster names; following the "
+                "roster's",
+                path,
+                origin,
+            )
+
+    def _log_verifier_for(self, origin: str) -> NoteVerifier | None:
+        """The log key this witness checks ``origin``'s checkpoints with (None: not followed).
+
+        Looked up at each call, so a SIGHUP or a new roster changes it at once.
+        """
+        return self._witnessed.get(origin)
 
     def _open_witness(self) -> None:
         if self.witness_signer is None:
             return
         self._load_witnessed()
         store = WitnessStore(self.config.data_dir / WITNESS_DB)
-        self.witness = Witness(store, self.witness_signer, self._witnessed.get)
+        self.witness = Witness(store, self.witness_signer, self._log_verifier_for)
 
     async def handle_add_checkpoint(self, request: web.Request) -> web.Response:
         """tlog-witness add-checkpoint with an ``AddCheckpoint`` body (never raises)."""
@@ -1596,7 +1624,15 @@ class NodeState:
         log.info(
             "alliance %r roster version %d in effect", trusted.roster.alliance, trusted.version
         )
-        _warn_membership(trusted, self.config.city, self.signing_key)
+        _warn_membership(
+            trusted,
+            self.config.city,
+            self.signing_key,
+            self.log_signer.signing_key,
+            self._witness_key,
+        )
+        if self.witness_signer is not None:
+            self._load_witnessed()  # the roster's log keys may have changed
 
     async def reload_roster(self) -> bool:
         """Re-read the roster files (SIGHUP) and take up a newer verified roster.
@@ -1786,8 +1822,15 @@ class NodeState:
         return engine
 
 
-def _warn_membership(trusted: TrustedRoster, city: str, signing_key: SigningKey) -> None:
-    """Log what would make every query fail or every answer unverifiable."""
+def _warn_membership(
+    trusted: TrustedRoster,
+    city: str,
+    signing_key: SigningKey,
+    log_key: SigningKey | None = None,
+    witness_key: SigningKey | None = None,
+) -> None:
+    """Log what would make every query fail or every answer, checkpoint or cosignature
+    unverifiable (the roster pins the log and witness keys it names, spec §16.1)."""
     member = trusted.roster.member(city)
     if member is None:
         log.warning(
@@ -1795,10 +1838,26 @@ def _warn_membership(trusted: TrustedRoster, city: str, signing_key: SigningKey)
             city,
             trusted.version,
         )
-    elif member.public_key != signing_key.public_key.raw:
+        return
+    if member.public_key != signing_key.public_key.raw:
         log.warning(
             "roster version %d names another node key for %r: clients will reject this "
             "node's signed replies",
+            trusted.version,
+            city,
+        )
+    if member.log_key is not None and (log_key is None or member.log_key != log_key.public_key.raw):
+        log.warning(
+            "roster version %d names another log key for %r: auditors, witnesses and "
+            "analysts will reject this node's checkpoints and receipts",
+            trusted.version,
+            city,
+        )
+    if member.witness_key is not None and (
+        witness_key is None or member.witness_key != witness_key.public_key.raw
+    ):
+        log.warning(
+            "roster version %d names another witness key for %r: its cosignatures will not count",
             trusted.version,
             city,
         )
@@ -2027,11 +2086,11 @@ def create_app(
     if signing_key is None:
         signing_key = read_key_file(config.key_file, passphrase=config.passphrase())
     roster = load_roster_store(config.data_dir, config.alliance)
-    if roster is not None:
-        _warn_membership(roster, config.city, signing_key)
     log_key = _audit_key(config.path(config.audit.log_key_file), create=True)
     witness_file = config.audit.witness_key_file
     witness_key = None if witness_file is None else _audit_key(config.path(witness_file))
+    if roster is not None:
+        _warn_membership(roster, config.city, signing_key, log_key, witness_key)
     state = NodeState(
         config, signing_key, clock_ms, roster, log_key=log_key, witness_key=witness_key
     )

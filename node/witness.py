@@ -95,7 +95,7 @@ import hashlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +112,7 @@ from hansa.crypto.note import (
     open_checkpoint,
     verify_cosignatures,
 )
+from hansa.federation.roster import Roster
 from hansa.protocol.errors import ErrorCode, HansaError, NoteError
 
 __all__ = [
@@ -131,6 +132,7 @@ __all__ = [
     "WitnessStoreError",
     "alarm_holds",
     "cosignature_quorum",
+    "followed_logs",
     "http_status",
     "implied_old_root",
 ]
@@ -859,6 +861,46 @@ def alarm_holds(alarm: EquivocationAlarm) -> bool:
         return old.size == new.size and old.root_hash != new.root_hash
     implied = implied_old_root(old.size, new.size, new.root_hash, alarm.proof)
     return implied is not None and implied != old.root_hash
+
+
+# --------------------------------------------------------------------------- followed logs
+
+
+def followed_logs(
+    pinned: Mapping[str, NoteVerifier], roster: Roster | None, own_city: str
+) -> tuple[dict[str, NoteVerifier], list[str]]:
+    """Return the logs a witness follows, by origin: the roster's keys first (spec §16.5).
+
+    Every other member city whose roster entry names a log key is followed under its
+    default origin (``hansa/<alliance>/<city>``, spec §16.1) with that key. The logs the
+    operator pinned (``witness-logs.txt``) are followed too, except that an origin the
+    roster covers keeps the roster's key: a file entry with another key for it is
+    ignored and reported, never trusted.
+
+    Args:
+        pinned: the operator's log verifiers by origin (their names).
+        roster: the roster in effect, or None for a node outside any alliance.
+        own_city: this witness's city (it does not witness its own log).
+
+    Returns:
+        ``(verifiers by origin, origins whose pinned key the roster overrides)``.
+    """
+    followed = dict(pinned)
+    overridden: list[str] = []
+    if roster is None:
+        return followed, overridden
+    for member in roster.members:
+        if member.city == own_city:
+            continue
+        verifier = roster.log_verifier(member.city)
+        if verifier is None:
+            continue
+        origin = verifier.name  # the default origin, hansa/<alliance>/<city>
+        held = followed.get(origin)
+        if held is not None and held != verifier:
+            overridden.append(origin)
+        followed[origin] = verifier
+    return followed, overridden
 
 
 # --------------------------------------------------------------------------- quorum

@@ -81,8 +81,18 @@ AUDITOR_KEY = SigningKey(b"o" * 32)
 ROOTS = {CITY: SigningKey(b"r" * 32), AUDITOR_CITY: SigningKey(b"s" * 32)}
 
 
-def _roster(node_key: bytes, *, witness_url: str | None = None) -> bytes:
-    """Roster v1: melbourne answers; austin audits (and witnesses, at ``witness_url``)."""
+def _roster(
+    node_key: bytes,
+    *,
+    witness_url: str | None = None,
+    log_key: bytes | None = None,
+    witness_key: bytes | None = None,
+) -> bytes:
+    """Roster v1: melbourne answers; austin audits (and witnesses, at ``witness_url``).
+
+    ``log_key`` is melbourne's log key and ``witness_key`` austin's cosigning key, when
+    the roster names them (spec §16.1).
+    """
     austin_roles: tuple[Role, ...] = (Role.MEMBER, Role.AUDITOR)
     if witness_url is not None:
         austin_roles += (Role.WITNESS,)
@@ -93,13 +103,21 @@ def _roster(node_key: bytes, *, witness_url: str | None = None) -> bytes:
         threshold=2,
         root_keys=tuple(RootKey(c, k.public_key.raw) for c, k in ROOTS.items()),
         members=(
-            Member(CITY, "Melbourne", node_key, "http://127.0.0.1:8470", (Role.MEMBER,)),
+            Member(
+                CITY,
+                "Melbourne",
+                node_key,
+                "http://127.0.0.1:8470",
+                (Role.MEMBER,),
+                log_key=log_key,
+            ),
             Member(
                 AUDITOR_CITY,
                 "Austin",
                 AUDITOR_KEY.public_key.raw,
                 witness_url or "http://127.0.0.1:8471",
                 austin_roles,
+                witness_key=witness_key,
             ),
         ),
         analysts=tuple(
@@ -642,6 +660,91 @@ async def test_checkpoints_are_pushed_to_the_roster_witness_and_served_cosigned(
                 f"/v1/witness/cosignatures?origin={log_verifier.name}"
             )
             assert status == 200 and json.loads(body)["notes"]
+
+
+async def test_witness_and_log_use_the_keys_the_roster_names(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import sqlite3
+
+    from hansa.crypto.keyfile import read_key_file, write_key_file
+    from hansa.crypto.note import CosignatureSigner, NoteSigner, open_checkpoint
+    from hansa.node.app import COSIGNED_FILE, WITNESSED_LOGS_FILE
+    from hansa.node.config import load_config
+
+    austin = init_test_node(tmp_path / "w", AUDITOR_CITY, dataset=None)
+    witness_key = SigningKey(b"w" * 32)
+    write_key_file(austin.data_dir / "witness.key", witness_key)
+    toml = austin.data_dir / "node.toml"
+    toml.write_text(toml.read_text().replace('witness_key = ""', 'witness_key = "witness.key"'))
+    melbourne = init_test_node(tmp_path / "a", CITY, rows=200)
+    log_key = read_key_file(melbourne.data_dir / "log.key")
+    origin = f"hansa/Hanse/{CITY}"
+    # austin's operator pinned a wrong key for melbourne's log: the roster's key wins.
+    wrong = NoteSigner(origin, SigningKey(b"z" * 32)).verifier.vkey
+    (austin.data_dir / WITNESSED_LOGS_FILE).write_text(wrong + "\n")
+    node_key = read_public_key(melbourne.key_file).raw
+    keys = {"log_key": log_key.public_key.raw, "witness_key": witness_key.public_key.raw}
+    # austin's own copy of the roster: only melbourne's log key matters to it (its own
+    # endpoint is not known before it listens).
+    data = _roster(node_key, witness_url="http://127.0.0.1:9", **keys)
+    configure_alliance(austin.data_dir, data, roster_digest(decode_signed_roster(data)), now_ms())
+
+    async with running_node(load_config(austin.data_dir)) as witness_node:
+        assert "other than the one the roster names" in caplog.text
+        data = _roster(node_key, witness_url=witness_node.url, **keys)
+        configure_alliance(
+            melbourne.data_dir, data, roster_digest(decode_signed_roster(data)), now_ms()
+        )
+        toml = melbourne.data_dir / "node.toml"
+        toml.write_text(
+            toml.read_text().replace("checkpoint_seconds = 10.0", "checkpoint_seconds = 0.1")
+        )
+        witness = CosignatureSigner(f"witness/{AUDITOR_CITY}", witness_key).verifier
+        log_verifier = NoteVerifier(origin, log_key.public_key)
+        async with running_node(load_config(melbourne.data_dir)) as node:
+            cosigned = None
+            for round_ in range(100):  # bounded: at most ~5 s
+                if round_ % 10 == 0:
+                    await _query(node, ANA)
+                response = await _ok(node, AuditOp.CHECKPOINT)
+                assert response.checkpoint is not None
+                opened = open_checkpoint(response.checkpoint, log_verifier, witnesses=[witness])
+                if opened.cosignatures:
+                    cosigned = opened
+                    break
+                await asyncio.sleep(0.05)
+            assert cosigned is not None, "no checkpoint came back cosigned"
+    # melbourne checked the cosignature under the roster's witness key: nothing was
+    # fetched from austin's GET /v1/log/keys and pinned on first use.
+    conn = sqlite3.connect(melbourne.data_dir / COSIGNED_FILE)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM witness_keys").fetchone() == (0,)
+    finally:
+        conn.close()
+
+
+async def test_a_node_warns_when_the_roster_names_another_log_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = init_test_node(tmp_path, CITY, rows=20)
+    data = _roster(read_public_key(base.key_file).raw, log_key=SigningKey(b"q" * 32).public_key.raw)
+    config = configure_alliance(
+        base.data_dir, data, roster_digest(decode_signed_roster(data)), now_ms()
+    )
+    async with running_node(config):
+        pass
+    assert "names another log key" in caplog.text
+    caplog.clear()
+    other = init_test_node(tmp_path / "b", CITY, rows=20)
+    data = _roster(read_public_key(other.key_file).raw)  # no log key named: no warning
+    config = configure_alliance(
+        other.data_dir, data, roster_digest(decode_signed_roster(data)), now_ms()
+    )
+    async with running_node(config):
+        pass
+    assert "names another log key" not in caplog.text
 
 
 async def test_changed_disclosure_settings_are_logged_before_decisions_that_apply_them(

@@ -23,6 +23,7 @@ from hansa.crypto.note import (
     open_checkpoint,
     sign_checkpoint,
 )
+from hansa.federation.roster import Member, Role, RootKey, Roster
 from hansa.node.cli import EXIT_ERROR, EXIT_VERIFY_FAILED, main
 from hansa.node.witness import (
     WITNESS_DB,
@@ -38,6 +39,7 @@ from hansa.node.witness import (
     WitnessStore,
     alarm_holds,
     cosignature_quorum,
+    followed_logs,
     http_status,
     implied_old_root,
 )
@@ -438,3 +440,56 @@ def test_any_fork_behind_a_cosigned_size_is_caught(a: int, b: int, c: int) -> No
             assert alarm_holds(info.value.alarm)
         latest = store.latest(ORIGIN)
         assert latest is not None and latest.size == old
+
+
+# ------------------------------------------------------------------ the roster's log keys
+
+
+def _roster(log_keys: dict[str, bytes]) -> Roster:
+    """Roster of hanse: lubeck, riga (this witness) and tallinn, with these log keys."""
+    cities = ("lubeck", "riga", "tallinn")
+    return Roster(
+        alliance="hanse",
+        version=1,
+        expires_ms=2**40,
+        threshold=1,
+        root_keys=(RootKey("lubeck", SigningKey(bytes([40]) * 32).public_key.raw),),
+        members=tuple(
+            Member(
+                city,
+                city.title(),
+                SigningKey(bytes([50 + i]) * 32).public_key.raw,
+                f"http://127.0.0.1:{9000 + i}",
+                (Role.MEMBER, Role.WITNESS),
+                log_key=log_keys.get(city),
+            )
+            for i, city in enumerate(cities)
+        ),
+        analysts=(),
+        purposes=(),
+    )
+
+
+def test_the_roster_s_log_keys_are_followed_and_win_over_the_file(tmp_path: Path) -> None:
+    impostor = NoteSigner(ORIGIN, SigningKey(bytes([3]) * 32))
+    riga_log = SigningKey(bytes([4]) * 32).public_key.raw
+    roster = _roster({"lubeck": LOG.verifier.public_key.raw, "riga": riga_log})
+    other = NoteSigner("hansa/elsewhere/x", SigningKey(bytes([5]) * 32)).verifier
+    # The operator's file pins another key for lubeck's origin, and a log outside the roster.
+    pinned = {ORIGIN: impostor.verifier, other.name: other}
+    followed, overridden = followed_logs(pinned, roster, "riga")
+    assert followed == {ORIGIN: LOG.verifier, other.name: other}  # not riga's own log
+    assert overridden == [ORIGIN]
+    # Without a roster (or a roster naming no log key) the file alone decides.
+    assert followed_logs(pinned, None, "riga") == (pinned, [])
+    assert followed_logs(pinned, _roster({}), "riga") == (pinned, [])
+    # A witness following these logs cosigns the roster key's checkpoints, and refuses
+    # the file's key for that origin.
+    with WitnessStore(tmp_path / WITNESS_DB) as store:
+        witness = Witness(store, COSIGNER, followed.get)
+        tree = _tree(4)
+        with pytest.raises(LogSignatureError):
+            witness.add_checkpoint(_note(tree, signer=impostor), 0, [], NOW)
+        line = witness.add_checkpoint(_note(tree), 0, [], NOW)
+        opened = open_checkpoint(_note(tree) + line, LOG.verifier, witnesses=[COSIGNER.verifier])
+        assert opened.cosigners() == {"witness/riga"}
