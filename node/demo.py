@@ -10,9 +10,12 @@ What it does, end to end, in well under a minute:
    shape for the same six cities (``hansa.node.synthetic``);
 2. founds an alliance: every city gets a governance (root) key, and version 1
    of the alliance roster (:mod:`hansa.federation.roster`) names the six
-   member cities (node key, endpoint, roles), one analyst with her allowed
-   purposes, and a signing threshold. A threshold of the member cities sign
-   it; it is verified as a first, pinned roster (TUF-style, spec §15);
+   member cities (node key, endpoint, roles, and the log and witness keys of
+   their audit logs, so nobody trusts those on first use, spec §16.1), one
+   analyst with her allowed purposes, and a signing threshold. A threshold of
+   the member cities sign it; it is verified as a first, pinned roster
+   (TUF-style, spec §15). Every city witnesses the others' logs: each node
+   pushes its checkpoints to the other five, which cosign them;
 3. pins every node to the roster (``[alliance]`` in ``node.toml``; no
    ``[[trusted]]`` keys, so the roster alone says who may query), starts
    every node as a real ``hansa node serve`` subprocess on 127.0.0.1 and
@@ -21,6 +24,8 @@ What it does, end to end, in well under a minute:
    :func:`hansa.federation.fanout.fan_out` (a live per-city status line):
    listings, how many are available more than 180 days a year, mean
    availability and median nightly price, by room type;
+   then asks every city for a receipt of the request (its signed log leaf,
+   proven under a checkpoint signed by the log key the roster names);
 5. combines the verified answers from their mergeable states and prints the
    alliance-wide table (counts, shares and availability only: prices are in
    local currencies, so they are shown per city and never added up) and the
@@ -62,10 +67,11 @@ from rich.table import Table
 from rich.text import Text
 
 import hansa
+from hansa.client import fetch_receipts
 from hansa.crypto import PublicKey, SigningKey
 from hansa.crypto.keyfile import read_public_key
 from hansa.federation.combine import CombinedResult, CombinedRow, HistogramCounts, finalize
-from hansa.federation.evidence import Verdict, build_bundle, verify_bundle
+from hansa.federation.evidence import Receipt, Verdict, build_bundle, verify_bundle
 from hansa.federation.fanout import CityResult, CityStatus, FanOutResult, Target, fan_out
 from hansa.federation.roster import (
     Analyst,
@@ -161,6 +167,8 @@ class City:
     source: Path
     port: int = 0
     node_key: PublicKey | None = None
+    log_key: PublicKey | None = None
+    witness_key: PublicKey | None = None
     root_key: SigningKey | None = None
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
@@ -225,10 +233,13 @@ def _load(city: City) -> None:
     from hansa.node.synthetic import default_listing_roles
 
     city.port = _free_port()
-    config = init_node(city.data_dir, city=city.city, port=city.port)
+    config = init_node(city.data_dir, city=city.city, port=city.port, witness=True)
     with Catalog(city.data_dir) as catalog:
         catalog.add(DATASET, city.source, roles=default_listing_roles())
     city.node_key = read_public_key(config.key_file)
+    city.log_key = read_public_key(config.path(config.audit.log_key_file))
+    assert config.audit.witness_key_file is not None  # init_node(witness=True) wrote it
+    city.witness_key = read_public_key(config.path(config.audit.witness_key_file))
     city.root_key = SigningKey.generate()
 
 
@@ -252,6 +263,7 @@ def _found_alliance(
     root_keys = []
     for city in cities:
         assert city.node_key is not None and city.root_key is not None
+        assert city.log_key is not None and city.witness_key is not None
         members.append(
             Member(
                 city=city.city,
@@ -259,6 +271,8 @@ def _found_alliance(
                 public_key=city.node_key.raw,
                 endpoint=city.endpoint,
                 roles=(Role.MEMBER, Role.WITNESS),
+                log_key=city.log_key.raw,
+                witness_key=city.witness_key.raw,
             )
         )
         root_keys.append(RootKey(city=city.city, public_key=city.root_key.public_key.raw))
@@ -401,7 +415,7 @@ def _status_line(cities: Sequence[City], seen: Mapping[str, CityResult], elapsed
 
 async def _ask_all(
     console: Console, cities: Sequence[City], analyst: SigningKey, roster: Roster
-) -> FanOutResult:
+) -> tuple[FanOutResult, dict[str, Receipt]]:
     targets = []
     for city in cities:
         member = roster.member(city.city)
@@ -440,12 +454,22 @@ async def _ask_all(
         # A pipe or a log gets the final status line once, not redraws.
         result = await ask()
         console.print(_status_line(cities, seen, time.perf_counter() - started))
-        return result
-    with Live(_status_line(cities, seen, 0.0), console=console, refresh_per_second=12) as live:
-        displays.append(live)
-        result = await ask()
-        live.update(_status_line(cities, seen, time.perf_counter() - started))
-    return result
+    else:
+        with Live(_status_line(cities, seen, 0.0), console=console, refresh_per_second=12) as live:
+            displays.append(live)
+            result = await ask()
+            live.update(_status_line(cities, seen, time.perf_counter() - started))
+    # Receipts: each city's log holds the request, under a checkpoint the roster's log
+    # key signed (the key served at GET /v1/log/keys must be that one, spec §16.1).
+    receipts = await fetch_receipts(
+        result,
+        targets,
+        signer=analyst,
+        requester=ANALYST,
+        roster_version=roster.version,
+        log_keys={m.city: m.log_key for m in roster.members if m.log_key is not None},
+    )
+    return result, receipts
 
 
 # --- rendering -----------------------------------------------------------------------------
@@ -598,6 +622,11 @@ def _render_verdict(console: Console, verdict: Verdict, path: Path, size: int) -
         if verdict.ok
         else f"Evidence bundle {escape(str(path))}: {mark}"
     )
+    if verdict.receipts:
+        console.print(
+            f"  receipts: {verdict.receipts} cities logged the request, proven under "
+            "checkpoints signed by the log keys the roster names"
+        )
     if verdict.request:
         ok = "[green]✓[/green]" if all(c.ok for c in verdict.request) else "[red]✗[/red]"
         shown = [_SHOWN_CHECKS.get(c.name, c.name) for c in verdict.request if c.ok]
@@ -709,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"signed request per city): listings, share available > {LONG_STAY_DAYS} days "
                 "a year, mean availability and median price, by room type"
             )
-            result = asyncio.run(_ask_all(console, cities, analyst, roster))
+            result, receipts = asyncio.run(_ask_all(console, cities, analyst, roster))
         except (HansaError, OSError, TimeoutError, RuntimeError, aiohttp.ClientError) as exc:
             console.print(f"[red]demo failed: {escape(str(exc))}[/red]")
             _stop(cities)
@@ -723,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(f"[red]no combined answer: {escape(result.reason or '?')}[/red]")
         _render_cities(console, cities, result)
 
-        bundle = build_bundle(result, signed)
+        bundle = build_bundle(result, signed, receipts)
         bundle_path = root / BUNDLE_NAME
         bundle_path.write_bytes(bundle)
         verdict = verify_bundle(bundle_path.read_bytes(), pin=roster_digest(signed))

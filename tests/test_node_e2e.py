@@ -99,6 +99,19 @@ def test_demo_runs_end_to_end_with_generated_data(tmp_path: Path) -> None:
     assert re.search(r"All \d+ nodes stopped cleanly", result.stdout), result.stdout
     assert "[alliance]" in (tmp_path / "demo" / "austin" / "node.toml").read_text("utf-8")
     assert (tmp_path / "demo" / "austin" / "node.toml").is_file()
+    # The roster names every city's log and witness keys (no trust on first use), and the
+    # receipts verified under the log keys it names.
+    from hansa.crypto.keyfile import read_public_key
+    from hansa.federation.roster import decode_roster, decode_signed_roster
+
+    signed = decode_signed_roster((tmp_path / "demo" / "roster.v1.bin").read_bytes())
+    members = decode_roster(signed.body).members
+    assert len(members) == 6
+    for member in members:
+        data_dir = tmp_path / "demo" / member.city
+        assert member.log_key == read_public_key(data_dir / "log.key").raw
+        assert member.witness_key == read_public_key(data_dir / "witness.key").raw
+    assert "receipts: 6 cities logged the request" in result.stdout, result.stdout
 
 
 class _Gate:
