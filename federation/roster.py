@@ -3,7 +3,10 @@
 Theory of operation
 -------------------
 A roster is a versioned, expiring document (:class:`Roster`) naming the
-member cities (node key, endpoint, roles), the analysts (key, home city,
+member cities (node key, endpoint, roles, and optionally the keys of their
+audit logs: the log key that signs checkpoints and, for a witness, the key
+that cosigns others'; :meth:`Roster.log_verifier`,
+:meth:`Roster.witness_verifier`), the analysts (key, home city,
 allowed purposes), the purpose vocabulary, an optional witness quorum, and
 the *root keys* allowed to sign roster updates with their threshold: one
 governance key per member city, as TUF's root role (research notes §5.3).
@@ -317,7 +320,9 @@ class Roster(_RosterWire, frozen=True, tag="roster", dict=True):
         analysts: analysts (unique principals, home city a member).
         purposes: the purpose vocabulary (unique tokens).
         witness_quorum: how many witness cosignatures a checkpoint needs, or
-            None; at most the number of cities with the witness role.
+            None. A city's own cosignature never counts for its own log, so it is at
+            most the number of witness cities other than any one member (the
+            number of witness cities minus one when there is one).
     """
 
     alliance: AllianceName
