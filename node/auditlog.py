@@ -49,6 +49,7 @@ import functools
 import logging
 import os
 import sqlite3
+import struct
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ from hansa.protocol.errors import (
     NoteError,
     ProofError,
     ProtocolError,
+    TooLargeError,
 )
 
 __all__ = [
@@ -111,6 +113,8 @@ __all__ = [
     "StoredCheckpoint",
     "decode_entry",
     "encode_entry",
+    "reply_leaves",
+    "request_received_leaf",
 ]
 
 _log = logging.getLogger(__name__)
@@ -124,6 +128,118 @@ class AuditLogError(HansaError):
 
 class InconsistentLogError(AuditLogError):
     """The stored leaves do not match a stored checkpoint: tampering or lost entries."""
+
+
+# --------------------------------------------------------------------------------------
+# The node's per-request leaves, encoded directly
+# --------------------------------------------------------------------------------------
+
+# The same bytes as ``encode_entry`` of the entry objects (the layout in
+# hansa.protocol.auditleaf; tests compare the two), without building and validating an
+# entry object per field on the event loop: the node logs three leaves per request.
+_PAIR_LEAF: Final = struct.Struct(">15sBQ32s32sH")  # request_received, answer_sent
+_DECISION_LEAF: Final = struct.Struct(">15sBQ32sBHQH")  # + data_version bytes
+_DECISION_TEXT_MAX: Final = MAX_LEAF_SIZE - _DECISION_LEAF.size
+
+
+def _hash_field(value: bytes, name: str) -> bytes:
+    if len(value) != HASH_SIZE:
+        raise ProtocolError(
+            f"audit entry {name} must be {HASH_SIZE} bytes", ErrorCode.INVALID_FIELD
+        )
+    return value
+
+
+def request_received_leaf(log_time_ms: int, message_id: bytes, requester_key_id: bytes) -> bytes:
+    """Encode a ``request_received`` leaf (``encode_entry(RequestReceived(...))``).
+
+    Args:
+        log_time_ms: POSIX milliseconds when logged.
+        message_id: SHA-256 of the request envelope.
+        requester_key_id: the requester's key id.
+
+    Returns:
+        The leaf bytes.
+
+    Raises:
+        ProtocolError: (``INVALID_FIELD``) a field is out of range.
+    """
+    try:
+        return _PAIR_LEAF.pack(
+            MAGIC,
+            EntryType.REQUEST_RECEIVED,
+            log_time_ms,
+            _hash_field(message_id, "message_id"),
+            _hash_field(requester_key_id, "requester_key_id"),
+            0,
+        )
+    except struct.error as exc:
+        raise ProtocolError(f"audit entry: {exc}", ErrorCode.INVALID_FIELD) from exc
+
+
+def reply_leaves(
+    log_time_ms: int,
+    request_id: bytes,
+    outcome: Outcome,
+    answer_id: bytes,
+    *,
+    reason: int = 0,
+    disclosure_version: int = 0,
+    data_version: str = "",
+) -> tuple[bytes, bytes]:
+    """Encode the ``decision`` and ``answer_sent`` leaves of one reply, logged together.
+
+    The same bytes as ``encode_entry`` of ``Decision(log_time_ms, request_id, outcome,
+    reason, disclosure_version, data_version)`` and ``AnswerSent(log_time_ms,
+    request_id, answer_id)``.
+
+    Args:
+        log_time_ms: POSIX milliseconds when logged.
+        request_id: SHA-256 of the request envelope decided about.
+        outcome: what the node decided.
+        answer_id: SHA-256 of the reply envelope (answer or refusal).
+        reason: 0 when answered; the non-zero wire error code of a refusal.
+        disclosure_version: the disclosure-settings version applied (0: none).
+        data_version: the dataset's data version string, or empty.
+
+    Returns:
+        ``(decision leaf, answer_sent leaf)``.
+
+    Raises:
+        ProtocolError: (``INVALID_FIELD``) a field is out of range, or the reason does
+            not match the outcome.
+        TooLargeError: the data version makes the leaf too large.
+    """
+    if (outcome is Outcome.REFUSED) != (reason != 0):
+        raise ProtocolError(
+            "a refusal needs a non-zero reason; an answer needs reason 0", ErrorCode.INVALID_FIELD
+        )
+    text = data_version.encode("utf-8")
+    if len(text) > _DECISION_TEXT_MAX:
+        raise TooLargeError(f"audit leaf data of {len(text)} bytes is too large")
+    request_id = _hash_field(request_id, "request_id")
+    try:
+        decision = _DECISION_LEAF.pack(
+            MAGIC,
+            EntryType.DECISION,
+            log_time_ms,
+            request_id,
+            outcome,
+            reason,
+            disclosure_version,
+            len(text),
+        )
+        sent = _PAIR_LEAF.pack(
+            MAGIC,
+            EntryType.ANSWER_SENT,
+            log_time_ms,
+            request_id,
+            _hash_field(answer_id, "answer_id"),
+            0,
+        )
+    except struct.error as exc:
+        raise ProtocolError(f"audit entry: {exc}", ErrorCode.INVALID_FIELD) from exc
+    return decision + text, sent
 
 
 # --------------------------------------------------------------------------------------

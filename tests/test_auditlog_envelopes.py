@@ -1,5 +1,6 @@
 """Where the audit log keeps envelopes: by the leaf that logs them (new stores), by hash
-(older stores), and pre-encoded leaves passed to ``append_many``."""
+(older stores); pre-encoded leaves passed to ``append_many``; and the node's per-request
+leaves, encoded directly, byte for byte as the shared leaf codec encodes the entries."""
 
 from __future__ import annotations
 
@@ -13,16 +14,22 @@ from hypothesis import strategies as st
 
 from hansa.crypto.merkle import leaf_hash
 from hansa.node.auditlog import (
+    MAX_LEAF_SIZE,
     AnswerSent,
     AuditEntry,
     AuditLog,
+    Decision,
     InconsistentLogError,
+    Outcome,
     RequestReceived,
     SettingsChanged,
     SettingsScope,
     encode_entry,
+    reply_leaves,
+    request_received_leaf,
 )
 from hansa.protocol.envelope import message_id
+from hansa.protocol.errors import ProtocolError, TooLargeError
 
 ORIGIN = "city1.example/audit"
 KEY_ID = hashlib.sha256(b"analyst").digest()
@@ -233,3 +240,64 @@ def test_every_stored_envelope_is_found_and_stored_once(
     finally:
         log.close()
     assert len(_rows(db, "SELECT hash FROM envelopes")) == len(stored)
+
+
+# ------------------------------------------------------------------ the node's leaves
+
+_hashes = st.binary(min_size=32, max_size=32)
+_u64 = st.integers(0, 2**64 - 1)
+
+
+@given(t=_u64, message=_hashes, key=_hashes)
+def test_request_received_leaf_is_the_encoded_entry(t: int, message: bytes, key: bytes) -> None:
+    assert request_received_leaf(t, message, key) == encode_entry(RequestReceived(t, message, key))
+
+
+@given(
+    t=_u64,
+    request=_hashes,
+    answer=_hashes,
+    outcome=st.sampled_from(Outcome),
+    refusal=st.integers(1, 2**16 - 1),
+    version=_u64,
+    data_version=st.text(max_size=40),
+)
+def test_reply_leaves_are_the_encoded_decision_and_answer_sent(
+    t: int,
+    request: bytes,
+    answer: bytes,
+    outcome: Outcome,
+    refusal: int,
+    version: int,
+    data_version: str,
+) -> None:
+    reason = refusal if outcome is Outcome.REFUSED else 0
+    decision, sent = reply_leaves(
+        t,
+        request,
+        outcome,
+        answer,
+        reason=reason,
+        disclosure_version=version,
+        data_version=data_version,
+    )
+    assert decision == encode_entry(Decision(t, request, outcome, reason, version, data_version))
+    assert sent == encode_entry(AnswerSent(t, request, answer))
+
+
+def test_the_node_leaves_refuse_what_the_entries_refuse() -> None:
+    good = bytes(32)
+    with pytest.raises(ProtocolError):
+        request_received_leaf(1, b"short", good)
+    with pytest.raises(ProtocolError):
+        request_received_leaf(-1, good, good)
+    with pytest.raises(ProtocolError):
+        reply_leaves(1, good, Outcome.ANSWERED, good, reason=5)  # an answer has no reason
+    with pytest.raises(ProtocolError):
+        reply_leaves(1, good, Outcome.REFUSED, good)  # a refusal needs one
+    with pytest.raises(ProtocolError):
+        reply_leaves(1, good, Outcome.ANSWERED, b"short")
+    with pytest.raises(ProtocolError):
+        reply_leaves(1, good, Outcome.ANSWERED, good, disclosure_version=2**64)
+    with pytest.raises(TooLargeError):
+        reply_leaves(1, good, Outcome.ANSWERED, good, data_version="v" * MAX_LEAF_SIZE)
