@@ -103,7 +103,7 @@ from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from hansa.crypto import PublicKey, SigningKey, open_envelope, seal
 from hansa.crypto.keyfile import read_key_file, write_key_file
@@ -117,7 +117,6 @@ from hansa.crypto.note import (
 )
 from hansa.federation.roster import MAX_ROSTER_SIGNATURES, MAX_ROSTER_SIZE, Member, Role
 from hansa.node.auditlog import (
-    AnswerSent,
     AuditEntry,
     AuditLog,
     CheckpointPolicy,
@@ -129,8 +128,9 @@ from hansa.node.auditlog import (
     SettingsScope,
     StoredCheckpoint,
     decode_entry,
+    reply_leaves,
+    request_received_leaf,
 )
-from hansa.node.auditlog import Decision as LoggedDecision
 from hansa.node.config import (
     AUDIT_FILE,
     NodeConfig,
@@ -550,10 +550,9 @@ class NodeState:
                 return await self._answer(data)
             except _Identified as refusal:
                 reply, code = self._refusal(refusal.request_id, refusal.principal, refusal.error)
-                decision = LoggedDecision(
-                    self.clock_ms(), refusal.request_id, Outcome.REFUSED, reason=int(code)
+                await self._log_reply(
+                    refusal.request_id, Outcome.REFUSED, reply.body, reason=int(code)
                 )
-                await self._log_reply(decision, reply.body)
                 return reply
         except _AuditUnavailable as exc:
             # Fail closed: nothing the log did not record is signed (spec §16.2).
@@ -569,7 +568,11 @@ class NodeState:
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.limits.max_request_bytes
-        if request.content_type != ENVELOPE_MEDIA_TYPE:
+        # The exact header value first: parsing it costs more than the comparison.
+        if (
+            request.headers.get(hdrs.CONTENT_TYPE) != ENVELOPE_MEDIA_TYPE
+            and request.content_type != ENVELOPE_MEDIA_TYPE
+        ):
             raise _MediaTypeError(
                 f"Content-Type must be {ENVELOPE_MEDIA_TYPE}", ErrorCode.MALFORMED
             )
@@ -656,24 +659,20 @@ class NodeState:
             raise _Identified(
                 request_id, principal, HansaError("internal error", ErrorCode.INTERNAL)
             ) from exc
-        outcome = (
-            Outcome.ANSWERED
-            if result.decision is Decision.ANSWERED
-            else Outcome.ANSWERED_SUPPRESSED
-        )
-        decision = LoggedDecision(
-            self.clock_ms(),
-            request_id,
-            outcome,
-            disclosure_version=result.disclosure_version,
-            data_version=result.dataset_version,
-        )
         dataset = req.query.dataset
         if self._logged.versions.get(dataset) != result.disclosure_version:
             # The engine took up new settings (a reload) that the log does not yet
             # record: record them before the first decision that applies them (§16.2).
             await self._log_settings(dataset, result.disclosure_version)
-        await self._log_reply(decision, body)
+        await self._log_reply(
+            request_id,
+            Outcome.ANSWERED
+            if result.decision is Decision.ANSWERED
+            else Outcome.ANSWERED_SUPPRESSED,
+            body,
+            disclosure_version=result.disclosure_version,
+            data_version=result.dataset_version,
+        )
         return _Reply(body, 200, ENVELOPE_MEDIA_TYPE, "answered", "none")
 
     def _check_alliance(self, trust: Trust, principal: str, req: QueryRequest) -> None:
@@ -902,17 +901,31 @@ class NodeState:
         before the reply is sent (spec §16.2).
         """
         batch = self._log_batch()
-        batch.entries.append(RequestReceived(self.clock_ms(), request_id, key_id))
+        batch.entries.append(request_received_leaf(self.clock_ms(), request_id, key_id))
         batch.envelopes.append(envelope)
         batch.ids.append(request_id)
 
-    async def _log_reply(self, decision: LoggedDecision, reply: bytes) -> None:
+    async def _log_reply(
+        self,
+        request_id: bytes,
+        outcome: Outcome,
+        reply: bytes,
+        *,
+        reason: int = 0,
+        disclosure_version: int = 0,
+        data_version: str = "",
+    ) -> None:
         """Log the decision and the reply envelope (before the reply is sent)."""
         answer_id = message_id(reply)
         batch = self._log_batch()
-        batch.entries += (
-            decision,
-            AnswerSent(decision.log_time_ms, decision.message_id, answer_id),
+        batch.entries += reply_leaves(
+            self.clock_ms(),
+            request_id,
+            outcome,
+            answer_id,
+            reason=reason,
+            disclosure_version=disclosure_version,
+            data_version=data_version,
         )
         batch.envelopes.append(reply)
         batch.ids.append(answer_id)

@@ -19,7 +19,11 @@ Store
 SQLite (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL``: a commit returns only
 after the WAL is fsynced, so :meth:`AuditLog.append` returns only once the entry is on
 disk. Tables: ``leaves(idx, leaf)``, ``envelopes(hash, envelope)``,
-``checkpoints(size, root, note)`` and ``meta`` (format and origin).
+``checkpoints(size, root, note)`` and ``meta`` (format, origin, and for stores made since
+envelopes are kept by leaf, ``envelopes = by-leaf``). In such a store an envelope's rowid
+is the index of the leaf that logs it (its ``request_received`` or ``answer_sent``), so an
+append writes only the tables' last pages; older stores find envelopes through a unique
+index on the hash, and work unchanged.
 
 Group commit: callers queue their entries; one caller at a time leads and drains the
 whole queue into one transaction and one fsync, then wakes every caller with its
@@ -41,9 +45,11 @@ hash when read.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
+import struct
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +90,7 @@ from hansa.protocol.errors import (
     NoteError,
     ProofError,
     ProtocolError,
+    TooLargeError,
 )
 
 __all__ = [
@@ -106,6 +113,8 @@ __all__ = [
     "StoredCheckpoint",
     "decode_entry",
     "encode_entry",
+    "reply_leaves",
+    "request_received_leaf",
 ]
 
 _log = logging.getLogger(__name__)
@@ -119,6 +128,118 @@ class AuditLogError(HansaError):
 
 class InconsistentLogError(AuditLogError):
     """The stored leaves do not match a stored checkpoint: tampering or lost entries."""
+
+
+# --------------------------------------------------------------------------------------
+# The node's per-request leaves, encoded directly
+# --------------------------------------------------------------------------------------
+
+# The same bytes as ``encode_entry`` of the entry objects (the layout in
+# hansa.protocol.auditleaf; tests compare the two), without building and validating an
+# entry object per field on the event loop: the node logs three leaves per request.
+_PAIR_LEAF: Final = struct.Struct(">15sBQ32s32sH")  # request_received, answer_sent
+_DECISION_LEAF: Final = struct.Struct(">15sBQ32sBHQH")  # + data_version bytes
+_DECISION_TEXT_MAX: Final = MAX_LEAF_SIZE - _DECISION_LEAF.size
+
+
+def _hash_field(value: bytes, name: str) -> bytes:
+    if len(value) != HASH_SIZE:
+        raise ProtocolError(
+            f"audit entry {name} must be {HASH_SIZE} bytes", ErrorCode.INVALID_FIELD
+        )
+    return value
+
+
+def request_received_leaf(log_time_ms: int, message_id: bytes, requester_key_id: bytes) -> bytes:
+    """Encode a ``request_received`` leaf (``encode_entry(RequestReceived(...))``).
+
+    Args:
+        log_time_ms: POSIX milliseconds when logged.
+        message_id: SHA-256 of the request envelope.
+        requester_key_id: the requester's key id.
+
+    Returns:
+        The leaf bytes.
+
+    Raises:
+        ProtocolError: (``INVALID_FIELD``) a field is out of range.
+    """
+    try:
+        return _PAIR_LEAF.pack(
+            MAGIC,
+            EntryType.REQUEST_RECEIVED,
+            log_time_ms,
+            _hash_field(message_id, "message_id"),
+            _hash_field(requester_key_id, "requester_key_id"),
+            0,
+        )
+    except struct.error as exc:
+        raise ProtocolError(f"audit entry: {exc}", ErrorCode.INVALID_FIELD) from exc
+
+
+def reply_leaves(
+    log_time_ms: int,
+    request_id: bytes,
+    outcome: Outcome,
+    answer_id: bytes,
+    *,
+    reason: int = 0,
+    disclosure_version: int = 0,
+    data_version: str = "",
+) -> tuple[bytes, bytes]:
+    """Encode the ``decision`` and ``answer_sent`` leaves of one reply, logged together.
+
+    The same bytes as ``encode_entry`` of ``Decision(log_time_ms, request_id, outcome,
+    reason, disclosure_version, data_version)`` and ``AnswerSent(log_time_ms,
+    request_id, answer_id)``.
+
+    Args:
+        log_time_ms: POSIX milliseconds when logged.
+        request_id: SHA-256 of the request envelope decided about.
+        outcome: what the node decided.
+        answer_id: SHA-256 of the reply envelope (answer or refusal).
+        reason: 0 when answered; the non-zero wire error code of a refusal.
+        disclosure_version: the disclosure-settings version applied (0: none).
+        data_version: the dataset's data version string, or empty.
+
+    Returns:
+        ``(decision leaf, answer_sent leaf)``.
+
+    Raises:
+        ProtocolError: (``INVALID_FIELD``) a field is out of range, or the reason does
+            not match the outcome.
+        TooLargeError: the data version makes the leaf too large.
+    """
+    if (outcome is Outcome.REFUSED) != (reason != 0):
+        raise ProtocolError(
+            "a refusal needs a non-zero reason; an answer needs reason 0", ErrorCode.INVALID_FIELD
+        )
+    text = data_version.encode("utf-8")
+    if len(text) > _DECISION_TEXT_MAX:
+        raise TooLargeError(f"audit leaf data of {len(text)} bytes is too large")
+    request_id = _hash_field(request_id, "request_id")
+    try:
+        decision = _DECISION_LEAF.pack(
+            MAGIC,
+            EntryType.DECISION,
+            log_time_ms,
+            request_id,
+            outcome,
+            reason,
+            disclosure_version,
+            len(text),
+        )
+        sent = _PAIR_LEAF.pack(
+            MAGIC,
+            EntryType.ANSWER_SENT,
+            log_time_ms,
+            request_id,
+            _hash_field(answer_id, "answer_id"),
+            0,
+        )
+    except struct.error as exc:
+        raise ProtocolError(f"audit entry: {exc}", ErrorCode.INVALID_FIELD) from exc
+    return decision + text, sent
 
 
 # --------------------------------------------------------------------------------------
@@ -223,9 +344,16 @@ class _Job:
 
 _FORMAT: Final = "hansa-audit-store/v1"
 _WAL_AUTOCHECKPOINT: Final = 10_000
-# Envelopes are appended in rowid order with a separate unique index on the hash: a
-# table keyed by the (random) hash itself wrote a random page per insert, about twice
-# the CPU per request (stores made that way, WITHOUT ROWID, read and write the same).
+_ENVELOPES_KEY: Final = "envelopes"
+_BY_LEAF: Final = "by-leaf"
+# How envelopes are found by their hash. A new store ("envelopes" = "by-leaf" in meta)
+# gives an envelope the rowid of the leaf that logs it (its request_received or
+# answer_sent entry) and finds it through the in-memory message id index that the log
+# keeps anyway; the few envelopes no such leaf logs (capability documents) get negative
+# rowids, listed in memory. Appends then write only the tables' last pages: a unique
+# index on the (random) hash wrote a random index page per envelope, most of a commit's
+# WAL pages, syscalls and fsync bytes. Older stores keep finding envelopes by hash
+# through that index (or their hash-keyed WITHOUT ROWID table) and work unchanged.
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS leaves (idx INTEGER PRIMARY KEY, leaf BLOB NOT NULL);
@@ -303,13 +431,16 @@ class AuditLog:
         self._max_batch = max_batch
         self._tree = MerkleTree()
         self._by_id: dict[bytes, int] = {}
+        self._by_leaf = False  # envelopes keyed by leaf index (new stores), not by hash
+        self._spare_rows: dict[bytes, int] = {}  # by-leaf: envelopes no leaf logs
+        self._next_spare = -1  # by-leaf: the rowid of the next such envelope
         self._checkpoints: dict[int, StoredCheckpoint] = {}
         self._queue: list[_Job] = []
         # guards _queue, _leading, _closed and the jobs' results
         self._queue_cond = threading.Condition(threading.Lock())
         self._leading = False  # a caller is committing rounds
         self._write_lock = threading.Lock()  # owns _conn: one writer (commit or checkpoint)
-        self._state_lock = threading.Lock()  # guards _tree, _by_id, _checkpoints
+        self._state_lock = threading.Lock()  # guards _tree, _by_id, _spare_rows, _checkpoints
         self._read_lock = threading.Lock()  # owns _reader
         self._closed = False
         self._broken: str | None = None
@@ -372,20 +503,11 @@ class AuditLog:
         conn = self._conn
         try:
             conn.executescript(_SCHEMA)
-            (table_sql,) = conn.execute(
-                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'envelopes'"
-            ).fetchone()
-            if "WITHOUT ROWID" not in str(table_sql).upper():  # else the key is the index
-                conn.execute(
-                    "CREATE UNIQUE INDEX IF NOT EXISTS envelopes_by_hash ON envelopes (hash)"
-                )
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             if not meta:
+                meta = {"format": _FORMAT, "origin": self.origin, _ENVELOPES_KEY: _BY_LEAF}
                 conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(
-                    "INSERT INTO meta VALUES (?, ?)",
-                    [("format", _FORMAT), ("origin", self.origin)],
-                )
+                conn.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
                 conn.execute("COMMIT")
             elif meta.get("format") != _FORMAT:
                 raise AuditLogError(f"{self.path} is not a {_FORMAT} store")
@@ -393,6 +515,7 @@ class AuditLog:
                 raise AuditLogError(
                     f"{self.path} is the log of {meta.get('origin')!r}, not {self.origin!r}"
                 )
+            self._open_envelopes(conn, by_leaf=meta.get(_ENVELOPES_KEY) == _BY_LEAF)
             rows = conn.execute("SELECT size, root, note FROM checkpoints ORDER BY size")
             checkpoints = [_stored_checkpoint(row) for row in rows]
             covered = checkpoints[-1].size if checkpoints else 0
@@ -411,6 +534,25 @@ class AuditLog:
                 self._repair_tail(conn, bad_at)
         except sqlite3.Error as exc:
             raise AuditLogError(f"cannot read audit log {self.path}: {exc}") from exc
+
+    def _open_envelopes(self, conn: sqlite3.Connection, *, by_leaf: bool) -> None:
+        """Choose how envelopes are found (see ``_BY_LEAF``); list the spare ones."""
+        (table_sql,) = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'envelopes'"
+        ).fetchone()
+        if "WITHOUT ROWID" in str(table_sql).upper():  # an old store: the key is the hash
+            return
+        indexed = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'envelopes_by_hash'"
+        ).fetchone()
+        if not by_leaf or indexed is not None:
+            # An older store (or a by-leaf one an older node indexed): found by hash.
+            conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS envelopes_by_hash ON envelopes (hash)")
+            return
+        self._by_leaf = True
+        for rowid, digest in conn.execute("SELECT rowid, hash FROM envelopes WHERE rowid < 0"):
+            self._spare_rows[bytes(digest)] = rowid
+            self._next_spare = min(self._next_spare, rowid - 1)
 
     def _load_leaves(self, conn: sqlite3.Connection) -> tuple[list[bytes], int | None]:
         """Leaf hashes of the good prefix, and the first bad index (None if all good)."""
@@ -433,6 +575,8 @@ class AuditLog:
     def _repair_tail(self, conn: sqlite3.Connection, bad_at: int) -> None:
         conn.execute("BEGIN IMMEDIATE")
         removed = conn.execute("DELETE FROM leaves WHERE idx >= ?", (bad_at,)).rowcount
+        if self._by_leaf:  # their envelopes' rowids are the indices of the next leaves
+            conn.execute("DELETE FROM envelopes WHERE rowid >= ?", (bad_at,))
         conn.execute("COMMIT")
         self.repaired = removed
         # Not silent: the operator sees it, and the caller can read ``repaired``.
@@ -594,10 +738,20 @@ class AuditLog:
             job.indices = list(range(base + len(rows), base + len(rows) + len(job.leaves)))
             rows.extend(zip(job.indices, job.leaves, strict=True))
             envs.extend(job.envelopes)
+        leaves = [b for job in batch for b in job.leaves] if len(batch) > 1 else batch[0].leaves
+        placed: list[tuple[int, bytes, bytes]] = []
+        spare: dict[bytes, int] = {}
         try:
+            if self._by_leaf:
+                placed, spare = self._place(base, leaves, envs)
             self._conn.execute("BEGIN IMMEDIATE")
-            _insert(self._conn, "INSERT INTO leaves VALUES ", rows)
-            _insert(self._conn, "INSERT OR IGNORE INTO envelopes VALUES ", envs)
+            _insert(self._conn, "INSERT INTO leaves VALUES ", rows, 2)
+            if self._by_leaf:
+                _insert(
+                    self._conn, "INSERT INTO envelopes (rowid, hash, envelope) VALUES ", placed, 3
+                )
+            else:
+                _insert(self._conn, "INSERT OR IGNORE INTO envelopes VALUES ", envs, 2)
             self._conn.execute("COMMIT")
             self.commits += 1
         except sqlite3.Error as exc:
@@ -611,12 +765,52 @@ class AuditLog:
             self._fail(batch, self._broken)
             return
         hashes = [h for job in batch for h in job.hashes] if len(batch) > 1 else batch[0].hashes
-        leaves = [b for job in batch for b in job.leaves] if len(batch) > 1 else batch[0].leaves
         with self._state_lock:
             self._tree.extend_leaf_hashes(hashes)  # one pass per level, not one call per leaf
             _index_leaves(self._by_id, base, leaves)
+            if spare:
+                self._spare_rows.update(spare)
+                self._next_spare = min(spare.values()) - 1
         for job in batch:
             job.done = True
+
+    def _place(
+        self, base: int, leaves: Sequence[bytes], envs: Sequence[tuple[bytes, bytes]]
+    ) -> tuple[list[tuple[int, bytes, bytes]], dict[bytes, int]]:
+        """The by-leaf rows ``(rowid, hash, envelope)`` of a batch's new envelopes.
+
+        An envelope takes the index of the leaf that logs it; one no leaf logs (or whose
+        leaf came without it) takes the next spare rowid, returned in the second value.
+        An envelope stored before is skipped, as the hash index did for older stores.
+        """
+        logged: dict[bytes, int] = {}
+        _index_leaves(logged, base, leaves)
+        by_id, spare_rows = self._by_id, self._spare_rows
+        placed: list[tuple[int, bytes, bytes]] = []
+        spare: dict[bytes, int] = {}
+        seen: set[bytes] = set()
+        next_spare = self._next_spare
+        for digest, blob in envs:
+            if digest in seen or digest in spare_rows:
+                continue
+            seen.add(digest)
+            at = by_id.get(digest)
+            if at is not None:
+                if self._stored_at(at, digest):
+                    continue  # the same envelope again (e.g. a replayed request)
+                at = None  # its leaf was logged without it earlier
+            else:
+                at = logged.get(digest)
+            if at is None:
+                at = spare[digest] = next_spare
+                next_spare -= 1
+            placed.append((at, digest, blob))
+        return placed, spare
+
+    def _stored_at(self, rowid: int, digest: bytes) -> bool:
+        """Whether the envelope with ``digest`` is stored at ``rowid`` (writer connection)."""
+        row = self._conn.execute("SELECT hash FROM envelopes WHERE rowid = ?", (rowid,)).fetchone()
+        return row is not None and row[0] == digest
 
     @staticmethod
     def _fail(batch: list[_Job], reason: str) -> None:
@@ -834,36 +1028,55 @@ class AuditLog:
             InconsistentLogError: the stored bytes do not hash to ``digest`` (edited).
             AuditLogError: the store cannot be read.
         """
+        digest = bytes(digest)
+        key: int | bytes
+        if self._by_leaf:
+            with self._state_lock:
+                at = self._spare_rows.get(digest)
+                if at is None:
+                    at = self._by_id.get(digest)
+            if at is None:
+                return None
+            sql, key = "SELECT hash, envelope FROM envelopes WHERE rowid = ?", at
+        else:
+            sql, key = "SELECT hash, envelope FROM envelopes WHERE hash = ?", digest
         with self._read_lock:
             try:
-                row = self._reader.execute(
-                    "SELECT envelope FROM envelopes WHERE hash = ?", (bytes(digest),)
-                ).fetchone()
+                row = self._reader.execute(sql, (key,)).fetchone()
             except sqlite3.Error as exc:
                 raise AuditLogError(f"cannot read audit envelopes: {exc}") from exc
-        if row is None:
+        if row is None or row[0] != digest:  # by leaf: that leaf was logged without it
             return None
-        envelope = row[0]
-        if not isinstance(envelope, bytes) or message_id(envelope) != bytes(digest):
+        envelope = row[1]
+        if not isinstance(envelope, bytes) or message_id(envelope) != digest:
             raise InconsistentLogError("a stored envelope does not hash to its key")
         return envelope
 
 
-_ROWS_PER_INSERT: Final = 250
-"""Rows per multi-row INSERT: 500 parameters, under SQLite's oldest limit of 999."""
+_MAX_PARAMETERS: Final = 999
+"""Parameters per multi-row INSERT at most: SQLite's oldest limit."""
 
 
-def _insert(conn: sqlite3.Connection, head: str, rows: Sequence[tuple[object, object]]) -> None:
-    """Insert two-column rows with one multi-row ``INSERT`` per chunk.
+@functools.lru_cache(maxsize=512)
+def _insert_sql(head: str, rows: int, width: int) -> str:
+    row = "(" + ", ".join(["?"] * width) + ")"
+    return head + ", ".join([row] * rows)
+
+
+def _insert(
+    conn: sqlite3.Connection, head: str, rows: Sequence[tuple[object, ...]], width: int
+) -> None:
+    """Insert rows of ``width`` columns with one multi-row ``INSERT`` per chunk.
 
     Not ``executemany``: that steps the statement once per row, and ``sqlite3`` lets go
     of the GIL and takes it back around every step. Taking it back waits for the event
     loop thread, which holds it while it works: a convoy costing more than the inserts.
     One statement per chunk needs one hand-over per chunk instead.
     """
-    for start in range(0, len(rows), _ROWS_PER_INSERT):
-        chunk = rows[start : start + _ROWS_PER_INSERT]
-        conn.execute(head + ", ".join(["(?, ?)"] * len(chunk)), [v for row in chunk for v in row])
+    step = _MAX_PARAMETERS // width
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        conn.execute(_insert_sql(head, len(chunk), width), [v for row in chunk for v in row])
 
 
 def _lock(path: Path) -> int:
