@@ -476,20 +476,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             [sys.executable, "-m", "hansa", "node", "serve", "--data-dir", str(data_dir)]
         )
         ab: tuple[subprocess.Popen[bytes], str] | None = None
-        if args.ab is not None:
-            ab = _start(
-                [
-                    sys.executable,
-                    "-c",
-                    _FROM_TREE,
-                    str(ab_dir / "src"),
-                    "node",
-                    "serve",
-                    "--data-dir",
-                    str(ab_dir / CITY),
-                ]
-            )
         try:
+            if args.ab is not None:
+                ab = _start(
+                    [
+                        sys.executable,
+                        "-c",
+                        _FROM_TREE,
+                        str(ab_dir / "src"),
+                        "node",
+                        "serve",
+                        "--data-dir",
+                        str(ab_dir / CITY),
+                    ]
+                )
             body = asyncio.run(_one(url, stock[0]))  # the bare server returns these bytes
             if decode_envelope(body).payload_type != PayloadType.QUERY_ANSWER:
                 print("the node refused the benchmark query", file=sys.stderr)
