@@ -30,7 +30,8 @@ alliance roster(s) it:
    the requester as an analyst, the leaf's key id is that key's, this city is among
    its targets; the freshness rules (``issued_at - skew <= log_time <= expires_at +
    skew``) and replay rules (no repeated message id or (requester, nonce)) hold unless the node
-   refused the request;
+   refused the request, or answered a byte-identical repeat with the answer it had already
+   released (same answer id, spec §8.3);
 5. for every ``decision`` and ``answer_sent``: the request was logged before it; the
    answer (or refusal) envelope is signed by the city's node key from the roster, cites
    the request, names this city and the requester; the decision's outcome, reason,
@@ -1128,6 +1129,8 @@ class _EntryChecks:
         requests: dict[bytes, int] = {}
         answers: dict[bytes, int] = {}
         self.decisions: dict[bytes, list[tuple[int, Leaf]]] = defaultdict(list)
+        # Per request id, the answer id of each answer_sent, in log order.
+        self.answer_ids: dict[bytes, list[bytes]] = defaultdict(list)
         self.occurrence: dict[int, int] = {}
         self.settings: dict[str, list[tuple[int, int]]] = defaultdict(list)
         self.first: dict[bytes, tuple[str, int]] = {}  # requester, roster version
@@ -1162,6 +1165,7 @@ class _EntryChecks:
                     )
                 k = answers.get(mid, 0)
                 answers[mid] = k + 1
+                self.answer_ids[mid].append(entry.second)
                 if k:
                     occurrence[index] = k
             elif kind == SETTINGS_CHANGED and entry.outcome == SCOPE_DISCLOSURE:
@@ -1252,6 +1256,8 @@ class _EntryChecks:
         decided = self.decisions.get(mid, [])
         if k < len(decided) and decided[k][1].outcome == OUTCOME_REFUSED:
             return  # the node refused it, as it should
+        if in_window and roster_valid and installed == roster_version and self._repeat(mid, k):
+            return  # a byte-identical repeat given the answer already released (§8.3)
         problems = []
         if not in_window:
             problems.append("logged outside the request's validity window")
@@ -1265,6 +1271,20 @@ class _EntryChecks:
             problems.append(f"cites roster v{roster_version} while v{installed} was installed")
         for problem in problems:
             report.fail(index, "freshness", f"{problem}, yet not refused")
+
+    def _repeat(self, mid: bytes, k: int) -> bool:
+        """Whether the k-th logging (k > 0) of a request was answered with the first answer."""
+        if k == 0:
+            return False
+        decided, ids = self.decisions.get(mid, []), self.answer_ids.get(mid, [])
+        answered = (OUTCOME_ANSWERED, OUTCOME_SUPPRESSED)
+        return (
+            k < len(decided)
+            and k < len(ids)
+            and decided[0][1].outcome in answered
+            and decided[k][1].outcome in answered
+            and ids[k] == ids[0]
+        )
 
     def _answer(
         self, mid: bytes, index: int, decision: Leaf, ans_index: int, ans: tuple[Any, ...]

@@ -34,8 +34,9 @@ nothing else in the package imports it (``hansa.federation`` stays pure).
    backoff plus jitter,
    at most ``max_attempts`` times and only while the deadline leaves room for
    the backoff. The *same* envelope bytes are re-sent: if a reset request did
-   reach the node, the node's replay guard answers ``REPLAYED`` rather than
-   answering twice, and the evidence holds the one request.
+   reach the node and was answered, the node replies with the answer it already
+   released (spec §8.3 repeats) rather than answering twice, and the evidence
+   holds the one request.
 4. **Verification** as replies arrive (:func:`verify_reply`): each reply is
    opened with :func:`hansa.crypto.open_envelope` against that city's node
    key only, must cite the request id sent to that city, name the city as

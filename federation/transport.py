@@ -79,8 +79,8 @@ reset, DNS, TLS handshake, connect timeout, or a connection closed by the
 server before any response byte: on a reused keep-alive connection almost
 always the server timing it out as the request crossed it, on a fresh one a
 server that dropped the request; the fan-out retries these, as it did under
-aiohttp, and a Hansa node's replay guard answers a re-sent envelope
-``REPLAYED`` rather than twice) and :class:`BadResponse` (a reply that is
+aiohttp, and a Hansa node answers a re-sent envelope with the answer it
+already released rather than twice, spec §8.3) and :class:`BadResponse` (a reply that is
 malformed, truncated or too large; not retried). Stale keep-alive connections whose close the
 event loop has already seen are skipped when a connection is taken from the
 idle stack, so the usual case of a server's idle timeout is transparent;
@@ -570,8 +570,8 @@ class _Connection(asyncio.Protocol):
                 )
             elif not self.got_bytes:
                 # Reset before any reply byte: a connection failure (the fan-out retries
-                # those). The request may have reached a handler; Hansa's
-                # replay guard makes a resend safe (the node refuses it as REPLAYED).
+                # those). The request may have reached a handler; a Hansa node answers
+                # a byte-identical resend with the answer it already released (§8.3).
                 error = ConnectFailed("the server closed the connection without responding")
             else:
                 error = BadResponse("the server closed the connection mid-response")

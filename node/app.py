@@ -335,6 +335,44 @@ class _Reply:
     code: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Answered:
+    """What a repeat of an answered request is answered with (:meth:`NodeState._repeat`)."""
+
+    answer_id: bytes
+    outcome: Outcome
+    dataset: str
+    disclosure_version: int
+    data_version: str
+
+
+class _AnsweredCache:
+    """Request id -> the answer released for it, for as long as the replay cache holds it.
+
+    Entries are forgotten at the request's ``expires_at + max_skew_ms`` (when the replay
+    guard forgets the request too; a repeat after that is refused as expired) and
+    beyond ``capacity`` entries, oldest first, so memory stays bounded like the guard's.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: dict[bytes, tuple[int, _Answered]] = {}
+
+    def get(self, request_id: bytes) -> _Answered | None:
+        found = self._entries.get(request_id)
+        return None if found is None else found[1]
+
+    def remember(self, request_id: bytes, forget_at: int, answered: _Answered, now: int) -> None:
+        entries = self._entries
+        entries[request_id] = (forget_at, answered)
+        # Insertion order is roughly expiry order (validity windows are short and alike).
+        while entries:
+            oldest = next(iter(entries))
+            if entries[oldest][0] > now and len(entries) <= self.capacity:
+                break
+            del entries[oldest]
+
+
 class _Identified(Exception):
     """A refusal for a requester whose signature verified."""
 
@@ -480,6 +518,8 @@ class NodeState:
         self.trust = Trust.from_roster(roster) if roster is not None else Trust.from_config(config)
         self._roster_lock = asyncio.Lock()
         self.guard = ReplayGuard(config.city, config.limits.freshness())
+        # The answers released for the requests the replay cache remembers (§8.3 repeats).
+        self._answered = _AnsweredCache(self.guard.limits.capacity)
         self.pending = 0
         self.metrics = NodeMetrics(
             in_flight=lambda: float(self.pending),
@@ -625,15 +665,21 @@ class NodeState:
             )
         try:
             self._check_alliance(trust, principal, req)
-            self.guard.check(
-                message_id=request_id,
-                requester=principal,
-                nonce=req.nonce,
-                audience=req.targets,
-                issued_at=req.issued_at,
-                expires_at=req.expires_at,
-                now_ms=self.clock_ms(),
-            )
+            try:
+                self.guard.check(
+                    message_id=request_id,
+                    requester=principal,
+                    nonce=req.nonce,
+                    audience=req.targets,
+                    issued_at=req.issued_at,
+                    expires_at=req.expires_at,
+                    now_ms=self.clock_ms(),
+                )
+            except FreshnessError as exc:
+                repeat = self._answered.get(request_id) if exc.code is ErrorCode.REPLAYED else None
+                if repeat is None:
+                    raise
+                return await self._repeat(request_id, repeat, exc)
             lookup = self._lookup
             result = lookup(req) if lookup is not None else None
             if result is None:
@@ -664,16 +710,66 @@ class NodeState:
             # The engine took up new settings (a reload) that the log does not yet
             # record: record them before the first decision that applies them (§16.2).
             await self._log_settings(dataset, result.disclosure_version)
-        await self._log_reply(
-            request_id,
+        outcome = (
             Outcome.ANSWERED
             if result.decision is Decision.ANSWERED
-            else Outcome.ANSWERED_SUPPRESSED,
+            else Outcome.ANSWERED_SUPPRESSED
+        )
+        await self._log_reply(
+            request_id,
+            outcome,
             body,
             disclosure_version=result.disclosure_version,
             data_version=result.dataset_version,
         )
+        self._answered.remember(
+            request_id,
+            req.expires_at + self.guard.limits.max_skew_ms,
+            _Answered(
+                message_id(body),
+                outcome,
+                dataset,
+                result.disclosure_version,
+                result.dataset_version,
+            ),
+            self.clock_ms(),
+        )
         return _Reply(body, 200, ENVELOPE_MEDIA_TYPE, "answered", "none")
+
+    async def _repeat(self, request_id: bytes, repeat: _Answered, refusal: HansaError) -> _Reply:
+        """Answer a byte-identical repeat of an answered request with the same answer.
+
+        The same envelope (same message id) delivered again while the replay cache
+        remembers it, e.g. by another target city that received it (spec §7.1, threat
+        model T-XFWD) or a client's retry after a reset, gets the signed answer already
+        released, logged again (request, decision, answer sent with the same answer id):
+        nothing new is computed or disclosed (spec §8.3). Falls back to ``refusal``
+        (``REPLAYED``) when the disclosure settings changed since or the answer is gone.
+
+        Raises:
+            HansaError: ``refusal``, when the answer cannot be repeated.
+        """
+        audit, pool = self.audit, self._audit_pool
+        if audit is None or pool is None:
+            raise refusal
+        if self._logged.versions.get(repeat.dataset) != repeat.disclosure_version:
+            raise refusal
+        loop = asyncio.get_running_loop()
+        try:
+            body = await loop.run_in_executor(pool, audit.envelope, repeat.answer_id)
+        except HansaError:
+            log.exception("cannot read a logged answer to repeat it")
+            raise refusal from None
+        if body is None:
+            raise refusal
+        await self._log_reply(
+            request_id,
+            repeat.outcome,
+            body,
+            disclosure_version=repeat.disclosure_version,
+            data_version=repeat.data_version,
+        )
+        return _Reply(body, 200, ENVELOPE_MEDIA_TYPE, "repeated", "none")
 
     def _check_alliance(self, trust: Trust, principal: str, req: QueryRequest) -> None:
         """Apply the roster and participation rules (spec §8.2) to a bound request.

@@ -178,10 +178,15 @@ def tampered_log() -> tuple[LogBuilder, dict[int, tuple[str, str]]]:
         for leaf in clean.leaves:
             log.add(leaf)
         log.envelopes.update(clean.envelopes)
-        # The clean stretch reuses request numbers 0..39: same envelopes, so replays.
+        # The clean stretch reuses request numbers 0..39: same envelopes, so replays,
+        # except those answered again with the answer already released: byte-identical
+        # repeats, which a node answers that way (spec §8.3).
+        number = -1
         for index, leaf in enumerate(clean.leaves, offset):
             if leaf[15] == 1:  # request_received
-                expected[index] = ("freshness", "a replay of a message id")
+                number += 1
+                if number % 5:
+                    expected[index] = ("freshness", "a replay of a message id")
         i += 10
     return log, expected
 
@@ -354,3 +359,28 @@ def test_answers_must_be_signed_by_the_node_key_the_log_says_is_in_force() -> No
         log2.add(leaf)
     log2.envelopes.update(answered.envelopes)
     assert verify_log(log2.contents(), [ROSTER], workers=0).failures == []
+
+
+def test_a_repeat_is_accepted_only_with_the_answer_already_released() -> None:
+    log = LogBuilder()
+    envelope = request(7)
+    mid = message_id(envelope)
+    reply = answer(7, mid)
+    for _ in range(2):  # the node answered, then answered a byte-identical repeat
+        log.request(7, envelope)
+        log.add(Decision(NOW + 13, mid, Outcome.ANSWERED, 0, 3, "v1-0123456789ab"))
+        log.add(AnswerSent(NOW + 14, mid, message_id(reply)), reply)
+    assert verify_log(log.contents(), [ROSTER], workers=0).failures == []
+
+    # A repeat given a freshly signed (different) answer: released twice, a replay.
+    fresh = seal(msgspec.structs.replace(decode_answer(reply), issued_at=NOW + 99), NODE_KEY)
+    repeat_at = log.request(7, envelope)
+    log.add(Decision(NOW + 15, mid, Outcome.ANSWERED, 0, 3, "v1-0123456789ab"))
+    log.add(AnswerSent(NOW + 16, mid, message_id(fresh)), fresh)
+    failures = verify_log(log.contents(), [ROSTER], workers=0).failures
+    assert [(f.index, f.check) for f in failures] == [(repeat_at, "freshness")]
+    assert "a replay of a message id" in failures[0].reason
+
+
+def decode_answer(envelope: bytes) -> QueryAnswer:
+    return msgspec.msgpack.decode(decode_envelope(envelope).payload, type=QueryAnswer)

@@ -32,6 +32,7 @@ from hansa.crypto.envelope import seal_bytes
 from hansa.crypto.keyfile import read_public_key
 from hansa.crypto.merkle import leaf_hash, verify_consistency, verify_inclusion
 from hansa.crypto.note import Checkpoint, NoteVerifier, verify_checkpoint
+from hansa.federation.audit import AuditorStore, verify_log
 from hansa.federation.roster import Analyst as RosterAnalyst
 from hansa.federation.roster import (
     Member,
@@ -44,6 +45,7 @@ from hansa.federation.roster import (
     sign_roster,
     unsigned,
 )
+from hansa.node._cli_audit import import_data_dir
 from hansa.node.app import AUDIT_ROUTE, ERROR_MEDIA_TYPE, LOG_KEYS_ROUTE
 from hansa.node.auditlog import (
     AnswerSent,
@@ -58,7 +60,7 @@ from hansa.node.auditlog import (
 )
 from hansa.node.config import NodeConfig, configure_alliance
 from hansa.protocol.codec import decode_as
-from hansa.protocol.envelope import PayloadType, message_id
+from hansa.protocol.envelope import PayloadType, decode_envelope, message_id
 from hansa.protocol.errors import ErrorCode
 from hansa.protocol.messages import (
     MAX_AUDIT_PAGE,
@@ -68,6 +70,7 @@ from hansa.protocol.messages import (
     ErrorMessage,
     QueryAnswer,
     QueryRefusal,
+    QueryRequest,
 )
 
 CITY = "melbourne"
@@ -784,3 +787,44 @@ async def test_changed_disclosure_settings_are_logged_before_decisions_that_appl
 
         published = decode_as(decode_envelope(document).payload, Capabilities)
         assert [d.disclosure.min_group_size for d in published.datasets] == [7]
+
+
+# --- repeats of an answered request (spec §8.3) ------------------------------------------
+
+
+async def test_a_byte_identical_repeat_gets_the_released_answer_and_the_auditor_agrees(
+    config: NodeConfig, tmp_path: Path
+) -> None:
+    async with running_node(config) as node:
+        audit = node.state.audit
+        assert audit is not None
+        request, first = await _query(node, ANA)
+        # The same envelope again (another target city forwarding it, a client retry).
+        status, again = await node.post(request)
+        assert status == 200
+        assert again == first  # the very signed answer already released, not a new one
+        # Different bytes with the same (requester, nonce) are still a replay.
+        body = decode_as(decode_envelope(request).payload, QueryRequest)
+        other = ANA.seal(msgspec.structs.replace(body, expires_at=body.expires_at - 1))
+        status, refused = await node.post(other)
+        assert status == 200
+        node_keys = {node.node_key.key_id: node.node_key}
+        assert open_envelope(refused, node_keys, QueryRefusal).message.code is ErrorCode.REPLAYED
+        entries = [decode_entry(leaf) for leaf in audit.leaves(0, audit.size)]
+        trusted = node.state.trust.roster
+        assert trusted is not None
+        roster = trusted.roster
+    mid = message_id(request)
+    sent = [e for e in entries if isinstance(e, AnswerSent) and e.request_id == mid]
+    assert [s.answer_id for s in sent] == [message_id(first)] * 2
+    received = [e for e in entries if isinstance(e, RequestReceived) and e.message_id == mid]
+    assert len(received) == 2
+
+    # The auditor accepts the repeat (the answer already released, logged again) and the
+    # other replay (refused).
+    store = tmp_path / "auditor"
+    import_data_dir(store, config.data_dir)
+    with AuditorStore.open(store, CITY) as s:
+        contents = s.contents()
+    report = verify_log(contents, [roster], workers=0)
+    assert report.failures == [], report.failures
