@@ -1243,7 +1243,11 @@ class _EntryChecks:
                     "request",
                     f"signer is not analyst {requester!r} in roster v{roster.version}",
                 )
-        if self.city not in targets:
+        decided = self.decisions.get(mid, [])
+        refused = k < len(decided) and decided[k][1].outcome == OUTCOME_REFUSED
+        if self.city not in targets and not refused:
+            # Logged before the audience check (spec §16.2): a node that refused a
+            # misaddressed request did right; one that answered it, or never decided, did not.
             report.fail(index, "request", f"not addressed to {self.city!r}: not among its targets")
         key = (requester, nonce)
         reused = k == 0 and key in self.nonces
@@ -1253,8 +1257,7 @@ class _EntryChecks:
         installed = self.installed.get(index, roster_version)
         if in_window and roster_valid and k == 0 and not reused and installed == roster_version:
             return
-        decided = self.decisions.get(mid, [])
-        if k < len(decided) and decided[k][1].outcome == OUTCOME_REFUSED:
+        if refused:
             return  # the node refused it, as it should
         if in_window and roster_valid and installed == roster_version and self._repeat(mid, k):
             return  # a byte-identical repeat given the answer already released (§8.3)

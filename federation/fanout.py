@@ -509,7 +509,11 @@ class _Attempt:
     started: float
     attempts: int = 0
     last_failure: str | None = None
+    received: bool = False
 
+
+_MAX_VERIFY_THREADS: Final = 32
+"""Most verification threads, whatever ``verify_threads`` asks for."""
 
 _BATCH: Final = 16
 """Most replies a verification thread takes from its queue at once: enough that a
@@ -693,6 +697,13 @@ class _Coordinator:
                 f"connection failed until the deadline ({attempt.attempts} attempt(s)): "
                 f"{attempt.last_failure}",
             )
+        if attempt.received:
+            return self.done(
+                attempt,
+                CityStatus.TIMEOUT,
+                None,
+                "a reply arrived but was not verified before the deadline",
+            )
         return self.done(attempt, CityStatus.TIMEOUT, None, "no reply before the deadline")
 
     async def ask(self, attempt: _Attempt) -> CityResult:
@@ -710,6 +721,7 @@ class _Coordinator:
                     max_body=MAX_ENVELOPE_SIZE,
                 )
                 status, body = response.status, response.body
+                attempt.received = True
             except ConnectFailed as exc:
                 # Refused or reset before a response (spec: retry only these).
                 attempt.last_failure = _one_line(exc.message)
@@ -847,7 +859,8 @@ async def _send(
     workers = verify_threads if verify_threads is not None else _default_verify_threads()
     threads = None
     if len(requests) > VERIFY_THREAD_THRESHOLD and workers > 0:
-        threads = _VerifyThreads.get(workers)
+        # Threads live for the process, one set per count: keep the counts few.
+        threads = _VerifyThreads.get(min(workers, _MAX_VERIFY_THREADS))
     loop = asyncio.get_running_loop()
     verifier = _Verifier(loop, threads, requester, query)
     own_pool = pool is None
@@ -943,6 +956,12 @@ async def send_prepared(
     if not prepared:
         raise ProtocolError("at least one target city is needed", ErrorCode.INVALID_FIELD)
     first = prepared[0]
+    if message_id(first.envelope) != first.request_id or (
+        decode_as(decode_envelope(first.envelope).payload, QueryRequest) != first.request
+    ):
+        raise ProtocolError(
+            "the prepared request's envelope, id and body do not match", ErrorCode.INVALID_FIELD
+        )
     cities = first.request.targets
     same = len(prepared) == len(cities) and all(
         p.target.city == city

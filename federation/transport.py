@@ -149,6 +149,8 @@ MAX_INTERIM_RESPONSES: Final = 8
 """Most ``1xx`` interim responses skipped before a final one."""
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_FRAMING_PER_BODY_BYTE: Final = 8
+"""Chunk framing allowed per body byte (a 1-byte chunk costs 6 bytes: ``1\r\nX\r\n``)."""
 _HEAD_CACHE_MAX: Final = 64
 """Request heads cached per endpoint (distinct path and content type pairs)."""
 _HOST_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
@@ -395,6 +397,7 @@ class _Connection(asyncio.Protocol):
         "declared",
         "discarded",
         "error",
+        "fed",
         "framed",
         "got_bytes",
         "head_done",
@@ -434,6 +437,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.chunks: list[bytes] = []
         self.size = 0
+        self.fed = 0
         self.status = 0
         self.content_type: bytes | None = None
         self.declared = -1
@@ -501,6 +505,7 @@ class _Connection(asyncio.Protocol):
                     raise _Halt
             if self.head_done:
                 self.parser.feed_data(data)
+                self._check_framing(len(data))
             else:
                 self._feed_head(data)
         except (_Halt, httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -522,6 +527,22 @@ class _Connection(asyncio.Protocol):
                     None if self.content_type is None else self.content_type.decode("latin-1"),
                 )
             )
+
+    def _check_framing(self, fed: int) -> None:
+        """Bound what a reply sends after its head besides body bytes.
+
+        Chunk framing and trailer fields are not body, so ``max_body`` does not bound
+        them, and llhttp (through httptools) gathers a trailer field's value in memory
+        until it ends: without this a 200 MB trailer was held whole. Framing may take
+        up to :data:`_FRAMING_PER_BODY_BYTE` bytes per body byte (tiny chunks) plus the
+        head bound for trailers; checked after each read, so at most one read more.
+        """
+        self.fed += fed
+        if self.fed - self.size > self.pool._max_head + _FRAMING_PER_BODY_BYTE * self.size:
+            self.error = BadResponse(
+                "response chunk framing or trailers over the limit", ErrorCode.TOO_LARGE
+            )
+            raise _Halt
 
     def _feed_head(self, data: bytes) -> None:
         """Feed bytes while the header block is incomplete, never more than ``head_left``."""

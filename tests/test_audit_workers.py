@@ -36,7 +36,16 @@ from hansa.protocol.auditleaf import (
     encode_entry,
 )
 from hansa.protocol.envelope import decode_envelope, encode_envelope, message_id
-from hansa.protocol.messages import Count, PolicyTags, Query, QueryAnswer, QueryRequest, ResultScope
+from hansa.protocol.errors import ErrorCode
+from hansa.protocol.messages import (
+    Count,
+    PolicyTags,
+    Query,
+    QueryAnswer,
+    QueryRefusal,
+    QueryRequest,
+    ResultScope,
+)
 from hansa.protocol.messages import Decision as AnswerDecision
 
 CITY = "amsterdam"
@@ -384,3 +393,34 @@ def test_a_repeat_is_accepted_only_with_the_answer_already_released() -> None:
 
 def decode_answer(envelope: bytes) -> QueryAnswer:
     return msgspec.msgpack.decode(decode_envelope(envelope).payload, type=QueryAnswer)
+
+
+def test_a_misaddressed_request_the_node_refused_is_no_failure() -> None:
+    # The node logs a verified request before its audience check (spec §16.2); refusing
+    # one that does not list the city is right, answering it is not.
+    log = LogBuilder()
+    elsewhere = request(3, targets=("lisbon",))
+    mid = message_id(elsewhere)
+    log.request(3, elsewhere)
+    refusal = QueryRefusal(
+        request_id=mid,
+        responder=CITY,
+        requester=f"a{3 % 3}@{CITY}",
+        issued_at=NOW + 9,
+        code=ErrorCode.WRONG_AUDIENCE,
+        reason="not addressed to this city",
+    )
+    sealed = seal(refusal, NODE_KEY)
+    log.add(Decision(NOW + 9, mid, Outcome.REFUSED, int(ErrorCode.WRONG_AUDIENCE), 0, ""))
+    log.add(AnswerSent(NOW + 10, mid, message_id(sealed)), sealed)
+    assert verify_log(log.contents(), [ROSTER], workers=0).failures == []
+
+    answered = request(4, targets=("lisbon",))
+    mid = message_id(answered)
+    at = log.request(4, answered)
+    reply = answer(4, mid)
+    log.add(Decision(NOW + 10, mid, Outcome.ANSWERED, 0, 3, "v1-0123456789ab"))
+    log.add(AnswerSent(NOW + 11, mid, message_id(reply)), reply)
+    failures = verify_log(log.contents(), [ROSTER], workers=0).failures
+    assert [(f.index, f.check) for f in failures] == [(at, "request")]
+    assert "not among its targets" in failures[0].reason

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import secrets
 import time
@@ -655,7 +656,11 @@ def test_send_prepared_refuses_requests_of_different_fan_outs(analyst: Analyst) 
     targets = [Target(c, "http://127.0.0.1:9", key) for c in ("lisbon", "madrid")]
     one = _prepare(analyst, targets)
     other = _prepare(analyst, targets, quorum=1)
-    for bad in ([], [one[1], one[0]], [one[0], other[1]], one[:1], [*one, one[0]]):
+    # A request whose id or body does not match its envelope (built by hand).
+    forged_id = [dataclasses.replace(p, request_id=bytes(32)) for p in one]
+    forged_body = [dataclasses.replace(p, request=other[0].request) for p in one]
+    cases = [[], [one[1], one[0]], [one[0], other[1]], one[:1], [*one, one[0]]]
+    for bad in (*cases, forged_id, forged_body):
         with pytest.raises(ProtocolError) as info:
             asyncio.run(send_prepared(bad, deadline_s=1.0))
         assert info.value.code is ErrorCode.INVALID_FIELD

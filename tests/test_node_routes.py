@@ -41,7 +41,7 @@ from hansa.node.app import ENVELOPE_MEDIA_TYPE, AnswerEngine, EngineOutput, unsi
 from hansa.node.config import NodeConfig, NodeLimits, load_config
 from hansa.node.engine import CacheInfo, QueryEngine
 from hansa.node.metrics import Counter, Histogram, NodeMetrics
-from hansa.protocol.codec import encode
+from hansa.protocol.codec import decode_as, encode
 from hansa.protocol.envelope import (
     PayloadType,
     decode_envelope,
@@ -251,11 +251,12 @@ def bad_cases(analyst: Analyst, stranger: Analyst) -> list[tuple[str, bytes, str
             {ErrorCode.VALIDITY_TOO_LONG},
         ),
         ("first of a replay", replayed, env, 200, {0}),
-        ("replayed envelope", replayed, env, 200, {ErrorCode.REPLAYED}),
+        # A byte-identical repeat gets the answer already released (spec §8.3 repeats).
+        ("repeated envelope", replayed, env, 200, {0}),
         ("nonce reuse 1", a.seal(a.request(CITY, good, nonce=nonce)), env, 200, {0}),
         (
-            "nonce reuse 2",
-            a.seal(a.request(CITY, good, nonce=nonce)),
+            "nonce reuse 2",  # other bytes (validity), same (requester, nonce)
+            a.seal(a.request(CITY, good, nonce=nonce, validity_ms=59_000)),
             env,
             200,
             {ErrorCode.REPLAYED},
@@ -391,7 +392,7 @@ async def test_every_bad_request_gets_its_code_and_the_node_keeps_serving(
         metrics = node.state.metrics
         total = sum(
             metrics.requests.value("/v1/query", outcome, code)
-            for outcome in ("answered", "refused", "rejected")
+            for outcome in ("answered", "repeated", "refused", "rejected")
             for code in ["none", *(c.name for c in ErrorCode)]
         )
         assert total == len(cases) + 1
@@ -760,8 +761,14 @@ async def test_a_cached_answer_is_still_verified_replay_checked_and_freshly_sign
         assert [a.request_id for a in answers] == [message_id(e) for e in envelopes]
         assert len({decode_envelope(body).signature for body in bodies}) == 3
         assert answers[1].groups == answers[0].groups == answers[2].groups
-        # Checks before the cache still apply to a query whose answer is cached.
-        refusal = await _refusal(node, envelopes[1])
+        # Checks before the cache still apply to a query whose answer is cached: a
+        # byte-identical repeat gets the very answer already released (spec §8.3), and
+        # the same nonce in other bytes is a replay.
+        status, again = await node.post(envelopes[1])
+        assert status == 200 and again == bodies[1]
+        first = decode_as(decode_envelope(envelopes[1]).payload, QueryRequest)
+        reused = analyst.seal(msgspec.structs.replace(first, expires_at=first.expires_at - 1))
+        refusal = await _refusal(node, reused)
         assert refusal.code is ErrorCode.REPLAYED
         status, _ = await node.post(_tampered(analyst))
         assert status == 401

@@ -934,3 +934,37 @@ def test_body_survives_any_framing_and_split(
     resp = asyncio.run(main())
     assert resp.status == 200
     assert resp.body == body
+
+
+async def test_trailers_and_chunk_framing_are_bounded() -> None:
+    # Trailer fields are not body: without a bound, llhttp gathers a trailer value in
+    # memory until it ends. A 4 MB trailer after a 10-byte body is refused as too large.
+    async def huge_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n")
+        writer.write(b"0\r\nX-Pad: ")
+        for _ in range(64):
+            writer.write(b"p" * 65536)
+            await writer.drain()
+        writer.write(b"\r\n\r\n")
+        await writer.drain()
+
+    async with RawServer(huge_trailer) as server, HttpPool() as pool:
+        with pytest.raises(BadResponse) as info:
+            await pool.post(pool.endpoint(server.url), "/", b"q", CT, max_body=MAX)
+        assert info.value.code is ErrorCode.TOO_LARGE
+        assert "trailers" in info.value.message
+
+    # Legitimate framing passes: 2,000 one-byte chunks and a small trailer.
+    body = bytes(i % 256 for i in range(2000))
+
+    async def tiny_chunks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        framed = b"".join(b"1\r\n" + body[i : i + 1] + b"\r\n" for i in range(len(body)))
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed)
+        writer.write(b"0\r\nX-Checksum: abc\r\n\r\n")
+        await writer.drain()
+
+    async with RawServer(tiny_chunks) as server, HttpPool() as pool:
+        reply = await pool.post(pool.endpoint(server.url), "/", b"q", CT, max_body=MAX)
+        assert reply.body == body
