@@ -58,6 +58,28 @@ class Spec(msgspec.Struct, frozen=True):
     server: str = "lean"
 
 
+def take_request(buffer: bytearray) -> bytes | None:
+    """Remove the first complete HTTP/1.1 request from ``buffer``; return its body.
+
+    Enough HTTP for a benchmark peer: the head ends at the first blank line and the
+    body is ``Content-Length`` bytes (none when absent). ``None`` while incomplete.
+    """
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = bytes(buffer[:end]).lower()
+    at = head.find(b"\r\ncontent-length:")
+    size = 0
+    if at >= 0:
+        stop = head.find(b"\r\n", at + 2)
+        size = int(head[at + 17 : stop if stop > 0 else len(head)])
+    if len(buffer) < end + 4 + size:
+        return None
+    body = bytes(buffer[end + 4 : end + 4 + size])
+    del buffer[: end + 4 + size]
+    return body
+
+
 class LeanPeer(asyncio.Protocol):
     """One connection of the lean server: parse a POST, answer after the delay."""
 
@@ -79,20 +101,7 @@ class LeanPeer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Answer every complete request in the buffer."""
         self.buffer += data
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(self.buffer[:end]).lower()
-            at = head.find(b"\r\ncontent-length:")
-            size = 0
-            if at >= 0:
-                stop = head.find(b"\r\n", at + 2)
-                size = int(head[at + 17 : stop if stop > 0 else len(head)])
-            if len(self.buffer) < end + 4 + size:
-                return
-            body = bytes(self.buffer[end + 4 : end + 4 + size])
-            del self.buffer[: end + 4 + size]
+        while (body := take_request(self.buffer)) is not None:
             answer = self.answers.get(hashlib.sha256(body).digest())
             asyncio.get_running_loop().call_later(self.delay, self._reply, answer)
 

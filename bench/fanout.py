@@ -482,8 +482,7 @@ class Clients:
             bad = [c for c in result.cities if c.status is not CityStatus.ANSWERED]
             raise SystemExit(f"{name} fan-out failed at N={n}: {bad[0].city}: {bad[0].detail}")
 
-    async def hansa(self, n: int) -> None:
-        """One full fan-out (sign, send, verify, combine); checks every city answered."""
+    async def _fan_out(self, name: str, n: int, verify_threads: int | None) -> None:
         result = await fan_out(
             QUERY,
             POLICY,
@@ -492,29 +491,20 @@ class Clients:
             requester=REQUESTER,
             quorum=n,
             deadline_s=DEADLINE_S,
-            pool=self.pool("hansa"),
+            pool=self.pool(name),
             now_ms=lambda: ISSUED_AT,
             nonce_source=Nonces(n),
-            verify_threads=self.verify_threads,
+            verify_threads=verify_threads,
         )
-        self.check("hansa", n, result)
+        self.check(name, n, result)
+
+    async def hansa(self, n: int) -> None:
+        """One full fan-out (sign, send, verify, combine); checks every city answered."""
+        await self._fan_out("hansa", n, self.verify_threads)
 
     async def inline(self, n: int) -> None:
         """As :meth:`hansa`, but everything on the event loop (``verify_threads=0``)."""
-        result = await fan_out(
-            QUERY,
-            POLICY,
-            self.setup.targets[n],
-            signer=ANALYST,
-            requester=REQUESTER,
-            quorum=n,
-            deadline_s=DEADLINE_S,
-            pool=self.pool("inline"),
-            now_ms=lambda: ISSUED_AT,
-            nonce_source=Nonces(n),
-            verify_threads=0,
-        )
-        self.check("inline", n, result)
+        await self._fan_out("inline", n, 0)
 
     async def prepared(self, n: int) -> None:
         """``send_prepared`` of requests signed before the clock started."""

@@ -49,7 +49,6 @@ import asyncio
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -60,8 +59,9 @@ from typing import cast
 
 import aiohttp
 import yarl
+from _peers import take_request  # bench/_peers.py (this script's directory is on sys.path)
 from aiohttp import web
-from fanout import RawHttp  # bench/fanout.py (this script's directory is on sys.path)
+from fanout import RawHttp, raise_fd_limit, run
 
 from hansa.federation.transport import Endpoint, HttpPool
 
@@ -101,19 +101,7 @@ class LeanServer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Answer each complete request."""
         self.buffer += data
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(self.buffer[:end]).lower()
-            at = head.find(b"\r\ncontent-length:")
-            size = 0
-            if at >= 0:
-                stop = head.find(b"\r\n", at + 2)
-                size = int(head[at + 17 : stop if stop > 0 else len(head)])
-            if len(self.buffer) < end + 4 + size:
-                return
-            del self.buffer[: end + 4 + size]
+        while take_request(self.buffer) is not None:
             if self.delay > 0:
                 asyncio.get_running_loop().call_later(self.delay, self.send)
             else:
@@ -330,30 +318,6 @@ def print_rows(rows: Sequence[Row]) -> None:
             f"{w['pool'] / w['aiohttp']:>10.2f}{c['pool']:>10.1f}{c['aiohttp']:>9.1f}"
             f"{c['raw']:>9.1f}{c['pool'] / c['aiohttp']:>10.2f}"
         )
-
-
-def raise_fd_limit() -> None:
-    """Raise the soft open-file limit to the hard limit (N = 500 needs ~1,000 sockets)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def run(main: Callable[[], Awaitable[None]]) -> None:
-    """Run ``main`` on uvloop unless ``HANSA_BENCH_ASYNCIO`` is set."""
-
-    async def wrapper() -> None:
-        await main()
-
-    if os.environ.get("HANSA_BENCH_ASYNCIO"):
-        asyncio.run(wrapper())
-        return
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        asyncio.run(wrapper())
-    else:
-        uvloop.run(wrapper())
 
 
 def start_servers(
