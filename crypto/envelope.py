@@ -27,7 +27,6 @@ from hansa.protocol.envelope import (
     decode_envelope,
     encode_envelope,
     message_id,
-    pae,
     pae_prefix,
 )
 from hansa.protocol.errors import ErrorCode, ProtocolError, SignatureError
@@ -58,7 +57,9 @@ class Opened(msgspec.Struct, Generic[M], frozen=True):
 
 def seal_bytes(payload_type: str, payload: bytes, key: SigningKey) -> bytes:
     """Sign already-encoded payload bytes and return the envelope bytes."""
-    signature = key.sign(pae(payload_type, payload))
+    known = _BY_PAYLOAD_TYPE.get(payload_type)
+    prefix = pae_prefix(payload_type) if known is None else known[1]
+    signature = key.sign(b"%s%d %s" % (prefix, len(payload), payload))  # PAE(type, payload)
     return encode_envelope(
         Envelope(
             version=ENVELOPE_VERSION,

@@ -34,6 +34,9 @@ __all__ = [
     "verify_strict",
 ]
 
+_ffi_new: Final = ffi.new_allocator(should_clear_after_alloc=False)
+"""Allocates libsodium's output buffers without zeroing them first (it writes them whole)."""
+
 PUBLIC_KEY_SIZE: Final = 32
 SEED_SIZE: Final = 32
 SIGNATURE_SIZE: Final = 64
@@ -161,8 +164,17 @@ class SigningKey:
         return self.public_key.key_id
 
     def sign(self, message: bytes) -> bytes:
-        """Return the 64-byte Ed25519 signature of ``message``."""
-        return sodium.crypto_sign(message, self._secret)[:SIGNATURE_SIZE]
+        """Return the 64-byte Ed25519 signature of ``message``.
+
+        Calls libsodium's ``crypto_sign`` directly (PyNaCl binds no detached
+        signing) and copies out only the signature, not the signed message
+        behind it; the call releases the GIL.
+        """
+        signed = _ffi_new("unsigned char[]", len(message) + SIGNATURE_SIZE)
+        if lib.crypto_sign(signed, ffi.NULL, message, len(message), self._secret) != 0:
+            raise SignatureError("libsodium could not sign", ErrorCode.INTERNAL)
+        signature: bytes = ffi.buffer(signed, SIGNATURE_SIZE)[:]
+        return signature
 
     def __repr__(self) -> str:
         return f"SigningKey(public={self.public_key.raw.hex()})"

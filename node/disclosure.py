@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 from hansa.node.catalog import ROLE_AGGREGATES, AggregateKind, DatasetSpec
 from hansa.protocol.errors import ErrorCode, HansaError, PolicyDenied, QueryError
@@ -127,8 +127,8 @@ class Verdict:
 
     @classmethod
     def allow(cls) -> Verdict:
-        """Return an allowing verdict."""
-        return cls(True)
+        """Return the allowing verdict (one shared instance: verdicts are immutable)."""
+        return _ALLOW
 
     @classmethod
     def refuse(cls, code: ErrorCode, reason: str) -> Verdict:
@@ -155,6 +155,10 @@ class Verdict:
         if 300 <= self.code < 400:
             return QueryError(self.reason, self.code)
         return PolicyDenied(self.reason, self.code)
+
+
+_ALLOW: Final = Verdict(True)
+"""Every rule that allows returns this one instance (built once, not per request)."""
 
 
 @runtime_checkable

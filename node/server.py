@@ -22,6 +22,7 @@ With ``port = 0`` the operating system picks a free port and the line names it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -36,6 +37,14 @@ from hansa.node.config import NodeConfig
 __all__ = ["READY_PREFIX", "configure_logging", "run", "serve"]
 
 READY_PREFIX: Final = "hansa node "
+GC_THRESHOLDS: Final = (50_000, 50, 100)
+"""The serving process's cyclic-GC thresholds (CPython's default: 700, 10, 10).
+
+A query allocates a few hundred container objects, nearly all freed by reference
+counting within the request; with the default the young generation is collected every
+few requests, each time walking the requests still in flight. ``bench/node.py`` (a),
+same run: +4-6 % requests/s, about as much as with the cyclic GC switched off. Cyclic
+garbage waits for at most 50,000 allocations (a few MB)."""
 log = logging.getLogger("hansa.node")
 
 
@@ -49,6 +58,7 @@ async def serve(
     engine: AnswerEngine | None = None,
     ready: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
+    freeze_gc: bool = False,
 ) -> None:
     """Serve the node until SIGTERM/SIGINT (or ``stop`` is set), then shut down cleanly.
 
@@ -59,6 +69,10 @@ async def serve(
         ready: called with the base URL once the node accepts connections
             (default: print the ready line to stdout).
         stop: an event that ends the server when set (signals set it too).
+        freeze_gc: once listening, move every object alive (modules, application,
+            engine, caches loaded at start-up) out of the cyclic GC's reach
+            (``gc.freeze``), so that its full collections walk only what serving
+            creates. For a process that serves one node (:func:`run`).
 
     Raises:
         KeyFileError: the node key cannot be read.
@@ -84,6 +98,9 @@ async def serve(
                 port = int(address[1])
                 break
         url = _url(config.host, port)
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
         state = app[NODE]
         reloads: set[asyncio.Task[bool]] = set()
 
@@ -121,6 +138,9 @@ async def serve(
 def run(config: NodeConfig) -> None:
     """Run :func:`serve` on uvloop (the default asyncio loop where uvloop is absent).
 
+    The process is the node's own: its cyclic GC is tuned for serving
+    (:data:`GC_THRESHOLDS`, ``freeze_gc``).
+
     Args:
         config: the node configuration.
     """
@@ -131,8 +151,9 @@ def run(config: NodeConfig) -> None:
         factory = None
     else:
         factory = uvloop.new_event_loop
+    gc.set_threshold(*GC_THRESHOLDS)
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(serve(config))
+        runner.run(serve(config, freeze_gc=True))
 
 
 def configure_logging(level: int = logging.INFO) -> None:
