@@ -20,6 +20,11 @@ median of ``--repeats`` timed runs each (the order rotates every run):
   with requests signed before the clock starts by
   :func:`~hansa.federation.fanout.prepare_requests`: the coordinator minus
   signing (everything else as hansa).
+* **unchecked** (for scale, not part of the goal): hansa with libsodium's
+  Ed25519 check replaced by "valid" for the duration of its fan-outs, and
+  nothing else changed (every reply is still parsed, decoded, matched to its
+  request and combined): what the coordinator costs here without the
+  signature checks, so how much of hansa's overhead they are on this machine.
 * **inline** (only with ``--inline``): hansa with ``verify_threads=0``, all
   signing and verification on the event loop, for an A/B of the thread pool.
 * **old** (only with ``--old PATH``): the ``fan_out`` of another copy of
@@ -118,12 +123,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import cast
+from typing import Final, cast
 from unittest import mock
 
 import aiohttp
 import msgspec
 
+import hansa.crypto.envelope as envelope_module
 from hansa.crypto import SigningKey, seal
 from hansa.federation.fanout import (
     DEFAULT_CONNECTION_LIMIT,
@@ -416,6 +422,15 @@ def load_old(path: Path) -> ModuleType:
 Client = Callable[[int], Awaitable[None]]
 
 
+_CHECK: Final = "verify_signed"
+"""The libsodium check ``open_envelope`` calls, swapped out by the ``unchecked`` client."""
+
+
+def _valid(public_key: bytes, signed: bytes) -> bool:
+    """Stands in for libsodium's check in the ``unchecked`` client: no computation."""
+    return True
+
+
 class Clients:
     """The clients, in one session mode."""
 
@@ -438,7 +453,11 @@ class Clients:
 
     def all(self) -> dict[str, Client]:
         """The clients by name, in table order."""
-        clients: dict[str, Client] = {"hansa": self.hansa, "prepared": self.prepared}
+        clients: dict[str, Client] = {
+            "hansa": self.hansa,
+            "prepared": self.prepared,
+            "unchecked": self.unchecked,
+        }
         if self.with_inline:
             clients["inline"] = self.inline
         if self.old is not None:
@@ -501,6 +520,15 @@ class Clients:
     async def hansa(self, n: int) -> None:
         """One full fan-out (sign, send, verify, combine); checks every city answered."""
         await self._fan_out("hansa", n, self.verify_threads)
+
+    async def unchecked(self, n: int) -> None:
+        """As :meth:`hansa`, with every Ed25519 check answering "valid" (for scale)."""
+        real = getattr(envelope_module, _CHECK)
+        setattr(envelope_module, _CHECK, _valid)
+        try:
+            await self._fan_out("unchecked", n, self.verify_threads)
+        finally:
+            setattr(envelope_module, _CHECK, real)
 
     async def inline(self, n: int) -> None:
         """As :meth:`hansa`, but everything on the event loop (``verify_threads=0``)."""

@@ -39,6 +39,13 @@ Servers, each its own process on 127.0.0.1:
 
 * **bare**: this file with ``--bare``, aiohttp on uvloop with one route that
   reads the body and returns a pre-signed answer: the cost of HTTP alone.
+* **floor**: the bare route plus the two signatures every answered query
+  costs and nothing else: parse the envelope, verify the request's Ed25519
+  signature (libsodium, strict) and sign the answer's payload afresh into a
+  new envelope. No decoding, checks, replay cache, engine, audit log or
+  metrics: the ceiling any node answering signed queries can reach on this
+  machine and client, measured in the same run (issue 3's goal needs a node
+  that spends on everything else less than what separates 0.5 from it).
 
 One client (this process, aiohttp, ``C`` connections per server) warms
 each up, then measures each for ``S`` seconds in total, in alternating
@@ -75,7 +82,8 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from hansa.crypto import SigningKey, seal
+from hansa.crypto import PublicKey, SigningKey, seal, seal_bytes
+from hansa.crypto.keys import verify_signed
 from hansa.federation.fanout import build_request
 from hansa.node._cli_node import init_node
 from hansa.node.app import ENVELOPE_MEDIA_TYPE
@@ -87,7 +95,7 @@ from hansa.node.config import (
     load_config,
     render_config,
 )
-from hansa.protocol.envelope import PayloadType, decode_envelope
+from hansa.protocol.envelope import PayloadType, decode_envelope, pae
 from hansa.protocol.messages import (
     Count,
     Dimension,
@@ -240,22 +248,41 @@ def _uvloop_run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
             pass
 
 
-def _bare_server(body_file: Path) -> None:
+def _bare_server(body_file: Path, floor: str | None = None) -> None:
+    """Serve the pre-signed answer; with ``floor`` (the requester's public key, hex), sign
+    for every request as a node does: verify the request, seal the answer payload afresh.
+    """
     body = body_file.read_bytes()
+    answer = decode_envelope(body)
+    node_key = SigningKey.generate()
+    requester = None if floor is None else PublicKey(bytes.fromhex(floor))
 
     async def handle(request: web.Request) -> web.Response:
         await request.read()
         return web.Response(body=body, content_type=ENVELOPE_MEDIA_TYPE)
 
+    async def handle_floor(request: web.Request) -> web.Response:
+        data = await request.read()
+        env = decode_envelope(data)
+        assert requester is not None and env.key_id == requester.key_id
+        signed = env.signature + pae(env.payload_type, env.payload)
+        if not verify_signed(requester.raw, signed):
+            raise web.HTTPForbidden()
+        fresh = seal_bytes(answer.payload_type, answer.payload, node_key)
+        return web.Response(body=fresh, content_type=ENVELOPE_MEDIA_TYPE)
+
     async def serve() -> None:
         app = web.Application()
-        app.router.add_post("/v1/query", handle)
+        app.router.add_post("/v1/query", handle if requester is None else handle_floor)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-        print(f"bare listening on http://127.0.0.1:{port}", flush=True)
+        print(
+            f"{'bare' if floor is None else 'floor'} listening on http://127.0.0.1:{port}",
+            flush=True,
+        )
         try:
             await asyncio.Event().wait()
         finally:
@@ -423,9 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also measure (a) on a node run from git REF (e.g. HEAD), in the same slices",
     )
     parser.add_argument("--bare", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--floor", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare is not None:
-        _bare_server(args.bare)
+        _bare_server(args.bare, args.floor)
         return 0
 
     from hansa.node.catalog import Catalog
@@ -472,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         other = Phase(f"(a) node at {args.ab}", 0, 0.0)
         cold = Phase("(b) node, distinct queries", 0, 0.0)
         bare = Phase("bare aiohttp route", 0, 0.0)
+        floor = Phase("floor: bare + verify + sign", 0, 0.0)
         node, url = _start(
             [sys.executable, "-m", "hansa", "node", "serve", "--data-dir", str(data_dir)]
         )
@@ -496,12 +525,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             (root / "answer.bin").write_bytes(body)
             bare_proc, bare_url = _start([sys.executable, me, "--bare", str(root / "answer.bin")])
+            floor_proc, floor_url = _start(
+                [
+                    sys.executable,
+                    me,
+                    "--bare",
+                    str(root / "answer.bin"),
+                    "--floor",
+                    analyst.public_key.raw.hex(),
+                ]
+            )
             try:
                 cycle = itertools.cycle(stock)
+                floor_cycle = itertools.cycle(stock)
                 targets = [
                     Target(repeated, url, _from_stock(stock[1:]), node.pid),
                     Target(cold, url, _from_stock(distinct), node.pid),
                     Target(bare, bare_url, lambda: next(cycle), bare_proc.pid),
+                    Target(floor, floor_url, lambda: next(floor_cycle), floor_proc.pid),
                 ]
                 if args.only_repeated:
                     del targets[1]
@@ -513,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             finally:
                 _stop(bare_proc)
+                _stop(floor_proc)
         finally:
             _stop(node)
             if ab is not None:
@@ -532,9 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"engine_threads={limits.engine_threads}, audit durable={not args.no_durable}; "
         f"setup {setup_s:.1f} s"
     )
-    phases = (
-        (repeated, other, cold, bare, engine_phase) if ab else (repeated, cold, bare, engine_phase)
-    )
+    skipped = ([] if ab else [other]) + ([cold, engine_phase] if args.only_repeated else [])
+    phases = [p for p in (repeated, other, cold, bare, floor, engine_phase) if p not in skipped]
     for phase in phases:
         vs_bare = f"{phase.rate / bare.rate:5.2f} x bare" if bare.rate else ""
         extra = (
@@ -547,8 +588,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         count = f"{phase.requests:,} in {phase.seconds:.1f} s{extra}"
         print(f"  {phase.name:<34}{phase.rate:>8,.0f} /s  {vs_bare}  ({count})")
     for label, phase in (("(a) repeated", repeated), ("(b) distinct", cold)):
+        if phase in skipped:
+            continue
         ratio = phase.rate / bare.rate if bare.rate else 0.0
         print(f"  {label}: node/bare = {ratio:.2f}")
+    if floor.rate:
+        print(
+            f"  floor (HTTP + verify + sign only)/bare = {floor.rate / bare.rate:.2f}; "
+            f"(a) node/floor = {repeated.rate / floor.rate:.2f}"
+        )
     if ab is not None and other.rate:
         print(f"  (a) this tree / {args.ab}: {repeated.rate / other.rate:.3f}")
     ratio = repeated.rate / bare.rate if bare.rate else 0.0
