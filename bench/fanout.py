@@ -131,6 +131,7 @@ import msgspec
 
 import hansa.crypto.envelope as envelope_module
 from hansa.crypto import SigningKey, seal
+from hansa.crypto.keys import verify_signed
 from hansa.federation.fanout import (
     DEFAULT_CONNECTION_LIMIT,
     ENVELOPE_MEDIA_TYPE,
@@ -145,6 +146,7 @@ from hansa.federation.fanout import (
     verify_reply,
 )
 from hansa.federation.transport import HttpPool
+from hansa.protocol.envelope import decode_envelope, pae
 from hansa.protocol.messages import (
     MAX_TARGETS,
     Count,
@@ -972,10 +974,24 @@ def coordinator_work(setup: Setup, n: int, rows: Sequence[Row]) -> None:
         )
         assert verdict.status is CityStatus.ANSWERED, verdict.detail
     verify_ms = (time.perf_counter() - t0) * 1000
+    signed = []
+    for p, body in zip(setup.prepared[n], setup.answers[n], strict=True):
+        envelope = decode_envelope(body)
+        signed.append(
+            (
+                p.target.node_key.raw,
+                envelope.signature + pae(envelope.payload_type, envelope.payload),
+            )
+        )
+    t0 = time.perf_counter()
+    for key, message in signed:
+        assert verify_signed(key, message)
+    ed25519_ms = (time.perf_counter() - t0) * 1000
     print(
         f"  N = {n}: on one thread, preparing (building, sealing) the {n} requests takes"
         f" {seal_ms:.1f} ms ({seal_ms * 1000 / n:.0f} us each), verify_reply of the {n}"
-        f" answers {verify_ms:.1f} ms ({verify_ms * 1000 / n:.0f} us each)"
+        f" answers {verify_ms:.1f} ms ({verify_ms * 1000 / n:.0f} us each, of which the"
+        f" Ed25519 check alone {ed25519_ms * 1000 / n:.0f} us)"
     )
     crypto = seal_ms + verify_ms
     for row in rows:
