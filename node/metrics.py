@@ -23,6 +23,7 @@ Series:
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -176,11 +177,9 @@ class Histogram:
 
     def observe(self, value: float) -> None:
         """Record one observation."""
-        index = len(self.buckets)
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                index = i
-                break
+        # The first bound >= value (bisect in C: this runs once per query); past the
+        # last bound (and NaN, which compares false with every bound) -> the +Inf slot.
+        index = bisect.bisect_left(self.buckets, value) if value == value else len(self.buckets)
         self._counts[index] += 1
         self._sum += value
         self._count += 1
