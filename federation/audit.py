@@ -16,7 +16,9 @@ alliance roster(s) it:
 
 1. recomputes the RFC 9162 tree from the leaves (a missing index is a failure);
 2. checks every checkpoint's log signature (the log key the rosters name for the city,
-   or the pinned one when none does: reported as trusted on first use), its witness
+   or the pinned one when none does: reported as trusted on first use) and that the key
+   that signed it was in force at its size by the log's own ``key_rotated`` entries for
+   the log key (step 6), its witness
    cosignature quorum (roster ``witness_quorum``; the roster's witness keys of witness
    cities other than the log's own, or their pinned keys when the roster names none)
    and that its root equals the recomputed tree at its size. All
@@ -38,9 +40,14 @@ alliance roster(s) it:
    disclosure-settings version and data version agree with the signed answer or
    refusal; and an answer's disclosure version is the one the latest
    ``settings_changed`` entry for its dataset set before the decision;
-6. for every ``key_rotated`` of the node key: it rotates from the key the log last
-   recorded as in force (all zeros before the first), and every answer or refusal after
-   it is signed by the key it names (spec §16.2).
+6. for every ``key_rotated`` (node, log or witness key): it rotates from the key the log
+   last recorded as in force for that role (all zeros before the first); every answer or
+   refusal after a node-key rotation is signed by the key it names, and every checkpoint
+   of a size ``S`` by the key the last log-key rotation below index ``S`` names: that
+   entry is inside the tree the checkpoint signs, so a retired log key (perhaps leaked
+   since) cannot vouch for a tree that records its retirement (spec §16.2). Checkpoints
+   no log-key rotation precedes (logs from before rotations were logged) are checked
+   against every trusted log key, and the report says so.
 
 Signature checks (step 4 and the answer signatures of step 5) run on every core the
 process may use: one fewer worker process (:class:`~concurrent.futures.ProcessPoolExecutor`)
@@ -93,7 +100,9 @@ from hansa.federation.evidence import EvidenceBundle
 from hansa.federation.roster import Role, Roster
 from hansa.protocol.auditleaf import (
     ENTRY_NAMES,
+    KEY_ROLE_LOG,
     KEY_ROLE_NODE,
+    KEY_ROLE_WITNESS,
     EntryType,
     LeafFields,
     Outcome,
@@ -102,7 +111,7 @@ from hansa.protocol.auditleaf import (
 )
 from hansa.protocol.codec import decode_as
 from hansa.protocol.envelope import PayloadType, decode_envelope, message_id, pae_prefix
-from hansa.protocol.errors import ConfigError, ErrorCode, HansaError, ProtocolError
+from hansa.protocol.errors import ConfigError, ErrorCode, HansaError, NoteError, ProtocolError
 from hansa.protocol.messages import (
     Capabilities,
     Decision,
@@ -840,8 +849,9 @@ def _log_verifiers(
     """The keys the city's checkpoints are checked against, newest roster's first.
 
     The log keys the supplied rosters name for the city (any version: checkpoints signed
-    before a rotation stay valid under the key of their time); the key pinned on first
-    use only when no roster names one, and the report says so (spec §16.1).
+    before a rotation stay valid under the key of their time, but only those: which key
+    was in force at which size is the log's own record, :func:`_in_force`); the key
+    pinned on first use only when no roster names one, and the report says so (spec §16.1).
     """
     named: list[NoteVerifier] = []
     for roster in sorted(rosters, key=lambda r: r.version, reverse=True):
@@ -906,16 +916,78 @@ def _witness_verifiers(
 
 def _open_checkpoint(
     note: bytes, logs: Sequence[NoteVerifier], origin: str, witnesses: Sequence[NoteVerifier]
-) -> VerifiedCheckpoint:
-    """Open a checkpoint under the first log key that signed it (the newest tried first)."""
+) -> tuple[VerifiedCheckpoint, NoteVerifier]:
+    """Open a checkpoint under the first of ``logs`` that signed it; return that key too."""
     first: HansaError | None = None
     for log_verifier in logs:
         try:
-            return open_checkpoint(note, log_verifier, origin=origin, witnesses=witnesses)
+            opened = open_checkpoint(note, log_verifier, origin=origin, witnesses=witnesses)
         except HansaError as exc:
             first = first or exc
-    assert first is not None  # the caller passes at least one log key
-    raise first
+            continue
+        return opened, log_verifier
+    raise first or NoteError("no log key to check the checkpoint against")
+
+
+KeyHistory = list[tuple[int, bytes]]
+"""One role's ``key_rotated`` entries as ``(index, new key id)``, in log order."""
+_KEY_ROLES: Final = (KEY_ROLE_NODE, KEY_ROLE_LOG, KEY_ROLE_WITNESS)
+
+
+def _key_history(leaves: Sequence[Leaf | None], report: AuditReport) -> dict[str, KeyHistory]:
+    """Which key the log says was in force for each role from which index on (step 6).
+
+    Each rotation must start from the key the log last recorded for its role (32 zero
+    bytes before the first, spec §16.2); one that does not fails. The entry still counts:
+    what follows it is checked against the key it names.
+    """
+    history: dict[str, KeyHistory] = {role: [] for role in _KEY_ROLES}
+    for index, entry in enumerate(leaves):
+        if entry is None or entry.kind != KEY_ROTATED:
+            continue
+        keys = history.get(entry.text)
+        if keys is None:
+            continue  # a role this auditor has no rule for
+        logged = keys[-1][1] if keys else bytes(32)
+        if entry.first != logged:
+            report.fail(
+                index,
+                "key",
+                f"{entry.text} key rotated from a key the log did not record as in force",
+            )
+        keys.append((index, entry.second))
+    return history
+
+
+def _in_force(log_keys: KeyHistory, size: int) -> int:
+    """Position in ``log_keys`` of the log key in force for a tree of ``size`` leaves.
+
+    That is the last log-key ``key_rotated`` entry with an index below ``size``: the
+    entry is inside the tree, logged before the node signed anything with the key it
+    names (spec §16.2). -1: no such entry.
+    """
+    return bisect.bisect_left(log_keys, (size, b"")) - 1
+
+
+def _short(kid: bytes) -> str:
+    return f"{kid.hex()[:16]}…"
+
+
+def _not_in_force(label: str, kid: bytes, log_keys: KeyHistory, at: int) -> str:
+    """Why a checkpoint signed by ``kid`` fails when ``log_keys[at]`` is in force."""
+    index, current = log_keys[at]
+    in_force = f"the log key in force there is {_short(current)} (key_rotated #{index})"
+    earlier = [j for j in range(at) if log_keys[j][1] == kid]
+    if not earlier:
+        return (
+            f"{label} is signed by log key {_short(kid)}, which the log never recorded as "
+            f"in force below that size; {in_force}"
+        )
+    retired = log_keys[earlier[-1] + 1][0]
+    return (
+        f"{label} is signed by log key {_short(kid)}, retired by key_rotated #{retired}, "
+        f"inside the tree it signs; {in_force}"
+    )
 
 
 def _check_checkpoints(
@@ -924,6 +996,7 @@ def _check_checkpoints(
     rosters: Sequence[Roster],
     newest: Roster,
     report: AuditReport,
+    log_keys: KeyHistory,
 ) -> None:
     if not contents.checkpoints:
         report.warnings.append("no checkpoint seen: nothing vouches for the leaves")
@@ -936,15 +1009,31 @@ def _check_checkpoints(
     quorum = newest.witness_quorum
     roots: dict[int, bytes] = {}
     cosigned: dict[tuple[int, bytes], set[str]] = {}
+    unrecorded: list[int] = []  # sizes of verified checkpoints no log-key rotation precedes
     for seen in contents.checkpoints:
         report.checkpoints += 1
         label = f"checkpoint of size {seen.size}"
         try:
-            opened = _open_checkpoint(seen.note, logs, contents.origin, witnesses)
+            opened, signer = _open_checkpoint(seen.note, logs, contents.origin, witnesses)
         except HansaError as exc:
-            report.fail(None, "checkpoint", f"{label}: {exc}")
+            report.fail(None, "checkpoint", f"{label}: {exc}{_unnamed(logs, log_keys, tree, seen)}")
             continue
         size, root = opened.checkpoint.size, opened.checkpoint.root_hash
+        # The key in force at this size (step 6). Past the leaves held the auditor sees
+        # no rotation, so it judges by those it holds: a key they retire fails here, and
+        # the checkpoint fails anyway below for covering leaves not held.
+        at = _in_force(log_keys, min(size, tree.size))
+        if at < 0:
+            unrecorded.append(size)
+        elif signer.public_key.key_id != log_keys[at][1]:
+            # A note may carry several log signatures: the one in force suffices.
+            current = [v for v in logs if v.public_key.key_id == log_keys[at][1]]
+            try:
+                opened, signer = _open_checkpoint(seen.note, current, contents.origin, witnesses)
+            except HansaError:
+                kid = signer.public_key.key_id
+                report.fail(None, "checkpoint", _not_in_force(label, kid, log_keys, at))
+                continue
         if roots.setdefault(size, root) != root:
             report.fail(None, "checkpoint", f"equivocation: two signed checkpoints of size {size}")
         if size > tree.size:
@@ -969,11 +1058,35 @@ def _check_checkpoints(
                 f"checkpoint of size {size} has {len(cosigners)} of the {quorum} witness "
                 "cosignatures needed",
             )
+    if unrecorded:
+        if log_keys:
+            where = f"they precede the log's first record of its log key (#{log_keys[0][0]})"
+        else:
+            where = "the log records no log key (no key_rotated entry for the log role)"
+        report.warnings.append(
+            f"{len(unrecorded)} checkpoint(s) of size up to {max(unrecorded)} were checked "
+            f"against every trusted log key: {where}, so nothing says which key was in force "
+            "for them, and a retired log key would pass"
+        )
     if report.largest_checkpoint < report.size:
         report.warnings.append(
             f"entries {report.largest_checkpoint}..{report.size - 1} are under no verified "
             "checkpoint yet"
         )
+
+
+def _unnamed(
+    logs: Sequence[NoteVerifier], log_keys: KeyHistory, tree: MerkleTree, seen: SeenCheckpoint
+) -> str:
+    """A hint when the log key in force at a checkpoint's (stated) size is not trusted."""
+    at = _in_force(log_keys, min(seen.size, tree.size))
+    if at < 0 or any(v.public_key.key_id == log_keys[at][1] for v in logs):
+        return ""
+    index, kid = log_keys[at]
+    return (
+        f" (the log puts log key {_short(kid)} in force at key_rotated #{index}; no "
+        "supplied roster names it)"
+    )
 
 
 def verify_log(
@@ -985,7 +1098,7 @@ def verify_log(
     progress: Callable[[str, int, int], None] | None = None,
     roster_digests: Mapping[int, bytes] | None = None,
 ) -> AuditReport:
-    """Verify one city's log as the auditor holds it (module docstring, steps 1-5).
+    """Verify one city's log as the auditor holds it (module docstring, steps 1-6).
 
     Args:
         contents: the stored log (:meth:`AuditorStore.contents`).
@@ -1032,8 +1145,11 @@ def _verify(
         tree = MerkleTree.from_leaf_hashes([leaf_hash(leaf) for _i, leaf in held])
         if progress is not None:
             progress("tree", size, size)
-        _check_checkpoints(contents, tree, rosters, newest, report)
-        checks = _EntryChecks(contents.city, leaves, by_version, newest, skew_ms, report)
+        keys = _key_history(leaves, report)
+        _check_checkpoints(contents, tree, rosters, newest, report, keys[KEY_ROLE_LOG])
+        checks = _EntryChecks(
+            contents.city, leaves, by_version, newest, skew_ms, report, keys[KEY_ROLE_NODE]
+        )
         checks.check_rosters(roster_digests)
         # Each chunk is checked as it arrives; this process signs the chunks no worker
         # has started in between.
@@ -1120,6 +1236,7 @@ class _EntryChecks:
         newest: Roster,
         skew_ms: int,
         report: AuditReport,
+        node_keys: KeyHistory,
     ) -> None:
         self.city, self.leaves, self.report = city, leaves, report
         self.by_version, self.newest, self.skew_ms = by_version, newest, skew_ms
@@ -1139,8 +1256,9 @@ class _EntryChecks:
         # The roster version the node had installed when each request was logged.
         self.installed: dict[int, int] = {}
         self.roster_entries: list[tuple[int, Leaf]] = []
-        # (index, key id) of every key_rotated entry for the node key, in log order.
-        self.node_keys: list[tuple[int, bytes]] = []
+        # (index, key id) of every key_rotated entry for the node key, in log order
+        # (chained by _key_history).
+        self.node_keys = node_keys
         current: int | None = None
         occurrence, installed = self.occurrence, self.installed
         for index, entry in enumerate(leaves):
@@ -1173,16 +1291,6 @@ class _EntryChecks:
             elif kind == ROSTER_INSTALLED:
                 current = entry.version
                 self.roster_entries.append((index, entry))
-            elif kind == KEY_ROTATED:
-                if entry.text == KEY_ROLE_NODE:
-                    logged = self.node_keys[-1][1] if self.node_keys else bytes(32)
-                    if entry.first != logged:
-                        report.fail(
-                            index,
-                            "key",
-                            "node key rotated from a key the log did not record as in force",
-                        )
-                    self.node_keys.append((index, entry.second))
 
     def check_rosters(self, digests: Mapping[int, bytes]) -> None:
         """Each installed roster must be the alliance's roster of that version."""
