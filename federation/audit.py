@@ -41,13 +41,14 @@ alliance roster(s) it:
    refusal; and an answer's disclosure version is the one the latest
    ``settings_changed`` entry for its dataset set before the decision;
 6. for every ``key_rotated`` (node, log or witness key): it rotates from the key the log
-   last recorded as in force for that role (all zeros before the first); every answer or
-   refusal after a node-key rotation is signed by the key it names, and every checkpoint
-   of a size ``S`` by the key the last log-key rotation below index ``S`` names: that
-   entry is inside the tree the checkpoint signs, so a retired log key (perhaps leaked
-   since) cannot vouch for a tree that records its retirement (spec §16.2). Checkpoints
-   no log-key rotation precedes (logs from before rotations were logged) are checked
-   against every trusted log key, and the report says so.
+   last recorded as in force for that role (all zeros before the first), and never back
+   to a log key it retired before; every answer or refusal after a node-key rotation is
+   signed by the key it names, and every checkpoint of a size ``S`` by the key the last
+   log-key rotation below index ``S`` names: that entry is inside the tree the
+   checkpoint signs, so a retired log key (perhaps leaked since) cannot vouch for a
+   tree that records its retirement (spec §16.2). Checkpoints no log-key rotation
+   precedes (logs from before rotations were logged) are checked against every trusted
+   log key, and the report says so.
 
 Signature checks (step 4 and the answer signatures of step 5) run on every core the
 process may use: one fewer worker process (:class:`~concurrent.futures.ProcessPoolExecutor`)
@@ -934,28 +935,45 @@ KeyHistory = list[tuple[int, bytes]]
 _KEY_ROLES: Final = (KEY_ROLE_NODE, KEY_ROLE_LOG, KEY_ROLE_WITNESS)
 
 
+def _short(kid: bytes) -> str:
+    return f"{kid.hex()[:16]}…"
+
+
 def _key_history(leaves: Sequence[Leaf | None], report: AuditReport) -> dict[str, KeyHistory]:
     """Which key the log says was in force for each role from which index on (step 6).
 
     Each rotation must start from the key the log last recorded for its role (32 zero
-    bytes before the first, spec §16.2); one that does not fails. The entry still counts:
-    what follows it is checked against the key it names.
+    bytes before the first, spec §16.2); one that does not fails. A log key, once
+    rotated away, must not come back: the first checkpoint over a rotation is signed by
+    the key it puts in force, so whoever holds a retired (perhaps leaked) log key could
+    otherwise append a rotation back to it and sign on. Such entries fail but still
+    count: what follows them is checked against the key they name.
     """
     history: dict[str, KeyHistory] = {role: [] for role in _KEY_ROLES}
+    retired: dict[bytes, int] = {}  # log key id -> index of the rotation that retired it
     for index, entry in enumerate(leaves):
         if entry is None or entry.kind != KEY_ROTATED:
             continue
-        keys = history.get(entry.text)
+        role, keys, new = entry.text, history.get(entry.text), entry.second
         if keys is None:
             continue  # a role this auditor has no rule for
         logged = keys[-1][1] if keys else bytes(32)
         if entry.first != logged:
             report.fail(
-                index,
-                "key",
-                f"{entry.text} key rotated from a key the log did not record as in force",
+                index, "key", f"{role} key rotated from a key the log did not record as in force"
             )
-        keys.append((index, entry.second))
+        if role == KEY_ROLE_LOG:
+            if new in retired:
+                report.fail(
+                    index,
+                    "key",
+                    f"log key rotated back to {_short(new)}, retired by key_rotated "
+                    f"#{retired[new]}: a retired log key may have leaked, and only it signs "
+                    "the checkpoints that would put it back in force",
+                )
+            if keys and logged != new:
+                retired.setdefault(logged, index)
+        keys.append((index, new))
     return history
 
 
@@ -967,10 +985,6 @@ def _in_force(log_keys: KeyHistory, size: int) -> int:
     names (spec §16.2). -1: no such entry.
     """
     return bisect.bisect_left(log_keys, (size, b"")) - 1
-
-
-def _short(kid: bytes) -> str:
-    return f"{kid.hex()[:16]}…"
 
 
 def _not_in_force(label: str, kid: bytes, log_keys: KeyHistory, at: int) -> str:

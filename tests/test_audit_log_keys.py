@@ -214,9 +214,9 @@ def test_a_checkpoint_beyond_the_leaves_held_is_judged_by_the_rotations_held() -
 
 def test_a_broken_log_key_rotation_chain_fails() -> None:
     log, _at = rotated_log()
-    bogus = log.rotate(KIDS[2], KIDS[0])  # from a key that was never in force
+    bogus = log.rotate(KIDS[2], KIDS[2])  # from a key that was never in force
     log.fill(2)
-    log.sign(len(log.leaves), SIGNERS[0])  # the key it names is in force from there on
+    log.sign(len(log.leaves), SIGNERS[2])  # the key it names is in force from there on
     report = verify(log)
     assert [(f.index, f.check) for f in report.failures] == [(bogus, "key")]
     assert report.failures[0].reason.startswith("log key rotated from a key the log did not")
@@ -226,6 +226,26 @@ def test_a_broken_log_key_rotation_chain_fails() -> None:
     first.fill(1)
     first.sign(2, SIGNERS[0])
     assert [(f.index, f.check) for f in verify(first).failures] == [(0, "key")]
+
+
+def test_a_rotation_back_to_a_retired_log_key_fails() -> None:
+    # Whoever holds the retired key appends a rotation back to it, chained from the key
+    # in force, and signs on with the retired key: the checkpoint alone would pass.
+    log, at = rotated_log()
+    back = log.rotate(KIDS[1], KIDS[0])
+    log.fill(1)
+    log.sign(len(log.leaves), SIGNERS[0])
+    report = verify(log)
+    assert [(f.index, f.check) for f in report.failures] == [(back, "key")]
+    assert f"rotated back to {KIDS[0].hex()[:16]}…, retired by key_rotated #{at}" in (
+        report.failures[0].reason
+    )
+    # Onward to a key never retired is a rotation like any other.
+    log, at = rotated_log()
+    log.rotate(KIDS[1], KIDS[2])
+    log.fill(1)
+    log.sign(len(log.leaves), SIGNERS[2])
+    assert verify(log).failures == []
 
 
 def test_witness_key_rotations_chain_too() -> None:
@@ -260,11 +280,17 @@ def test_accepted_exactly_when_signed_by_the_last_rotation_below_its_size(
 ) -> None:
     schedule = dict(rotations)  # index -> key number
     log = Log()
-    last = ZERO
+    last: int | None = None
+    retired: set[int] = set()
+    back = set()  # rotations back to a retired key: each fails, yet counts
     for i in range(N):
         if i in schedule:
-            log.rotate(last, KIDS[schedule[i]])
-            last = KIDS[schedule[i]]
+            log.rotate(ZERO if last is None else KIDS[last], KIDS[schedule[i]])
+            if schedule[i] in retired:
+                back.add(i)
+            if last is not None and last != schedule[i]:
+                retired.add(last)
+            last = schedule[i]
         else:
             log.add(filler(i))
     for size, signer in checkpoints:
@@ -285,7 +311,8 @@ def test_accepted_exactly_when_signed_by_the_last_rotation_below_its_size(
         elif schedule[below[-1]] != signer:
             expected.add(size)
     assert rejected == expected
-    assert {f.check for f in report.failures} <= {"checkpoint"}
+    assert {f.index for f in report.failures if f.check == "key"} == back
+    assert {f.check for f in report.failures} <= {"checkpoint", "key"}
     assert any("every trusted log key" in w for w in report.warnings) == unrecorded
 
 
