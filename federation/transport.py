@@ -90,7 +90,10 @@ surfaces, as :class:`ConnectFailed`.
 Cancellation. The fan-out cancels the tasks still pending at its deadline. A
 request cancelled while it waits for a slot leaves the queue; one cancelled
 while connecting or awaiting its reply closes that connection (it is never
-returned to the pool, its state being unknown) and frees the slot.
+returned to the pool, its state being unknown) and frees the slot. A
+connection the pool gives up is aborted, never closed gracefully: its socket
+is gone at once even if the peer never reads or never answers a TLS
+``close_notify``, so ``limit`` bounds the sockets really open.
 :meth:`HttpPool.close` closes every connection, fails in-flight requests and
 queued waiters with :class:`PoolClosed`, and is idempotent.
 
@@ -151,6 +154,8 @@ MAX_INTERIM_RESPONSES: Final = 8
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _FRAMING_PER_BODY_BYTE: Final = 8
 """Chunk framing allowed per body byte (a 1-byte chunk costs 6 bytes: ``1\r\nX\r\n``)."""
+_BODY_PIECES: Final = 32
+"""Body pieces kept as they came; any further ones are gathered into one ``bytearray``."""
 _HEAD_CACHE_MAX: Final = 64
 """Request heads cached per endpoint (distinct path and content type pairs)."""
 _HOST_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
@@ -435,7 +440,7 @@ class _Connection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
-        self.chunks: list[bytes] = []
+        self.chunks: list[bytes | bytearray] = []
         self.size = 0
         self.fed = 0
         self.status = 0
@@ -646,6 +651,12 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         """Check the status and the declared length before any body byte."""
         status = self.parser.get_status_code()
+        if status < 100:
+            # RFC 9110 §15: status codes are 100..599. llhttp accepts any three digits and
+            # frames 000..099 like a final response (its Content-Length body is read), so
+            # skipping it as an interim reply would prepend that body to the final one.
+            self.error = BadResponse(f"invalid status code {status:03d}")
+            raise _Halt
         if status < 200:
             if status == 101:
                 self.error = BadResponse("101 Switching Protocols, but no upgrade was asked")
@@ -680,7 +691,17 @@ class _Connection(asyncio.Protocol):
             )
             raise _Halt
         self.size = size
-        self.chunks.append(body)
+        chunks = self.chunks
+        if len(chunks) < _BODY_PIECES:
+            chunks.append(body)  # the usual reply: one or a few pieces, joined once
+        elif len(chunks) == _BODY_PIECES:
+            chunks.append(bytearray(body))
+        else:
+            # Tiny chunks or a byte-by-byte trickle: every piece kept as its own bytes
+            # object costs ~40 bytes besides its content (a 256 KiB body in 2-byte chunks
+            # peaked at 16 MB, tests/test_transport_hostile.py; 0.6 MB so), so later
+            # pieces go into one buffer and memory stays near max_body.
+            chunks[-1] += body
 
     def on_message_complete(self) -> None:
         """Mark the final response complete and decide whether the connection is reusable."""
@@ -1072,8 +1093,14 @@ class HttpPool:
             return False
         conn.discarded = True
         self._conns.discard(conn)
-        if conn.transport is not None and not conn.transport.is_closing():
-            conn.transport.close()
+        # abort(), not close(): a graceful close keeps the socket open until the peer has
+        # read our unsent request bytes (a peer that never reads: forever) and, over TLS,
+        # until the peer answers our close_notify (asyncio waits up to 30 s). A hostile
+        # peer could so hold any number of sockets the pool no longer counts against
+        # ``limit`` (and that close() no longer reaches). HTTP framing is explicit, so
+        # dropping a connection we are done with loses nothing.
+        if conn.transport is not None:
+            conn.transport.abort()
         return True
 
     def _discard(self, conn: _Connection) -> None:
