@@ -16,10 +16,12 @@
   until SIGTERM/SIGINT (see :mod:`hansa.node.server`).
 * ``hansa node trust --data-dir DIR --principal ana@melbourne (--key HEX |
   --key-file PATH)`` adds a requester key to ``node.toml``.
-* ``hansa node rotate-key --data-dir DIR`` replaces the node key with a fresh
-  one (same passphrase protection) and keeps the old key file under
-  ``retired/`` beside it. The node logs ``key_rotated`` when it next starts
-  (spec §16.2); the alliance names the new key with ``hansa alliance set-key``.
+* ``hansa node rotate-key --data-dir DIR [--key node|log|witness]`` replaces
+  the node key (default), the audit log key or the witness key with a fresh one
+  (same passphrase protection) and keeps the old key file under ``retired/``
+  beside it. The node logs ``key_rotated`` when it next starts (spec §16.2) and
+  still checks the checkpoints the old log key signed under the kept one; the
+  alliance names the new key with ``hansa alliance set-key``.
 * ``hansa node show --data-dir DIR`` prints the configuration.
 """
 
@@ -30,6 +32,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
+from typing import Final
 
 from hansa.crypto.keyfile import read_key_file, read_public_key, write_key_file
 from hansa.crypto.keys import SigningKey
@@ -37,6 +40,7 @@ from hansa.node.config import (
     DEFAULT_PORT,
     KEY_FILE,
     LOG_KEY_FILE,
+    RETIRED_DIR,
     WITNESS_KEY_FILE,
     NodeConfig,
     add_trusted_key,
@@ -51,7 +55,14 @@ from hansa.node.config import (
 )
 from hansa.protocol.errors import ConfigError, HansaError
 
-__all__ = ["init_node", "install_roster_file", "register", "rotate_node_key"]
+__all__ = [
+    "ROTATABLE",
+    "init_node",
+    "install_roster_file",
+    "key_file_of",
+    "register",
+    "rotate_key",
+]
 
 _DATA_DIR_ENV = "HANSA_DATA_DIR"
 
@@ -153,10 +164,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     rotate = node_sub.add_parser(
         "rotate-key",
-        help="replace the node key (the old one is kept under keys/retired/); "
-        "the node logs the change when it next starts",
+        help="replace the node, log or witness key (the old one is kept under retired/ "
+        "beside it); the node logs the change when it next starts",
     )
     _data_dir_arg(rotate)
+    rotate.add_argument(
+        "--key",
+        dest="role",
+        choices=ROTATABLE,
+        default="node",
+        help="which key: node (signs answers; default), log (signs the audit log's "
+        "checkpoints) or witness (cosigns other cities' checkpoints)",
+    )
     rotate.set_defaults(handler=_rotate_key)
 
     show = node_sub.add_parser("show", help="print the node's configuration")
@@ -373,52 +392,80 @@ def _roster_install(args: argparse.Namespace) -> int:
     return 0
 
 
-RETIRED_DIR = "retired"
-"""Beside the node key file: the keys it replaced (``hansa node rotate-key``)."""
+ROTATABLE: Final = ("node", "log", "witness")
+"""The keys ``hansa node rotate-key`` replaces (``--key``)."""
 
 
-def rotate_node_key(config: NodeConfig) -> tuple[SigningKey, SigningKey, Path]:
-    """Replace the node key with a fresh one; keep the old key file under ``retired/``.
+def rotate_key(config: NodeConfig, role: str = "node") -> tuple[SigningKey, SigningKey, Path]:
+    """Replace one of the node's keys with a fresh one; keep the old file under ``retired/``.
 
-    The new key is written with the same passphrase protection as the old one. A
-    running node keeps signing with the key it loaded; when it next starts it logs a
-    ``key_rotated`` entry (spec §16.2) before it signs anything with the new key.
+    The new key is written with the same passphrase protection as the old one (the
+    node key's passphrase, if any; the audit keys have none). A running node keeps
+    signing with the key it loaded; when it next starts it logs a ``key_rotated`` entry
+    (spec §16.2) before it signs anything with the new key. The node reads retired log
+    keys back to check the checkpoints they signed.
 
     Args:
         config: the node's configuration.
+        role: ``"node"``, ``"log"`` or ``"witness"``.
 
     Returns:
         The old key, the new key, and where the old key file was kept.
 
     Raises:
         KeyFileError: a key file cannot be read or written.
-        ConfigError: the passphrase variable is not set.
+        ConfigError: the passphrase variable is not set, the role is unknown, or the
+            node has no witness key.
     """
-    passphrase = config.passphrase()
-    old = read_key_file(config.key_file, passphrase=passphrase)
+    key_file = key_file_of(config, role)
+    passphrase = config.passphrase() if role == "node" else None
+    old = read_key_file(key_file, passphrase=passphrase)
     new = SigningKey.generate()
-    retired = config.key_file.parent / RETIRED_DIR
+    retired = key_file.parent / RETIRED_DIR
     retired.mkdir(mode=0o700, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    kept = retired / f"{config.key_file.stem}-{stamp}-{old.public_key.key_id.hex()[:16]}.key"
+    kept = retired / f"{key_file.stem}-{stamp}-{old.public_key.key_id.hex()[:16]}.key"
     # The old key is written (0600, atomically) before the new one replaces it, so a
     # crash between the two loses no key.
     write_key_file(kept, old, passphrase=passphrase)
-    write_key_file(config.key_file, new, passphrase=passphrase, overwrite=True)
+    write_key_file(key_file, new, passphrase=passphrase, overwrite=True)
     return old, new, kept
+
+
+def key_file_of(config: NodeConfig, role: str) -> Path:
+    """The file of the node's ``role`` key (``"node"``, ``"log"`` or ``"witness"``).
+
+    Raises:
+        ConfigError: the role is unknown, or the node has no witness key.
+    """
+    if role == "node":
+        return config.key_file
+    if role == "log":
+        return config.path(config.audit.log_key_file)
+    if role == "witness":
+        if config.audit.witness_key_file is None:
+            raise ConfigError("this node has no witness key ([audit] witness_key in node.toml)")
+        return config.path(config.audit.witness_key_file)
+    raise ConfigError(f"unknown key {role!r}: one of {', '.join(ROTATABLE)}")
+
+
+_SET_KEY_FLAG: Final = {"node": "--key", "log": "--log-key", "witness": "--witness-key"}
+"""The ``hansa alliance set-key`` flag that names each rotated key."""
 
 
 def _rotate_key(args: argparse.Namespace) -> int:
     config = load_config(args.data_dir)
-    old, new, kept = rotate_node_key(config)
-    print(f"rotated the node key of {config.city!r}")
+    role = args.role
+    old, new, kept = rotate_key(config, role)
+    new_file = key_file_of(config, role)
+    print(f"rotated the {role} key of {config.city!r}")
     print(f"  old key      {old.public_key.raw.hex()} (kept in {kept})")
     print(f"  new key      {new.public_key.raw.hex()}")
     print(f"  key id       {new.public_key.key_id.hex()}")
     print("next:")
     print(
         f"  the alliance names the new key: hansa alliance set-key ROSTER --out NEXT "
-        f"--city {config.city} --key {config.key_file}, then signs and installs NEXT"
+        f"--city {config.city} {_SET_KEY_FLAG[role]} {new_file}, then signs and installs NEXT"
     )
     print(
         f"  restart the node (hansa node serve --data-dir {args.data_dir}): it logs the "

@@ -106,7 +106,7 @@ import aiohttp
 from aiohttp import hdrs, web
 
 from hansa.crypto import PublicKey, SigningKey, open_envelope, seal
-from hansa.crypto.keyfile import read_key_file, write_key_file
+from hansa.crypto.keyfile import read_key_file, read_public_key, write_key_file
 from hansa.crypto.note import (
     CosignatureSigner,
     Note,
@@ -133,11 +133,13 @@ from hansa.node.auditlog import (
 )
 from hansa.node.config import (
     AUDIT_FILE,
+    RETIRED_DIR,
     NodeConfig,
     TrustedRoster,
     config_path,
     install_roster,
     load_roster_store,
+    retired_key_files,
 )
 from hansa.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hansa.node.metrics import NodeMetrics
@@ -1121,6 +1123,20 @@ class NodeState:
                 state.keys[role] = new
         return entries
 
+    def _retired_log_verifiers(self) -> list[NoteVerifier]:
+        """Verifiers of the log keys ``hansa node rotate-key --key log`` retired (blocking).
+
+        A retired key file that cannot be read is skipped with a warning: the checkpoints
+        it signed then open as unchecked (:attr:`AuditLog.unchecked_checkpoints`).
+        """
+        verifiers: list[NoteVerifier] = []
+        for path in retired_key_files(self.config.path(self.config.audit.log_key_file)):
+            try:
+                verifiers.append(NoteVerifier(self.origin, read_public_key(path)))
+            except HansaError as exc:
+                log.warning("audit log: skipping retired log key %s: %s", path, exc.message)
+        return verifiers
+
     def _open_audit(self) -> None:
         """Open the log, record what changed while the node was down (blocking)."""
         cfg = self.config
@@ -1129,10 +1145,21 @@ class NodeState:
             self.origin,
             durable=cfg.audit.durable,
             verifier=self.log_verifier,
+            retired=self._retired_log_verifiers(),
         )
         try:
             if audit.repaired:
                 log.warning("audit log: %d damaged tail entries were removed", audit.repaired)
+            if audit.unchecked_checkpoints:
+                sizes = audit.unchecked_checkpoints
+                log.warning(
+                    "audit log: %d stored checkpoint(s) up to size %d were signed by a log key "
+                    "this node no longer holds (none under %s/); their roots match the stored "
+                    "entries",
+                    len(sizes),
+                    max(sizes),
+                    RETIRED_DIR,
+                )
             state = self._logged_state(audit)
             entries: list[AuditEntry] = self._key_entries(state)
             trusted = self.trust.roster

@@ -66,6 +66,7 @@ from hansa.crypto.note import (
     verify_checkpoint,
 )
 from hansa.protocol.auditleaf import (
+    KEY_ROLE_LOG,
     MAGIC,
     MAX_LEAF_SIZE,
     AnswerSent,
@@ -406,6 +407,10 @@ class AuditLog:
         durable: whether commits are fsynced (``synchronous=FULL``); False only for
             benchmarks and tests.
         repaired: how many undecodable or out-of-order tail rows the last open removed.
+        unchecked_checkpoints: sizes of the stored checkpoints, signed before the current
+            log key came into force, whose signature the last open could not check: no
+            retired log key it was given signed them (their roots did match the stored
+            leaves). See :meth:`open`.
         commits: append transactions committed since open (appends / commits is the
             mean group-commit batch).
     """
@@ -425,6 +430,8 @@ class AuditLog:
         self.origin = origin
         self.durable = durable
         self.repaired = 0
+        self.unchecked_checkpoints: list[int] = []
+        self._log_rotations: list[tuple[int, bytes]] = []  # (index, new key id), role "log"
         self.commits = 0
         self._conn = conn
         self._reader = reader
@@ -456,6 +463,7 @@ class AuditLog:
         *,
         durable: bool = True,
         verifier: NoteVerifier | None = None,
+        retired: Sequence[NoteVerifier] = (),
         max_batch: int = 4096,
     ) -> AuditLog:
         """Open (or create) the log at ``path`` and check it against its checkpoints.
@@ -465,7 +473,17 @@ class AuditLog:
             origin: the log's checkpoint origin; must match the one the file was made with.
             durable: fsync every commit (WAL, ``synchronous=FULL``). False sets
                 ``synchronous=OFF`` and is for benchmarks only.
-            verifier: when given, every stored checkpoint's signature is verified too.
+            verifier: the current log key's verifier. When given, every stored
+                checkpoint's signature is verified too: under this key, or, for a
+                checkpoint from before the log's last ``key_rotated`` entry (role
+                ``log``) that put this key in force (every checkpoint, when the log
+                records other log keys but not this one yet: the node logs the rotation
+                after opening), under one of ``retired``.
+                Such an older checkpoint signed by none of them still opens, listed in
+                :attr:`unchecked_checkpoints` (its root matched the stored leaves; the
+                key that signed it is gone, e.g. discarded after a compromise), so that a
+                node can always start after its log key was replaced (spec §16.2).
+            retired: verifiers of log keys this log used before the current one.
             max_batch: most caller jobs committed in one transaction.
 
         Returns:
@@ -473,7 +491,9 @@ class AuditLog:
 
         Raises:
             InconsistentLogError: a stored checkpoint does not match the recomputed tree,
-                or damaged leaves are covered by a checkpoint.
+                a checkpoint signed since the current log key came into force does not
+                verify under it, or damaged leaves are covered by a checkpoint.
+            ConfigError: ``verifier``'s key is one this log already retired.
             AuditLogError: the file cannot be opened, is already open (by any process),
                 is not an audit store, or belongs to another origin.
             NoteError: ``origin`` is not a valid checkpoint origin.
@@ -493,13 +513,13 @@ class AuditLog:
         log = cls(path, origin, conn, reader, durable=durable, max_batch=max_batch)
         log._lock_fd = lock_fd
         try:
-            log._load(verifier)
+            log._load(verifier, retired)
         except BaseException:
             log.close()
             raise
         return log
 
-    def _load(self, verifier: NoteVerifier | None) -> None:
+    def _load(self, verifier: NoteVerifier | None, retired: Sequence[NoteVerifier]) -> None:
         conn = self._conn
         try:
             conn.executescript(_SCHEMA)
@@ -526,8 +546,10 @@ class AuditLog:
                     f" {covered}"
                 )
             self._tree = MerkleTree.from_leaf_hashes(hashes)
+            if verifier is not None:
+                self._refuse_retired(verifier)
             for cp in checkpoints:
-                self._check_checkpoint(cp, verifier)
+                self._check_checkpoint(cp, verifier, retired)
                 self._checkpoints[cp.size] = cp
             # Only once the checkpoints vouch for the prefix is the bad tail removed.
             if bad_at is not None:
@@ -569,6 +591,8 @@ class AuditLog:
                 self._by_id.setdefault(fields.first, idx)
             elif fields.kind == EntryType.ANSWER_SENT:
                 self._by_id.setdefault(fields.second, idx)
+            elif fields.kind == EntryType.KEY_ROTATED and fields.text == KEY_ROLE_LOG:
+                self._log_rotations.append((idx, fields.second))
             hashes.append(leaf_hash(leaf))
         return hashes, None
 
@@ -588,7 +612,9 @@ class AuditLog:
             bad_at,
         )
 
-    def _check_checkpoint(self, cp: StoredCheckpoint, verifier: NoteVerifier | None) -> None:
+    def _check_checkpoint(
+        self, cp: StoredCheckpoint, verifier: NoteVerifier | None, retired: Sequence[NoteVerifier]
+    ) -> None:
         if cp.size > self._tree.size:
             raise InconsistentLogError(
                 f"checkpoint of size {cp.size} but only {self._tree.size} leaves are stored"
@@ -598,14 +624,77 @@ class AuditLog:
                 f"stored leaves do not match the checkpoint of size {cp.size}"
             )
         try:
-            if verifier is not None:
-                parsed = verify_checkpoint(cp.note, verifier, origin=self.origin)
-            else:
+            if verifier is None:
                 parsed = Checkpoint.from_text(Note.from_bytes(cp.note).text)
+            else:
+                try:
+                    parsed = verify_checkpoint(cp.note, verifier, origin=self.origin)
+                except NoteError:
+                    if not self._predates(cp.size, verifier):
+                        raise
+                    parsed = self._earlier_checkpoint(cp, retired)
         except NoteError as exc:
             raise InconsistentLogError(f"stored checkpoint {cp.size} is invalid: {exc}") from exc
         if (parsed.origin, parsed.size, parsed.root_hash) != (self.origin, cp.size, cp.root_hash):
             raise InconsistentLogError(f"stored checkpoint {cp.size} does not match its note")
+
+    @property
+    def log_key_history(self) -> list[tuple[int, bytes]]:
+        """``(index, new key id)`` of every ``key_rotated`` entry for the log key, in order.
+
+        Read at open and not updated by later appends (the node logs rotations right
+        after opening, and only then).
+        """
+        return list(self._log_rotations)
+
+    def _refuse_retired(self, verifier: NoteVerifier) -> None:
+        """Refuse a current log key that this log has already retired.
+
+        An auditor fails a log that rotates back to a retired log key (spec §16.2: a
+        leaked retired key could otherwise sign trees past its retirement after a
+        correctly chained rotation back to it), so a node restored with an old key file
+        stops here instead of writing that entry.
+        """
+        current = verifier.public_key.key_id
+        history = self._log_rotations
+        if history and history[-1][1] != current:
+            for index, key in history[:-1]:
+                if key == current:
+                    raise ConfigError(
+                        f"the log key {current.hex()[:16]}… was retired after audit entry "
+                        f"{index}; a retired log key is never used again (spec §16.2): put "
+                        "a new key in place (hansa node rotate-key --key log)"
+                    )
+
+    def _predates(self, size: int, verifier: NoteVerifier) -> bool:
+        """Whether a checkpoint of ``size`` was signed before ``verifier``'s key came into force.
+
+        The key came into force with the last ``key_rotated`` entry (role ``log``) naming
+        it, inside every tree larger than that entry's index. A key no entry names while
+        others do is new (the node logs it right after opening), so every stored
+        checkpoint predates it. A log with no such entry at all (made before rotations
+        were logged, or not by a node) gives no schedule: every checkpoint must verify
+        under this key or a retired one.
+        """
+        current = verifier.public_key.key_id
+        for index, new in reversed(self._log_rotations):
+            if new == current:
+                return size <= index
+        return bool(self._log_rotations)
+
+    def _earlier_checkpoint(
+        self, cp: StoredCheckpoint, retired: Sequence[NoteVerifier]
+    ) -> Checkpoint:
+        """Check a checkpoint from before the current log key under a retired one."""
+        for old in retired:
+            try:
+                return verify_checkpoint(cp.note, old, origin=self.origin)
+            except NoteError:
+                continue
+        # Signed by a key this node no longer holds: its root matched the stored leaves
+        # (checked above), which is what the store needs; the note must still parse.
+        self.unchecked_checkpoints.append(cp.size)
+        return Checkpoint.from_text(Note.from_bytes(cp.note).text)
 
     def close(self) -> None:
         """Close the store; later calls raise :class:`AuditLogError`."""

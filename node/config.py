@@ -68,6 +68,7 @@ __all__ = [
     "DEFAULT_PORT",
     "KEY_FILE",
     "LOG_KEY_FILE",
+    "RETIRED_DIR",
     "ROSTER_FILE",
     "ROSTER_HISTORY_DIR",
     "WITNESS_KEY_FILE",
@@ -87,6 +88,7 @@ __all__ = [
     "parse_config",
     "parse_pin",
     "render_config",
+    "retired_key_files",
 ]
 
 CONFIG_FILE: Final = "node.toml"
@@ -104,6 +106,8 @@ LOG_KEY_FILE: Final = "log.key"
 """Default name of the key that signs the audit log's checkpoints."""
 WITNESS_KEY_FILE: Final = "witness.key"
 """Default name of the witness cosigning key (only for a witnessing city)."""
+RETIRED_DIR: Final = "retired"
+"""Beside a key file: the keys it replaced (``hansa node rotate-key``), one file each."""
 AUDIT_FILE: Final = "audit.sqlite"
 """Name of the audit log store inside the data directory."""
 
@@ -1092,3 +1096,18 @@ def configure_alliance(
     _write_roster(data_dir, updated.alliance.roster_file, roster.version, data)
     _atomic_write(path, text.encode("utf-8"))
     return updated
+
+
+def retired_key_files(key_file: Path) -> list[Path]:
+    """The files of the keys ``key_file`` replaced, oldest first.
+
+    ``hansa node rotate-key`` keeps each under ``retired/`` beside the key file, named
+    ``<stem>-<UTC time>-<key id prefix>.key``.
+
+    Args:
+        key_file: the key file in use.
+
+    Returns:
+        The retired key files (none when there is no ``retired/`` directory).
+    """
+    return sorted((key_file.parent / RETIRED_DIR).glob(f"{key_file.stem}-*.key"))
