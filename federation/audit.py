@@ -1492,12 +1492,16 @@ class CompareReport:
         first_difference: the first leaf index where the two stores differ, or None.
         failures: the inconsistencies found (a forked history).
         checked_pairs: checkpoint pairs compared.
+        unverified: per store (``a``, ``b``), the sizes of its checkpoints that no log
+            key in use verifies, left out of the comparison (:func:`verify_log` reports
+            them as failures).
     """
 
     city: str
     first_difference: int | None = None
     failures: list[str] = field(default_factory=list)
     checked_pairs: int = 0
+    unverified: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
 
     def __bool__(self) -> bool:
         return not self.failures
@@ -1512,50 +1516,82 @@ def _tree(contents: LogContents) -> MerkleTree:
     return MerkleTree.from_leaf_hashes(hashes)
 
 
-def _verified(contents: LogContents, log_vkey: str) -> list[tuple[int, bytes]]:
-    verifier = NoteVerifier.from_vkey(log_vkey)
+def _verified(
+    contents: LogContents, verifiers: Sequence[NoteVerifier], unverified: list[int]
+) -> list[tuple[int, bytes]]:
+    """The (size, root) of every checkpoint some verifier signs; the rest in ``unverified``."""
     out = []
     for seen in contents.checkpoints:
-        try:
-            cp = open_checkpoint(seen.note, verifier, origin=contents.origin).checkpoint
-        except HansaError:
-            continue  # verify_log reports it; only signed statements can fork
-        out.append((cp.size, cp.root_hash))
+        for verifier in verifiers:
+            try:
+                cp = open_checkpoint(seen.note, verifier, origin=contents.origin).checkpoint
+            except HansaError:
+                continue
+            out.append((cp.size, cp.root_hash))
+            break
+        else:
+            # verify_log reports it; only signed statements can fork.
+            unverified.append(_note_size(seen.note))
     return out
 
 
-def compare_stores(a: LogContents, b: LogContents) -> CompareReport:
+def _note_size(note: bytes) -> int:
+    """A checkpoint note's size, read without its signature (-1 when it does not parse)."""
+    try:
+        return Checkpoint.from_text(Note.from_bytes(note).text).size
+    except HansaError:
+        return -1
+
+
+def compare_stores(a: LogContents, b: LogContents, rosters: Sequence[Roster] = ()) -> CompareReport:
     """Compare two auditors' views of one city's log: detect a forked history.
 
     Each signed checkpoint of one view must be consistent with every signed checkpoint
     of the other: equal roots at equal sizes, and the larger one's leaves (held by
     whichever store has them) must give the smaller one's root.
 
+    A checkpoint counts when it is signed by a log key the supplied rosters name for the
+    city (any version: two checkpoints that conflict are a fork or a leaked key, either
+    way an alarm, whichever key signed them), else, with no roster naming one, by the
+    key both stores pinned on first use. The others are left out and listed in
+    :attr:`CompareReport.unverified`.
+
     Args:
         a: one auditor's store contents.
         b: another auditor's store contents of the same city.
+        rosters: alliance roster versions naming the city's log keys.
 
     Returns:
         The comparison.
 
     Raises:
-        ConfigError: the stores are of different logs or pin different log keys.
+        ConfigError: the stores are of different logs.
     """
     if a.origin != b.origin:
         raise ConfigError(f"cannot compare logs {a.origin!r} and {b.origin!r}")
     report = CompareReport(a.city)
-    if a.log_vkey is None or b.log_vkey is None:
-        report.failures.append("a store has no pinned log key")
-        return report
-    if a.log_vkey != b.log_vkey:
-        report.failures.append("the two auditors were given different log keys")
-        return report
+    verifiers: list[NoteVerifier] = []
+    for roster in sorted(rosters, key=lambda r: r.version, reverse=True):
+        named = roster.log_verifier(a.city, a.origin)
+        if named is not None and named not in verifiers:
+            verifiers.append(named)
+    if not verifiers:
+        if a.log_vkey is None or b.log_vkey is None:
+            report.failures.append("a store has no pinned log key and no roster names one")
+            return report
+        if a.log_vkey != b.log_vkey:
+            report.failures.append(
+                "the two auditors pinned different log keys and no roster names the city's"
+            )
+            return report
+        verifiers = [NoteVerifier.from_vkey(a.log_vkey)]
     trees = (_tree(a), _tree(b))
     for i in range(min(trees[0].size, trees[1].size)):
         if trees[0].leaf_hash_at(i) != trees[1].leaf_hash_at(i):
             report.first_difference = i
             break
-    ca, cb = _verified(a, a.log_vkey), _verified(b, b.log_vkey)
+    ca = _verified(a, verifiers, report.unverified[0])
+    cb = _verified(b, verifiers, report.unverified[1])
     for sa, ra in ca:
         for sb, rb in cb:
             report.checked_pairs += 1
