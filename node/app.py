@@ -104,6 +104,8 @@ from typing import Final, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from hansa.crypto import PublicKey, SigningKey, open_envelope, seal
 from hansa.crypto.keyfile import read_key_file, read_public_key, write_key_file
@@ -236,6 +238,13 @@ until it returns, so the pool stays bounded)."""
 
 _MAX_ROSTER_BODY: Final = MAX_ROSTER_SIZE + 65 * MAX_ROSTER_SIGNATURES + 64
 """Largest accepted ``POST /v1/roster`` body: the largest signed roster file."""
+
+_BODY_TIMEOUT_S: Final = 30.0
+"""Longest wait for a request body once its headers have arrived, in seconds. aiohttp
+puts no time limit on a body: a client that trickled it, or stopped before its
+``Content-Length``, held the handler and the connection until it went away
+(tests/test_node_hostile.py). Headers and idle connections are bounded by the server's
+keep-alive timeout (:data:`hansa.node.server.KEEPALIVE_TIMEOUT_S`)."""
 
 _NO_STORE: Final = {"Cache-Control": "no-store"}
 """Every reply carries this header (spec §10)."""
@@ -393,6 +402,31 @@ class _AuditUnavailable(HansaError):
 
 class _MediaTypeError(ProtocolError):
     """The request's Content-Type is not the expected media type (HTTP 415)."""
+
+
+@contextlib.asynccontextmanager
+async def _receiving() -> AsyncIterator[None]:
+    """Bound a request body read in time; a broken body is the client's, not ours.
+
+    A client that goes away mid-body (``ConnectionResetError``) or breaks the framing
+    of a chunked body (aiohttp's payload errors) sent bad input: without this the
+    handlers' catch-all logged it as an internal error, with a traceback.
+
+    Raises:
+        ProtocolError: (``MALFORMED``) the body did not arrive within
+            :data:`_BODY_TIMEOUT_S`, or arrived broken or incomplete.
+    """
+    try:
+        async with asyncio.timeout(_BODY_TIMEOUT_S):
+            yield
+    except TimeoutError:
+        raise ProtocolError(
+            f"the request body did not arrive within {_BODY_TIMEOUT_S:g} s", ErrorCode.MALFORMED
+        ) from None
+    except (ConnectionError, RequestPayloadError, HttpProcessingError) as exc:
+        raise ProtocolError(
+            "the request body is incomplete or malformed", ErrorCode.MALFORMED
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -624,7 +658,8 @@ class NodeState:
                 f"request of {declared} bytes exceeds the limit of {limit}", ErrorCode.TOO_LARGE
             )
         try:
-            data = await request.read()
+            async with _receiving():
+                data = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise ProtocolError(
                 f"request exceeds the limit of {limit} bytes", ErrorCode.TOO_LARGE
@@ -1620,7 +1655,18 @@ class NodeState:
             declared = request.content_length
             if declared is not None and declared > _MAX_WITNESS_BODY:
                 raise ProtocolError("add-checkpoint body too large", ErrorCode.TOO_LARGE)
-            data = await request.content.read(_MAX_WITNESS_BODY + 1)
+            # Until the end of the body: one read(n) returns what has arrived so far, and
+            # a body in several TCP segments was cut short (a spurious MALFORMED).
+            parts: list[bytes] = []
+            size = 0
+            async with _receiving():
+                while size <= _MAX_WITNESS_BODY:
+                    part = await request.content.read(_MAX_WITNESS_BODY + 1 - size)
+                    if not part:
+                        break
+                    parts.append(part)
+                    size += len(part)
+            data = b"".join(parts)
             body = decode_as(data, AddCheckpoint, max_size=_MAX_WITNESS_BODY)
             line = await asyncio.to_thread(
                 witness.add_checkpoint,
@@ -1734,13 +1780,15 @@ class NodeState:
             )
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > _MAX_ROSTER_BODY:
-                raise ProtocolError(
-                    f"roster exceeds the limit of {_MAX_ROSTER_BODY} bytes", ErrorCode.TOO_LARGE
-                )
-            chunks.append(chunk)
+        async with _receiving():
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > _MAX_ROSTER_BODY:
+                    raise ProtocolError(
+                        f"roster exceeds the limit of {_MAX_ROSTER_BODY} bytes",
+                        ErrorCode.TOO_LARGE,
+                    )
+                chunks.append(chunk)
         return b"".join(chunks)
 
     def _roster_ok(self, trusted: TrustedRoster, outcome: str) -> _Reply:

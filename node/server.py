@@ -30,11 +30,12 @@ from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from hansa.node.app import NODE, AnswerEngine, create_app
 from hansa.node.config import NodeConfig
 
-__all__ = ["READY_PREFIX", "configure_logging", "run", "serve"]
+__all__ = ["KEEPALIVE_TIMEOUT_S", "READY_PREFIX", "configure_logging", "run", "serve"]
 
 READY_PREFIX: Final = "hansa node "
 GC_THRESHOLDS: Final = (50_000, 50, 100)
@@ -45,7 +46,33 @@ counting within the request; with the default the young generation is collected 
 few requests, each time walking the requests still in flight. ``bench/node.py`` (a),
 same run: +4-6 % requests/s, about as much as with the cyclic GC switched off. Cyclic
 garbage waits for at most 50,000 allocations (a few MB)."""
+KEEPALIVE_TIMEOUT_S: Final = 75.0
+"""Seconds a connection may stay open without a complete request: from its opening, and
+after each reply. aiohttp's own default is 3630 s, and its timer is the only bound on a
+client that connects and sends nothing, or trickles its headers (slowloris): each such
+connection held a file descriptor for an hour (tests/test_node_hostile.py). Fan-out
+clients reuse idle connections for 15 s at most (``hansa.federation.transport``)."""
 log = logging.getLogger("hansa.node")
+
+
+class _MalformedHttpFilter(logging.Filter):
+    """One warning line, without a traceback, for a request aiohttp could not parse.
+
+    aiohttp logs bad framing, header floods and over-long lines at ERROR with a
+    traceback (``aiohttp.server``): the client's input, not a node failure, and a
+    cheap way to fill the node's log. Every other record passes unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            args = record.args
+            remote = args[0] if isinstance(args, tuple) and args else "?"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "malformed HTTP request from %s: %s"
+            record.args = (remote, " ".join(str(exc).split())[:200])
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _url(host: str, port: int) -> str:
@@ -84,8 +111,16 @@ async def serve(
         handle_signals=False,
         access_log=log if config.access_log else None,
         shutdown_timeout=config.limits.shutdown_timeout_s,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
     )
-    await runner.setup()
+    http_log = logging.getLogger("aiohttp.server")
+    malformed = _MalformedHttpFilter()
+    http_log.addFilter(malformed)
+    try:
+        await runner.setup()
+    except BaseException:
+        http_log.removeFilter(malformed)
+        raise
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
@@ -132,6 +167,7 @@ async def serve(
         for sig in installed:
             loop.remove_signal_handler(sig)
         await runner.cleanup()
+        http_log.removeFilter(malformed)
         log.info("node %s stopped", config.city)
 
 
