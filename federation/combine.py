@@ -10,8 +10,9 @@ cities and derives the final values. The central property (DESIGN
 what the same query computes over the union of the cities' rows:
 
 - exactly for counts, integer sums, min, max and histograms (integer sums
-  are added as Python ints, so merging never wraps around; a total beyond the
-  wire's 64-bit range raises ``TooLargeError`` rather than being rounded);
+  and counts are added as Python ints, so merging never wraps around; a total
+  beyond the wire's 64-bit range raises ``TooLargeError`` rather than being
+  rounded);
 - for float sums up to the rounding of each city's own total: the totals
   are added with :func:`math.fsum`, exactly rounded;
 - within float tolerance for mean, variance and stddev: the moments
@@ -264,6 +265,21 @@ def _exact_sum(totals: Sequence[int | float]) -> int | float:
         raise TooLargeError("merged float sum exceeds the largest double") from exc
 
 
+def _wire_count(total: int, what: str) -> int:
+    """A merged count, refused beyond the wire's integer range as sums are (``_exact_sum``).
+
+    Found by tests/test_verify_hostile.py: three cities each claiming ``2**63 - 1`` rows
+    merged to a count no MessagePack encoder accepts, so the fan-out could not write its
+    evidence bundle; refused here, the combination fails cleanly instead (with a reason).
+
+    Raises:
+        TooLargeError: ``total`` exceeds ``INT_MAX``.
+    """
+    if total > INT_MAX:
+        raise TooLargeError(f"merged {what} {total} exceeds the wire's integer range")
+    return total
+
+
 def _extreme(values: Sequence[int | float], want_max: bool) -> int | float:
     """Min or max with a total tie-break so the merge is commutative bit for bit.
 
@@ -337,8 +353,9 @@ def merge_many(
             non-finite float, histogram bins that differ, sketches with
             different ``alpha``).
         TooLargeError: the merged state cannot be represented: a sketch store
-            beyond ``MAX_SKETCH_BUCKETS``, an integer sum beyond the wire's
-            64-bit range, a float sum or moments beyond the double range.
+            beyond ``MAX_SKETCH_BUCKETS``, an integer sum, count or histogram
+            count beyond the wire's 64-bit range, a float sum or moments beyond
+            the double range.
         HansaError: ``INTERNAL`` when min/max states are merged without the aggregate.
     """
     if not states:
@@ -351,7 +368,7 @@ def merge_many(
             _check_state(aggregate, state)
     first = states[0]
     if isinstance(first, CountState):
-        return CountState(n=sum(s.n for s in _of(CountState, states)))
+        return CountState(n=_wire_count(sum(s.n for s in _of(CountState, states)), "count"))
     if isinstance(first, SumState):
         sums = _of(SumState, states)
         return SumState(n=sum(s.n for s in sums), total=_exact_sum([s.total for s in sums]))
@@ -373,11 +390,14 @@ def merge_many(
         if any(len(h.counts) != width for h in hists):
             raise _invalid("cannot merge histograms with different numbers of bins")
         return HistogramState(
-            counts=tuple(sum(col) for col in zip(*(h.counts for h in hists), strict=True))
+            counts=tuple(
+                _wire_count(sum(col), "histogram count")
+                for col in zip(*(h.counts for h in hists), strict=True)
+            )
             if width
             else (),
-            below=sum(h.below for h in hists),
-            above=sum(h.above for h in hists),
+            below=_wire_count(sum(h.below for h in hists), "histogram count"),
+            above=_wire_count(sum(h.above for h in hists), "histogram count"),
         )
     return merge_sketch_many(_of(SketchState, states))
 

@@ -96,7 +96,9 @@ from hansa.protocol.envelope import (
 from hansa.protocol.errors import ErrorCode, HansaError, ProtocolError
 from hansa.protocol.messages import (
     MAX_AGGREGATES,
+    MAX_BIN_EDGES,
     MAX_GROUPS,
+    MAX_QUANTILES,
     MAX_TARGETS,
     AuditOp,
     AuditResponse,
@@ -196,8 +198,10 @@ class ScalarValue(_EvidenceWire, frozen=True, tag="scalar"):
 class HistogramValue(_EvidenceWire, frozen=True, tag="histogram"):
     """A histogram's final counts (see :class:`hansa.federation.combine.HistogramCounts`)."""
 
-    edges: tuple[float, ...]
-    counts: tuple[int, ...]
+    # Bounded as the query's histogram is (the bundle is hostile input): unbounded, a
+    # 512 MiB bundle of one-byte counts decoded to ~4 GiB of tuple slots.
+    edges: Annotated[tuple[float, ...], Meta(max_length=MAX_BIN_EDGES)]
+    counts: Annotated[tuple[int, ...], Meta(max_length=MAX_BIN_EDGES - 1)]
     below: int
     above: int
 
@@ -205,7 +209,7 @@ class HistogramValue(_EvidenceWire, frozen=True, tag="histogram"):
 class QuantilesValue(_EvidenceWire, frozen=True, tag="quantiles"):
     """One estimate per requested rank (``None``: no values)."""
 
-    values: tuple[float | None, ...]
+    values: Annotated[tuple[float | None, ...], Meta(max_length=MAX_QUANTILES)]
 
 
 ClaimedValue = ScalarValue | HistogramValue | QuantilesValue
@@ -697,10 +701,12 @@ def _check_entry(
                 why = ""
             except HansaError as exc:
                 fits, why = False, exc.message
+            # An answer carries no error code (the fan-out records None): a claimed
+            # code beside a signed answer is a claim the signature contradicts.
             if checks.add("answer fits query", fits, why) and checks.add(
                 "status matches",
-                status == "answered",
-                f"claimed {status!r} but the city signed an answer",
+                status == "answered" and entry.code is None,
+                f"claimed {status!r} (code {entry.code}) but the city signed an answer",
             ):
                 answer, signed = reply, True
         elif isinstance(reply, QueryRefusal):

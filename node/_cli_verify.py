@@ -18,6 +18,9 @@ error) when a file cannot be read or an option is malformed.
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import stat
 import sys
 import time
 from pathlib import Path
@@ -61,12 +64,59 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_verify)
 
 
+_CHUNK = 1024 * 1024
+
+# Characters a terminal acts on (C0, DEL, C1: ESC starts cursor movement and colour,
+# CR and BS overwrite a line) and the Unicode line separators and bidi controls that
+# reorder what is shown. Rich strips BEL, BS and CR but passes ESC through.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
 def _read_limited(path: str, limit: int) -> bytes:
+    """Read a whole file of at most ``limit`` bytes, refusing larger ones without reading them.
+
+    The bundle is the analyst's, so hostile: a 10 GB (sparse) file used to be read
+    up to ``limit + 1`` bytes (512 MiB) before it was refused, and a character
+    device such as /dev/zero never ends. A regular file is judged by its size and
+    read in one piece of that size; a pipe (``/dev/stdin``) is read in chunks up to
+    the limit; anything else (a device, a socket) is refused.
+
+    Raises:
+        ProtocolError: ``TOO_LARGE`` over the limit, ``INVALID_FIELD`` for a file
+            that is neither a regular file nor a pipe.
+        OSError: the file cannot be opened or read (a directory, a missing file).
+    """
     with Path(path).open("rb") as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
+        info = os.fstat(fh.fileno())
+        if stat.S_ISREG(info.st_mode):
+            if info.st_size > limit:
+                raise ProtocolError(
+                    f"{path} is larger than {limit} bytes ({info.st_size})", ErrorCode.TOO_LARGE
+                )
+            expected = info.st_size
+        elif stat.S_ISFIFO(info.st_mode):
+            expected = _CHUNK
+        else:
+            raise ProtocolError(f"{path} is not a regular file or a pipe", ErrorCode.INVALID_FIELD)
+        parts: list[bytes] = []
+        size = 0
+        want = expected + 1  # one more than the size: a file that grew is still noticed
+        while size <= limit and (part := fh.read(min(want, limit + 1 - size))):
+            parts.append(part)
+            size += len(part)
+            want = _CHUNK
+    if size > limit:
         raise ProtocolError(f"{path} is larger than {limit} bytes", ErrorCode.TOO_LARGE)
-    return data
+    return b"".join(parts)
+
+
+def _shown(text: str) -> str:
+    """``text`` safe to print: rich markup escaped, terminal controls as ``\\xNN``.
+
+    Every string of a verdict may echo bytes of the (hostile) bundle: unsigned
+    statuses and details, and decoder messages quoting a tag it did not expect.
+    """
+    return escape(_UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text))
 
 
 def _trusted(path: str) -> SignedRoster:
@@ -74,7 +124,10 @@ def _trusted(path: str) -> SignedRoster:
     try:
         return decode_signed_roster(data)
     except ProtocolError as exc:
-        raise ProtocolError(f"{path} is not a roster file: {exc.message}", exc.code) from exc
+        # The decoder's message may quote bytes of the file: keep them off the terminal.
+        raise ProtocolError(
+            f"{path} is not a roster file: {_UNPRINTABLE.sub('?', exc.message)}", exc.code
+        ) from exc
 
 
 def _pin(text: str) -> bytes:
@@ -102,7 +155,7 @@ def _print(verdict: Verdict, path: str) -> None:
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if verdict.alliance is not None:
         console.print(
-            f"bundle {escape(path)}: alliance [bold]{escape(verdict.alliance)}[/bold], "
+            f"bundle {_shown(path)}: alliance [bold]{_shown(verdict.alliance)}[/bold], "
             f"roster version {verdict.roster_version}, {verdict.answered} verified answer(s)"
         )
     if verdict.request:
@@ -110,7 +163,7 @@ def _print(verdict: Verdict, path: str) -> None:
         names = ", ".join(c.name for c in verdict.request if c.ok)
         console.print(
             f"request (one, sent to every city): "
-            f"{'[green]✓[/green]' if ok else '[red]✗[/red]'} {escape(names)}"
+            f"{'[green]✓[/green]' if ok else '[red]✗[/red]'} {_shown(names)}"
         )
     if verdict.cities:
         table = Table(title="cities")
@@ -120,18 +173,18 @@ def _print(verdict: Verdict, path: str) -> None:
             passed = sum(c.ok for c in line.checks)
             evidence = "signed" if line.signed else "unsigned claim"
             table.add_row(
-                escape(line.city),
-                escape(line.status),
+                _shown(line.city),
+                _shown(line.status),
                 evidence,
                 f"{passed}/{len(line.checks)} passed",
-                escape("; ".join(line.failures)) or "-",
+                _shown("; ".join(line.failures)) or "-",
                 style=None if line.ok else "red",
             )
         console.print(table)
     for note in verdict.notes:
-        console.print(f"note: {escape(note)}")
+        console.print(f"note: {_shown(note)}")
     for failure in verdict.failures:
-        console.print(f"[red]FAIL[/red] {escape(failure)}")
+        console.print(f"[red]FAIL[/red] {_shown(failure)}")
     if verdict.ok:
         console.print(
             "[bold green]VALID[/bold green]: every signature, status and value checks out"
