@@ -65,7 +65,7 @@ from hansa.federation.roster import (
     signed_by,
     unsigned,
 )
-from hansa.federation.sketch import sketch_from_values
+from hansa.federation.sketch import ZERO_THRESHOLD, bucket_index, sketch_from_values
 from hansa.node.cli import EXIT_ERROR, EXIT_VERIFY_FAILED, main
 from hansa.protocol.auditleaf import RequestReceived, encode_entry
 from hansa.protocol.codec import decode_as, encode
@@ -458,9 +458,7 @@ def test_an_unsigned_status_carrying_a_reply_or_an_unknown_status_is_rejected() 
 # --- rosters -------------------------------------------------------------------------------
 
 
-def with_roster(roster: SignedRoster, **changes: object) -> bytes:
-    request = changes.pop("request", REQUEST)
-    assert isinstance(request, bytes)
+def with_roster(roster: SignedRoster, *, request: bytes = REQUEST) -> bytes:
     return data_of(assemble(roster=roster, request=request))
 
 
@@ -566,9 +564,8 @@ def test_sketches_at_the_extreme_indices_recombine_without_overflow() -> None:
 
 
 def evidence_bounds() -> tuple[int, int]:
-    from hansa.federation.sketch import _index_bounds
-
-    return _index_bounds(0.01)
+    """The least and greatest bucket index any finite value can have (alpha 0.01)."""
+    return bucket_index(ZERO_THRESHOLD), bucket_index(sys.float_info.max)
 
 
 def test_sketches_too_many_buckets_merged_are_a_failure_not_a_crash() -> None:
