@@ -74,6 +74,7 @@ from hansa.federation.roster import (
     roster_digest,
     verify_roster,
 )
+from hansa.node._cli_io import read_limited
 from hansa.node.cli import EXIT_VERIFY_FAILED
 from hansa.node.config import AUDIT_FILE, load_config
 from hansa.protocol.envelope import PayloadType, decode_envelope, message_id
@@ -168,14 +169,6 @@ def _console() -> Console:
     return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
-def _read_limited(path: str | Path, limit: int) -> bytes:
-    with Path(path).open("rb") as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise ProtocolError(f"{path} is larger than {limit} bytes", ErrorCode.TOO_LARGE)
-    return data
-
-
 def read_rosters(paths: Sequence[str | Path]) -> list[Roster]:
     """Read roster files (see :func:`read_signed_rosters`); return the rosters."""
     return [roster for roster, _digest in read_signed_rosters(paths)]
@@ -199,7 +192,7 @@ def read_signed_rosters(paths: Sequence[str | Path]) -> list[tuple[Roster, bytes
     """
     rosters = []
     for path in paths:
-        signed = decode_signed_roster(_read_limited(path, _MAX_ROSTER_FILE))
+        signed = decode_signed_roster(read_limited(path, _MAX_ROSTER_FILE))
         rosters.append((verify_roster(signed, None, 0), roster_digest(signed)))
     return rosters
 
@@ -587,7 +580,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     for city in AuditorStore.cities(args.store):
         with AuditorStore.open(args.store, city) as store:
             logs[city] = store.contents()
-    bundles = [read_bundle(_read_limited(p, MAX_BUNDLE_SIZE)) for p in args.bundles]
+    bundles = [read_bundle(read_limited(p, MAX_BUNDLE_SIZE)) for p in args.bundles]
     result = reconcile(logs, bundles)
     console = _console()
     console.print(

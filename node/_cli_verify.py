@@ -18,12 +18,8 @@ error) when a file cannot be read or an option is malformed.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import stat
 import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -36,8 +32,9 @@ from hansa.federation.roster import (
     SignedRoster,
     decode_signed_roster,
 )
+from hansa.node._cli_io import printable, read_limited
 from hansa.node.cli import EXIT_VERIFY_FAILED
-from hansa.protocol.errors import ConfigError, ErrorCode, ProtocolError
+from hansa.protocol.errors import ConfigError, ProtocolError
 
 __all__ = ["register"]
 
@@ -64,69 +61,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_verify)
 
 
-_CHUNK = 1024 * 1024
-
-# Characters a terminal acts on (C0, DEL, C1: ESC starts cursor movement and colour,
-# CR and BS overwrite a line) and the Unicode line separators and bidi controls that
-# reorder what is shown. Rich strips BEL, BS and CR but passes ESC through.
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
-
-
-def _read_limited(path: str, limit: int) -> bytes:
-    """Read a whole file of at most ``limit`` bytes, refusing larger ones without reading them.
-
-    The bundle is the analyst's, so hostile: a 10 GB (sparse) file used to be read
-    up to ``limit + 1`` bytes (512 MiB) before it was refused, and a character
-    device such as /dev/zero never ends. A regular file is judged by its size and
-    read in one piece of that size; a pipe (``/dev/stdin``) is read in chunks up to
-    the limit; anything else (a device, a socket) is refused.
-
-    Raises:
-        ProtocolError: ``TOO_LARGE`` over the limit, ``INVALID_FIELD`` for a file
-            that is neither a regular file nor a pipe.
-        OSError: the file cannot be opened or read (a directory, a missing file).
-    """
-    with Path(path).open("rb") as fh:
-        info = os.fstat(fh.fileno())
-        if stat.S_ISREG(info.st_mode):
-            if info.st_size > limit:
-                raise ProtocolError(
-                    f"{path} is larger than {limit} bytes ({info.st_size})", ErrorCode.TOO_LARGE
-                )
-            expected = info.st_size
-        elif stat.S_ISFIFO(info.st_mode):
-            expected = _CHUNK
-        else:
-            raise ProtocolError(f"{path} is not a regular file or a pipe", ErrorCode.INVALID_FIELD)
-        parts: list[bytes] = []
-        size = 0
-        want = expected + 1  # one more than the size: a file that grew is still noticed
-        while size <= limit and (part := fh.read(min(want, limit + 1 - size))):
-            parts.append(part)
-            size += len(part)
-            want = _CHUNK
-    if size > limit:
-        raise ProtocolError(f"{path} is larger than {limit} bytes", ErrorCode.TOO_LARGE)
-    return b"".join(parts)
-
-
 def _shown(text: str) -> str:
     """``text`` safe to print: rich markup escaped, terminal controls as ``\\xNN``.
 
     Every string of a verdict may echo bytes of the (hostile) bundle: unsigned
     statuses and details, and decoder messages quoting a tag it did not expect.
     """
-    return escape(_UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text))
+    return escape(printable(text))
 
 
 def _trusted(path: str) -> SignedRoster:
-    data = _read_limited(path, _MAX_ROSTER_FILE)
+    data = read_limited(path, _MAX_ROSTER_FILE)
     try:
         return decode_signed_roster(data)
     except ProtocolError as exc:
         # The decoder's message may quote bytes of the file: keep them off the terminal.
         raise ProtocolError(
-            f"{path} is not a roster file: {_UNPRINTABLE.sub('?', exc.message)}", exc.code
+            f"{path} is not a roster file: {printable(exc.message)}", exc.code
         ) from exc
 
 
@@ -143,7 +94,7 @@ def _pin(text: str) -> bytes:
 def _verify(args: argparse.Namespace) -> int:
     pin = _pin(args.pin) if args.pin else None
     trusted = _trusted(args.roster) if args.roster else None
-    data = _read_limited(args.bundle, MAX_BUNDLE_SIZE)
+    data = read_limited(args.bundle, MAX_BUNDLE_SIZE)
     verdict = verify_bundle(
         data, trusted_roster=trusted, pin=pin, now_ms=time.time_ns() // 1_000_000
     )

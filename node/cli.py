@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from hansa import __version__
+from hansa.node._cli_io import printable
 from hansa.protocol.errors import HansaError
 
 __all__ = [
@@ -80,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except HansaError as exc:
-        print(f"hansa: error: {exc.message} [{exc.code.name}]", file=sys.stderr)
+        # The message may quote bytes of a hostile file: no terminal controls.
+        print(f"hansa: error: {printable(exc.message)} [{exc.code.name}]", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("hansa: interrupted", file=sys.stderr)
@@ -90,5 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hansa: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:
-        print(f"hansa: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(
+            f"hansa: internal error: {type(exc).__name__}: {printable(str(exc))}", file=sys.stderr
+        )
         return EXIT_ERROR
