@@ -145,6 +145,8 @@ class NodeLimits:
         max_skew_ms: tolerated clock skew for a future-dated ``issued_at``, in ms.
         max_validity_ms: largest accepted ``expires_at - issued_at``, in ms.
         replay_capacity: most unexpired requests remembered by the replay cache.
+        max_connections: most client connections open at once; one more is answered
+            ``503`` and closed before anything is read from it.
     """
 
     max_request_bytes: int = 256 * KIB
@@ -157,6 +159,7 @@ class NodeLimits:
     max_skew_ms: int = 30_000
     max_validity_ms: int = 300_000
     replay_capacity: int = 100_000
+    max_connections: int = 1024
 
     def __post_init__(self) -> None:
         _check_int("limits", "max_request_bytes", self.max_request_bytes, KIB, 4 * MIB)
@@ -173,6 +176,7 @@ class NodeLimits:
         _check_int("limits", "max_skew_ms", self.max_skew_ms, 0, 3_600_000)
         _check_int("limits", "max_validity_ms", self.max_validity_ms, 1, 86_400_000)
         _check_int("limits", "replay_capacity", self.replay_capacity, 1, 100_000_000)
+        _check_int("limits", "max_connections", self.max_connections, 1, 1_000_000)
 
     def freshness(self) -> FreshnessLimits:
         """Return the freshness parameters for :class:`~hansa.protocol.ReplayGuard`."""
@@ -439,6 +443,7 @@ _LIMIT_FIELDS: Final[Mapping[str, type]] = {
     "max_skew_ms": int,
     "max_validity_ms": int,
     "replay_capacity": int,
+    "max_connections": int,
 }
 
 
@@ -745,6 +750,9 @@ max_validity_ms = {lim.max_validity_ms}
 # Most unexpired requests the replay cache remembers (entries). When it is full
 # of unexpired entries the node refuses with REPLAY_CACHE_FULL rather than forget.
 replay_capacity = {lim.replay_capacity}
+# Most client connections open at once (each holds a file descriptor; keep it below
+# the process's open-file limit). One more is answered 503 and closed unread.
+max_connections = {lim.max_connections}
 
 [alliance]
 # The alliance roster (spec §15.1), relative to this directory, and the SHA-256 (64 hex

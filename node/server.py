@@ -75,6 +75,65 @@ class _MalformedHttpFilter(logging.Filter):
         return True
 
 
+_BUSY: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\n\r\n"
+)
+"""The whole reply to a connection beyond ``limits.max_connections``."""
+
+
+class _Busy(asyncio.Protocol):
+    """A connection beyond the limit: answered 503 and closed, nothing read from it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.write(_BUSY)
+        transport.close()
+
+
+class _CappedSite(web.TCPSite):
+    """A TCP site that keeps at most ``limit`` connections open (``limits.max_connections``).
+
+    aiohttp bounds neither connections nor file descriptors: idle keep-alive connections
+    (until :data:`KEEPALIVE_TIMEOUT_S`) and slow clients each hold one, and a client that
+    opens thousands starves the process of descriptors, so that every new connection,
+    good ones included, is reset (tests/test_node_hostile.py). Beyond the limit a new
+    connection is answered ``503`` and closed at once: the node stays reachable for the
+    connections it has, and clients see why they were turned away.
+    """
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limit: int) -> None:
+        super().__init__(runner, host, port)
+        self._limit = limit
+
+    async def start(self) -> None:
+        """Listen, as ``TCPSite.start`` does, through the counting protocol factory."""
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+        limit = self._limit
+
+        def protocol() -> asyncio.Protocol:
+            # server.connections: the handlers of the open connections (aiohttp adds
+            # one when it is made and drops it when it is lost).
+            if len(server.connections) >= limit:
+                return _Busy()
+            return server()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            protocol,
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        sockets = self._server.sockets
+        if sockets and hasattr(self, "_bound_port"):  # TCPSite.port reports the bound port
+            self._bound_port = int(sockets[0].getsockname()[1])
+
+
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -125,7 +184,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     try:
-        site = web.TCPSite(runner, config.host, config.port)
+        site = _CappedSite(runner, config.host, config.port, limit=config.limits.max_connections)
         await site.start()
         port = config.port
         for address in runner.addresses:
