@@ -857,7 +857,8 @@ def _log_verifiers(
     named: list[NoteVerifier] = []
     for roster in sorted(rosters, key=lambda r: r.version, reverse=True):
         verifier = roster.log_verifier(contents.city, contents.origin)
-        if verifier is not None and verifier not in named:
+        # By key: a verifier is built afresh per roster and compares by identity.
+        if verifier is not None and all(v.public_key != verifier.public_key for v in named):
             named.append(verifier)
     pinned = contents.log_vkey
     if named:
@@ -1573,7 +1574,8 @@ def compare_stores(a: LogContents, b: LogContents, rosters: Sequence[Roster] = (
     verifiers: list[NoteVerifier] = []
     for roster in sorted(rosters, key=lambda r: r.version, reverse=True):
         named = roster.log_verifier(a.city, a.origin)
-        if named is not None and named not in verifiers:
+        # By key: a verifier is built afresh per roster and compares by identity.
+        if named is not None and all(v.public_key != named.public_key for v in verifiers):
             verifiers.append(named)
     if not verifiers:
         if a.log_vkey is None or b.log_vkey is None:

@@ -555,14 +555,18 @@ def _compare(args: argparse.Namespace) -> int:
     for city in _cities(args.store, args.city):
         with AuditorStore.open(args.store, city) as a, AuditorStore.open(args.other, city) as b:
             result = compare_stores(a.contents(), b.contents(), rosters)
+        inconclusive = False
         for store, sizes in zip((args.store, args.other), result.unverified, strict=True):
             if sizes:
+                inconclusive = True
                 shown = ", ".join(map(str, sorted(sizes)[:8])) + (" …" if len(sizes) > 8 else "")
                 console.print(
-                    f"note: {escape(city)}: {len(sizes)} checkpoint(s) in {escape(str(store))} "
-                    f"signed by no known log key were not compared (sizes {shown}); "
-                    "hansa audit verify reports them"
+                    f"[red]INCONCLUSIVE[/red] {escape(city)}: {len(sizes)} checkpoint(s) in "
+                    f"{escape(str(store))} are signed by no log key a supplied roster names "
+                    f"(sizes {shown}) and were not compared: pass the roster versions that "
+                    "name every log key the city used (hansa audit verify reports them)"
                 )
+        ok = ok and not inconclusive
         for failure in result.failures:
             console.print(f"[red]FAIL[/red] {escape(city)}: {escape(failure)}")
         if result.first_difference is not None:

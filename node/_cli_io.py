@@ -40,7 +40,11 @@ def read_limited(path: str | os.PathLike[str], limit: int) -> bytes:
             that is neither a regular file nor a pipe.
         OSError: the file cannot be opened or read (a directory, a missing file).
     """
-    with Path(path).open("rb") as fh:
+    # O_NONBLOCK for the open only: a named pipe without a writer would block it
+    # forever; read back to blocking below (such a pipe then reads as empty).
+    fd = os.open(Path(path), os.O_RDONLY | os.O_NONBLOCK)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as fh:
         info = os.fstat(fh.fileno())
         if stat.S_ISREG(info.st_mode):
             if info.st_size > limit:

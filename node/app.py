@@ -666,6 +666,11 @@ class NodeState:
             else:
                 async with _receiving():
                     data = await request.read()
+        except (ConnectionError, RequestPayloadError, HttpProcessingError) as exc:
+            # The fast path too: a connection lost after the body arrived still fails it.
+            raise ProtocolError(
+                "the request body is incomplete or malformed", ErrorCode.MALFORMED
+            ) from exc
         except web.HTTPRequestEntityTooLarge:
             raise ProtocolError(
                 f"request exceeds the limit of {limit} bytes", ErrorCode.TOO_LARGE

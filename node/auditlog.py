@@ -630,9 +630,14 @@ class AuditLog:
                 try:
                     parsed = verify_checkpoint(cp.note, verifier, origin=self.origin)
                 except NoteError:
-                    if not self._predates(cp.size, verifier):
+                    if self._predates(cp.size, verifier):
+                        parsed = self._earlier_checkpoint(cp, retired)
+                    elif not self._log_rotations:
+                        # No key history (an older log): a retired key may have signed
+                        # it, but nothing opens unchecked.
+                        parsed = self._earlier_checkpoint(cp, retired, strict=True)
+                    else:
                         raise
-                    parsed = self._earlier_checkpoint(cp, retired)
         except NoteError as exc:
             raise InconsistentLogError(f"stored checkpoint {cp.size} is invalid: {exc}") from exc
         if (parsed.origin, parsed.size, parsed.root_hash) != (self.origin, cp.size, cp.root_hash):
@@ -683,14 +688,20 @@ class AuditLog:
         return bool(self._log_rotations)
 
     def _earlier_checkpoint(
-        self, cp: StoredCheckpoint, retired: Sequence[NoteVerifier]
+        self, cp: StoredCheckpoint, retired: Sequence[NoteVerifier], *, strict: bool = False
     ) -> Checkpoint:
-        """Check a checkpoint from before the current log key under a retired one."""
+        """Check a checkpoint from before the current log key under a retired one.
+
+        Raises:
+            NoteError: ``strict`` and no retired key signed it.
+        """
         for old in retired:
             try:
                 return verify_checkpoint(cp.note, old, origin=self.origin)
             except NoteError:
                 continue
+        if strict:
+            raise NoteError("note is not signed by the log key or a retired one")
         # Signed by a key this node no longer holds: its root matched the stored leaves
         # (checked above), which is what the store needs; the note must still parse.
         self.unchecked_checkpoints.append(cp.size)

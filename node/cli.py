@@ -88,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("hansa: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"hansa: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        where = f": {printable(str(exc.filename))}" if exc.filename else ""
+        print(f"hansa: error: {printable(str(exc.strerror or exc))}{where}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:
         print(

@@ -27,10 +27,11 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from hansa.node.app import NODE, AnswerEngine, create_app
 from hansa.node.config import NodeConfig
@@ -58,14 +59,15 @@ log = logging.getLogger("hansa.node")
 class _MalformedHttpFilter(logging.Filter):
     """One warning line, without a traceback, for a request aiohttp could not parse.
 
-    aiohttp logs bad framing, header floods and over-long lines at ERROR with a
-    traceback (``aiohttp.server``): the client's input, not a node failure, and a
-    cheap way to fill the node's log. Every other record passes unchanged.
+    aiohttp logs bad framing, header floods, over-long lines and undecodable
+    compressed bodies at ERROR with a traceback (``aiohttp.server``): the client's
+    input, not a node failure, and a cheap way to fill the node's log. Every other
+    record passes unchanged.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
+        if isinstance(exc, HttpProcessingError | RequestPayloadError):
             args = record.args
             remote = args[0] if isinstance(args, tuple) and args else "?"
             record.levelno, record.levelname = logging.WARNING, "WARNING"
@@ -86,8 +88,9 @@ class _Busy(asyncio.Protocol):
     """A connection beyond the limit: answered 503 and closed, nothing read from it."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.write(_BUSY)
+        # A TCP transport writes, whatever its class: uvloop's derives from none of
+        # asyncio's transport classes, so an isinstance test would skip the reply.
+        cast(asyncio.Transport, transport).write(_BUSY)
         transport.close()
 
 
@@ -227,6 +230,10 @@ async def serve(
             loop.remove_signal_handler(sig)
         await runner.cleanup()
         http_log.removeFilter(malformed)
+        if freeze_gc:
+            # Back under the collector: what is freed at exit is then freed before it
+            # (DuckDB's bindings otherwise report each frozen object as leaked).
+            gc.unfreeze()
         log.info("node %s stopped", config.city)
 
 

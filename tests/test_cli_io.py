@@ -57,3 +57,18 @@ def test_error_messages_print_no_escape_sequences(
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\\x1b[2J" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_named_pipe_without_a_writer_does_not_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "bundle.fifo"
+    os.mkfifo(fifo)
+    assert read_limited(fifo, 1024) == b""  # no writer: empty, at once
+
+
+def test_file_names_in_os_errors_print_no_escape_sequences(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "x\x1b[2Jy.bundle"
+    assert main(["verify", str(missing)]) != 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "Traceback" not in err

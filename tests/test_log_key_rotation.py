@@ -164,3 +164,27 @@ async def test_a_retired_log_key_put_back_is_refused_at_start(tmp_path: Path) ->
     assert proc.returncode != 0
     assert "retired" in proc.stderr and "Traceback" not in proc.stderr
     assert "listening" not in proc.stdout
+
+
+def test_a_log_without_key_history_accepts_retired_keys_but_nothing_unchecked(
+    tmp_path: Path,
+) -> None:
+    origin = "example.org/hansa/lisbon"
+    db = tmp_path / "legacy.sqlite"
+    old, new, other = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
+    with AuditLog.open(db, origin) as audit:  # a log that never recorded its keys
+        audit.append_many([KeyRotated(1, bytes(32), bytes(32), "node")])
+        audit.checkpoint(NoteSigner(origin, old))
+
+    def opened(retired: list[SigningKey]) -> AuditLog:
+        return AuditLog.open(
+            db,
+            origin,
+            verifier=NoteVerifier(origin, new.public_key),
+            retired=[NoteVerifier(origin, k.public_key) for k in retired],
+        )
+
+    with opened([other, old]) as audit:
+        assert audit.unchecked_checkpoints == []
+    with pytest.raises(InconsistentLogError):
+        opened([other])

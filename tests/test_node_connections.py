@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import uvloop
 from nodeutil import init_test_node
 
 from hansa.node.config import NodeLimits
@@ -38,9 +39,8 @@ async def _health(port: int) -> bytes:
         writer.close()
 
 
-async def test_connections_beyond_the_limit_get_503_and_the_rest_are_served(
-    tmp_path: Path,
-) -> None:
+async def _limited(tmp_path: Path) -> None:
+    """Hold the limit, be refused with 503, be served, be accepted again after closes."""
     base = init_test_node(tmp_path, "porto", rows=20)
     config = dataclasses.replace(base, limits=NodeLimits(max_connections=LIMIT))
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -83,6 +83,18 @@ async def test_connections_beyond_the_limit_get_503_and_the_rest_are_served(
             w.close()
         stop.set()
         await asyncio.wait_for(task, 60)
+
+
+async def test_connections_beyond_the_limit_get_503_and_the_rest_are_served(
+    tmp_path: Path,
+) -> None:
+    await _limited(tmp_path)
+
+
+def test_the_same_on_uvloop(tmp_path: Path) -> None:
+    # The node serves on uvloop, whose transports derive from none of asyncio's classes.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_limited(tmp_path))
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2_000_000])
