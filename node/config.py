@@ -176,7 +176,8 @@ class NodeLimits:
         _check_int("limits", "max_skew_ms", self.max_skew_ms, 0, 3_600_000)
         _check_int("limits", "max_validity_ms", self.max_validity_ms, 1, 86_400_000)
         _check_int("limits", "replay_capacity", self.replay_capacity, 1, 100_000_000)
-        _check_int("limits", "max_connections", self.max_connections, 1, 1_000_000)
+        # At most 65,536: each accept counts the open connections (a list of them).
+        _check_int("limits", "max_connections", self.max_connections, 1, 65_536)
 
     def freshness(self) -> FreshnessLimits:
         """Return the freshness parameters for :class:`~hansa.protocol.ReplayGuard`."""

@@ -97,7 +97,7 @@ def test_the_same_on_uvloop(tmp_path: Path) -> None:
         runner.run(_limited(tmp_path))
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2_000_000])
+@pytest.mark.parametrize("bad", [0, -1, 65_537])
 def test_the_limit_is_validated(bad: int) -> None:
     with pytest.raises(Exception, match="max_connections"):
         NodeLimits(max_connections=bad)
