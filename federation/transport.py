@@ -1002,7 +1002,7 @@ class HttpPool:
             if context is None:
                 context = self._ssl = ssl.create_default_context()
         try:
-            if self._connect_timeout is None:
+            async with asyncio.timeout(self._connect_timeout):  # None: no limit
                 await loop.create_connection(
                     lambda: conn,
                     endpoint.host,
@@ -1010,15 +1010,6 @@ class HttpPool:
                     ssl=context,
                     server_hostname=endpoint.host if context is not None else None,
                 )
-            else:
-                async with asyncio.timeout(self._connect_timeout):
-                    await loop.create_connection(
-                        lambda: conn,
-                        endpoint.host,
-                        endpoint.port,
-                        ssl=context,
-                        server_hostname=endpoint.host if context is not None else None,
-                    )
         except (OSError, ValueError) as exc:
             # OSError covers refused, reset, DNS (gaierror), TLS (SSLError) and timeouts.
             self._free_slot()

@@ -357,25 +357,32 @@ class NodeProcess:
 
 @contextlib.contextmanager
 def node_process(
-    data_dir: Path, *, timeout: float = 30.0, extra_env: dict[str, str] | None = None
+    data_dir: Path,
+    *,
+    timeout: float = 30.0,
+    extra_env: dict[str, str] | None = None,
+    command: Sequence[str] | None = None,
 ) -> Iterator[NodeProcess]:
     """Run ``hansa node serve --data-dir DIR --port 0`` until the block ends.
 
-    Waits for the ready line on stdout (at most ``timeout`` seconds).
+    Waits for the ready line on stdout (at most ``timeout`` seconds). ``command``
+    replaces the command line (a script serving the node some other way); it must print
+    the same ready line.
     """
     env = {**os.environ, **(extra_env or {})}
+    argv = command or (
+        sys.executable,
+        "-m",
+        "hansa",
+        "node",
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        "0",
+    )
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hansa",
-            "node",
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            "0",
-        ],
+        list(argv),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,

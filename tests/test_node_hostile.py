@@ -26,17 +26,24 @@ import os
 import resource
 import socket
 import struct
-import subprocess
 import sys
 import textwrap
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import msgspec
 import pytest
-from nodeutil import PURPOSE, Analyst, count_by_room_type, init_test_node, now_ms, open_reply
+from nodeutil import (
+    PURPOSE,
+    Analyst,
+    count_by_room_type,
+    init_test_node,
+    node_process,
+    now_ms,
+    open_reply,
+)
 
 import hansa.node.app as node_app
 import hansa.node.server as node_server
@@ -700,31 +707,6 @@ _SERVE = textwrap.dedent(
 )
 
 
-@contextlib.contextmanager
-def _limited_node(config: NodeConfig) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVE, str(config.data_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        assert "listening on http://127.0.0.1:" in line, line
-        yield proc, int(line.rsplit(":", 1)[1])
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
 def _http(port: int, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
         sock.sendall(data)
@@ -737,7 +719,9 @@ def _http(port: int, data: bytes) -> bytes:
 def test_thousands_of_idle_connections_exhaust_descriptors_only_until_the_idle_timeout(
     config: NodeConfig,
 ) -> None:
-    with _limited_node(config) as (proc, port):
+    command = (sys.executable, "-c", _SERVE, str(config.data_dir))
+    with node_process(config.data_dir, command=command) as node:
+        proc, port = node.proc, int(node.url.rsplit(":", 1)[1])
         held: list[socket.socket] = []
         try:
             for _ in range(2000):  # far beyond the node's 256 descriptors

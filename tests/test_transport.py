@@ -53,10 +53,16 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class RawServer:
-    """``asyncio.start_server`` on 127.0.0.1 that counts connections and runs ``handler``."""
+    """``asyncio.start_server`` on 127.0.0.1 that counts connections and runs ``handler``.
 
-    def __init__(self, handler: Handler) -> None:
+    ``abort``: end each connection with a reset instead of a graceful close (the hostile
+    tests count file descriptors, which a close waiting on the client would keep open).
+    """
+
+    def __init__(self, handler: Handler, *, backlog: int = 100, abort: bool = False) -> None:
         self.handler = handler
+        self.backlog = backlog
+        self.abort = abort
         self.connections = 0
         self.open_now = 0
         self.max_open = 0
@@ -70,7 +76,9 @@ class RawServer:
         return f"http://127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(
+            self._handle, "127.0.0.1", 0, backlog=self.backlog
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -101,9 +109,12 @@ class RawServer:
             pass
         finally:
             self.open_now -= 1
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            if self.abort:
+                writer.transport.abort()
+            else:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
             self.tasks.discard(task)
 
 

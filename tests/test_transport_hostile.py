@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import os
 import socket
 import ssl
@@ -23,16 +21,12 @@ import struct
 import threading
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from nodeutil import PURPOSE, Analyst, count_by_room_type
+from test_transport import Handler, RawServer, read_request, self_signed
 
 from hansa.crypto import SigningKey, seal
 from hansa.federation.fanout import CityStatus, Target, fan_out
@@ -59,8 +53,6 @@ from hansa.protocol.messages import (
 CT = "application/octet-stream"
 MAX = 64 * 1024
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
 pytestmark = pytest.mark.timeout(60)
 """No test may hang the suite: a hang is a failure."""
 
@@ -68,63 +60,9 @@ pytestmark = pytest.mark.timeout(60)
 # --- helpers -----------------------------------------------------------------------------
 
 
-class Server:
-    """``asyncio.start_server`` on 127.0.0.1 running ``handler``; counts connections."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.open_now = 0
-        self.max_open = 0
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> Server:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=1024)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self.tasks):
-            task.cancel()
-        for task in list(self.tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        self.connections += 1
-        self.open_now += 1
-        self.max_open = max(self.max_open, self.open_now)
-        try:
-            await self.handler(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass  # the client hung up, or __aexit__ (ending normally spares a logged error)
-        finally:
-            self.open_now -= 1
-            writer.transport.abort()
-            self.tasks.discard(task)
-
-
-async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    """Read one request; return its head and its body."""
-    head = (await reader.readuntil(b"\r\n\r\n"))[:-4]
-    size = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            size = int(value)
-    return head, await reader.readexactly(size)
+def Server(handler: Handler) -> RawServer:
+    """A :class:`RawServer` for many connections that resets each one when it ends."""
+    return RawServer(handler, backlog=1024, abort=True)
 
 
 def ok(body: bytes, extra: bytes = b"") -> bytes:
@@ -617,37 +555,6 @@ async def test_early_reply_to_a_large_request_closes_the_socket_at_once() -> Non
         assert pool.open_connections == 0
         await until(lambda: len(sockets() - before) == 1)  # only the server's end is left
         await still_usable(pool)
-
-
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hansa hostile test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
 
 
 async def test_tls_peer_that_never_answers_close_notify_keeps_no_socket(tmp_path: Path) -> None:
